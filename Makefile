@@ -1,0 +1,37 @@
+# The record service. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+PYTHON := .venv/bin/python
+
+.PHONY: help install tools lint test test-unit dev migrate clean-data
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+install: ## create .venv from the lock file (installs uv with pip if it is missing)
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+
+tools: install ## install ffmpeg and nginx if missing (apt-get as root on Debian)
+	$(PYTHON) scripts/devstack.py --install-tools
+
+lint: install ## ruff (lint + format check) and mypy --strict
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen mypy common/src functions scripts migrations tests
+
+test: lint tools ## lint, then every test tier (unit, integration, end to end)
+	$(UV) run --frozen pytest
+
+test-unit: install ## only the tests that need no servers
+	$(UV) run --frozen pytest -m "not integration and not e2e"
+
+dev: install tools ## start the whole native stack on http://127.0.0.1:$${PORT:-8080}
+	$(PYTHON) scripts/devstack.py
+
+migrate: install ## apply the database migrations to DATABASE_URL
+	$(UV) run --frozen alembic upgrade head
+
+clean-data: ## delete the native stack's data (.data/): users, records and MP3s
+	rm -rf .data

@@ -1,0 +1,71 @@
+"""Bucket setup, run once before the functions start: ``python -m common.bucket``.
+
+Creates the bucket if it is missing and installs the lifecycle rule that removes multipart
+uploads a crashed conversion left incomplete. Safe to run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.logs import configure_logging
+from common.settings import get_settings
+from common.storage import make_s3_client
+
+log = logging.getLogger("common.bucket")
+
+ABORT_INCOMPLETE_AFTER_DAYS = 1
+
+
+def ensure_bucket(attempts: int = 30) -> None:
+    settings = get_settings()
+    client = make_s3_client(settings)
+    bucket = settings.s3_bucket
+    for attempt in range(attempts):
+        try:
+            try:
+                client.head_bucket(Bucket=bucket)
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket"):
+                    raise
+                client.create_bucket(Bucket=bucket)
+                log.info("created bucket %s", bucket)
+            break
+        except (BotoCoreError, ClientError) as exc:
+            if attempt == attempts - 1:
+                raise
+            log.info("object store not ready (%s); retrying", exc)
+            time.sleep(1)
+    try:
+        client.put_bucket_lifecycle_configuration(
+            Bucket=bucket,
+            LifecycleConfiguration={
+                "Rules": [
+                    {
+                        "ID": "abort-incomplete-uploads",
+                        "Status": "Enabled",
+                        "Filter": {"Prefix": ""},
+                        "AbortIncompleteMultipartUpload": {
+                            "DaysAfterInitiation": ABORT_INCOMPLETE_AFTER_DAYS
+                        },
+                    }
+                ]
+            },
+        )
+    except ClientError as exc:  # some stores have no lifecycle API: `make sweep` covers them
+        log.warning("could not set the bucket lifecycle rule: %s", exc)
+
+
+def main() -> int:
+    configure_logging()
+    ensure_bucket()
+    log.info("bucket %s is ready", get_settings().s3_bucket)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Serving a stored MP3: streamed from the bucket (Range, HEAD, ETag) or by presigned redirect."""
+
+from __future__ import annotations
+
+import logging
+
+import flask
+
+from common.errors import NotFound, RangeNotSatisfiable
+from common.http import content_disposition
+from common.models import Record
+from common.settings import DownloadMode, Settings
+from common.storage import MP3_CONTENT_TYPE, ObjectMissing, Storage
+
+log = logging.getLogger(__name__)
+
+
+def download_response(
+    request: flask.Request, storage: Storage, settings: Settings, record: Record
+) -> flask.Response:
+    disposition = content_disposition(record.filename)
+    if settings.download_mode is DownloadMode.REDIRECT:
+        url = storage.presigned_get(
+            record.object_key,
+            expires=settings.presign_expires_seconds,
+            filename_header=disposition,
+        )
+        return flask.Response(status=307, headers={"Location": url, "Cache-Control": "no-store"})
+    headers = {
+        "ETag": f'"{record.etag}"',
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": disposition,
+        "Cache-Control": "private, max-age=3600",
+    }
+    if request.if_none_match and request.if_none_match.contains_weak(record.etag):
+        return flask.Response(status=304, headers=headers)
+    size = record.size_bytes
+    byte_range = _requested_range(request, record)
+    status = 200
+    span: tuple[int, int] | None = None
+    length = size
+    if byte_range is not None:
+        first, stop = byte_range
+        span = (first, stop - 1)
+        length = stop - first
+        status = 206
+        headers["Content-Range"] = f"bytes {first}-{stop - 1}/{size}"
+    headers["Content-Length"] = str(length)
+    if request.method == "HEAD":
+        return flask.Response(status=status, headers=headers, content_type=MP3_CONTENT_TYPE)
+    try:
+        stream = storage.open_read(record.object_key, span)
+    except ObjectMissing as exc:
+        log.error("record without its object", extra={"record_id": str(record.id)})
+        raise NotFound("The record's audio is missing from storage.") from exc
+    response = flask.Response(
+        iter(stream), status=status, headers=headers, content_type=MP3_CONTENT_TYPE
+    )
+    response.call_on_close(stream.close)
+    return response
+
+
+def _requested_range(request: flask.Request, record: Record) -> tuple[int, int] | None:
+    """The single byte range asked for as [first, stop), or None for the whole file."""
+    requested = request.range
+    if requested is None or requested.units != "bytes":
+        return None
+    if_range = request.if_range
+    if (if_range.etag is not None or if_range.date is not None) and if_range.etag != record.etag:
+        return None  # the client's copy may be stale: send it the whole current file
+    if len(requested.ranges) != 1:
+        return None  # multiple ranges: answering 200 with the whole file is allowed
+    span = requested.range_for_length(record.size_bytes)
+    if span is None:
+        raise RangeNotSatisfiable(record.size_bytes)
+    return span

@@ -1,0 +1,146 @@
+"""One error hierarchy carrying HTTP statuses, rendered as RFC 9457 problem details.
+
+Each error has a fixed, human-written title and a ``type`` URN; the ``detail`` tells the caller
+what to change. Nothing here leaks internals: dependency errors say which dependency, not why.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:record-service:problem:"
+
+
+class ServiceError(Exception):
+    """Base of every error the service answers with a problem document."""
+
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal Server Error"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers: dict[str, str] = dict(headers or {})
+
+    @property
+    def type_uri(self) -> str:
+        return PROBLEM_TYPE_PREFIX + self.slug
+
+    def to_problem(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": self.type_uri,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if instance:
+            body["instance"] = instance
+        return body
+
+
+class BadRequest(ServiceError):
+    status = 400
+    slug = "bad-request"
+    title = "Bad Request"
+
+
+class ClientDisconnected(BadRequest):
+    slug = "incomplete-body"
+    title = "Incomplete Request Body"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    slug = "unauthorized"
+    title = "Unauthorized"
+
+    def __init__(self, detail: str = "A valid user id and access token are required.") -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="records"'})
+
+
+class NotFound(ServiceError):
+    status = 404
+    slug = "not-found"
+    title = "Not Found"
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method Not Allowed"
+
+    def __init__(self, method: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(
+            f"{method} is not supported here; use {' or '.join(allowed)}.",
+            headers={"Allow": ", ".join(allowed)},
+        )
+
+
+class RequestTimeout(ServiceError):
+    status = 408
+    slug = "request-timeout"
+    title = "Request Timeout"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    slug = "payload-too-large"
+    title = "Content Too Large"
+
+
+class RangeNotSatisfiable(ServiceError):
+    status = 416
+    slug = "range-not-satisfiable"
+    title = "Range Not Satisfiable"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(
+            f"The requested range is outside the record's {size} bytes.",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported Media Type"
+
+
+class UnprocessableContent(ServiceError):
+    status = 422
+    slug = "unprocessable-content"
+    title = "Unprocessable Content"
+
+
+class InvalidField(UnprocessableContent):
+    slug = "invalid-field"
+    title = "Invalid Field"
+
+
+class UndecodableAudio(UnprocessableContent):
+    slug = "undecodable-audio"
+    title = "Undecodable Audio"
+
+
+class DependencyUnavailable(ServiceError):
+    """Postgres or the object store cannot be reached: retry later."""
+
+    status = 503
+    slug = "dependency-unavailable"
+    title = "Service Unavailable"
+
+    def __init__(self, dependency: str, retry_after: int = 5) -> None:
+        super().__init__(
+            f"The {dependency} is unavailable right now; retry in a few seconds.",
+            headers={"Retry-After": str(retry_after)},
+        )
+        self.dependency = dependency
+
+
+class InternalError(ServiceError):
+    """A bug: the generic body, never the exception text."""
+
+    def __init__(self) -> None:
+        super().__init__("An unexpected error occurred; it has been logged.")

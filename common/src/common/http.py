@@ -1,0 +1,170 @@
+"""The HTTP edge shared by the three functions: problem responses, health, public URLs.
+
+Handlers wrap themselves in :func:`function_handler`, which turns every ServiceError into its
+problem document, any other exception into a logged, generic 500, and keeps
+functions-framework from reading an unread request body into memory after an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+import flask
+from werkzeug.exceptions import HTTPException
+
+from common.errors import (
+    PROBLEM_CONTENT_TYPE,
+    BadRequest,
+    InternalError,
+    InvalidField,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
+from common.runtime import Services
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[flask.Request], flask.Response]
+HEALTH_PATH = "/healthz"
+
+
+def json_response(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> flask.Response:
+    return flask.Response(
+        json.dumps(body, ensure_ascii=False),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+def problem_response(error: ServiceError, instance: str | None = None) -> flask.Response:
+    return flask.Response(
+        json.dumps(error.to_problem(instance), ensure_ascii=False),
+        status=error.status,
+        headers=error.headers,
+        content_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+class _HttpProblem(ServiceError):
+    """A werkzeug HTTPException (raised by Flask itself) in the service's problem shape."""
+
+    def __init__(self, exc: HTTPException) -> None:
+        super().__init__(exc.description or exc.name)
+        self.status = exc.code or 500  # type: ignore[misc]
+        self.title = exc.name  # type: ignore[misc]
+        self.slug = exc.name.lower().replace(" ", "-")  # type: ignore[misc]
+
+
+def function_handler(func: Handler) -> Handler:
+    @wraps(func)
+    def wrapper(request: flask.Request) -> flask.Response:
+        try:
+            response = func(request)
+        except ServiceError as exc:
+            _log_problem(request, exc)
+            response = problem_response(exc, request.path)
+        except HTTPException as exc:
+            response = problem_response(_HttpProblem(exc), request.path)
+        except Exception:
+            log.exception("unhandled error", extra={"path": request.path})
+            response = problem_response(InternalError(), request.path)
+        return _without_body_read(response)
+
+    return wrapper
+
+
+def _log_problem(request: flask.Request, exc: ServiceError) -> None:
+    level = logging.WARNING if exc.status >= 500 else logging.INFO
+    log.log(level, exc.detail, extra={"status": exc.status, "path": request.path})
+
+
+def _without_body_read(response: flask.Response) -> flask.Response:
+    """Keep functions-framework's after-request hook from reading the body into memory.
+
+    It calls ``request.get_data()`` after every non-streamed response, which would buffer a
+    rejected upload whole. A streamed response is skipped; the server (gunicorn) then discards
+    whatever is left of the body in fixed-size reads before the next request.
+    """
+    if not response.is_streamed:
+        body = response.get_data()
+        response.response = iter((body,))
+        response.headers["Content-Length"] = str(len(body))
+    return response
+
+
+def require_method(request: flask.Request, *allowed: str) -> None:
+    if request.method not in allowed:
+        raise MethodNotAllowed(request.method, allowed)
+
+
+def check_content_length(request: flask.Request, limit: int) -> None:
+    """Refuse a declared body over ``limit`` before reading any of it."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
+
+
+def is_health_check(request: flask.Request) -> bool:
+    return request.path.rstrip("/").endswith(HEALTH_PATH) and request.method in ("GET", "HEAD")
+
+
+def health_response(services: Services) -> flask.Response:
+    """200 when the database and the bucket answer, else the 503 problem of the one that doesn't."""
+    services.db.check()
+    services.storage.check()
+    return json_response({"status": "ok"})
+
+
+def public_base_url(request: flask.Request, settings: Settings) -> str:
+    """The scheme://host[:port] the client used: PUBLIC_BASE_URL, else the router's headers."""
+    if settings.public_base_url:
+        return settings.public_base_url
+    proto = _first(request.headers.get("X-Forwarded-Proto")) or request.scheme
+    host = _first(request.headers.get("X-Forwarded-Host")) or request.host
+    if proto not in ("http", "https"):
+        proto = "http"
+    return f"{proto}://{host}"
+
+
+def _first(value: str | None) -> str:
+    return (value or "").split(",")[0].strip()
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII fallback name and the exact name in RFC 5987 form."""
+    fallback = filename.encode("ascii", "replace").decode("ascii").replace('"', "_")
+    fallback = "".join(ch if ch.isprintable() else "_" for ch in fallback).replace("?", "_")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def read_fields(request: flask.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+    """A small JSON object or urlencoded form body as a dict (create_user's input)."""
+    check_content_length(request, max_bytes)
+    mimetype = request.mimetype
+    raw = request.stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"The request body is larger than {max_bytes} bytes.")
+    if mimetype == "application/x-www-form-urlencoded":
+        try:
+            return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
+        except UnicodeDecodeError as exc:
+            raise BadRequest("The form body is not valid UTF-8.") from exc
+    if mimetype not in ("application/json", "") and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType('Send a JSON body such as {"name": "Alice"}.')
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest("The request body is not valid JSON.") from exc
+    if not isinstance(body, dict):
+        raise InvalidField('The request body must be a JSON object such as {"name": "Alice"}.')
+    return body

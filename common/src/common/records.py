@@ -1,0 +1,123 @@
+"""Records: convert an uploaded WAV to MP3, store object and row together, look them up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import unicodedata
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from common.conversion import convert_wav_stream
+from common.db import Database
+from common.errors import InvalidField, NotFound
+from common.models import FILENAME_MAX_LENGTH, Record
+from common.settings import Settings
+from common.storage import Storage
+
+log = logging.getLogger(__name__)
+
+_UNSAFE_FILENAME = re.compile(r'[\\/:*?"<>|]+')
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    id: uuid.UUID
+    user_id: uuid.UUID
+    duration_seconds: float
+    size_bytes: int
+    bitrate_kbps: int
+    sample_rate: int
+    channels: int
+    filename: str
+
+
+def object_key(user_id: uuid.UUID, record_id: uuid.UUID) -> str:
+    return f"users/{user_id}/records/{record_id}.mp3"
+
+
+def mp3_filename(uploaded: str | None, record_id: uuid.UUID) -> str:
+    """The download name: the upload's own name with an .mp3 extension, made safe."""
+    base = os.path.basename((uploaded or "").replace("\\", "/"))
+    base = "".join(ch for ch in base if unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
+    stem = _UNSAFE_FILENAME.sub("_", os.path.splitext(base)[0]).strip(" .")
+    if not stem:
+        stem = str(record_id)
+    return stem[: FILENAME_MAX_LENGTH - 4] + ".mp3"
+
+
+def create_record(
+    db: Database,
+    storage: Storage,
+    settings: Settings,
+    *,
+    user_id: uuid.UUID,
+    audio: Iterator[bytes],
+    filename: str | None,
+) -> NewRecord:
+    """Convert ``audio`` (a WAV, streamed) for an authenticated user and store the MP3.
+
+    Either both the object and its row exist afterwards, or neither does.
+    """
+    record_id = uuid.uuid4()
+    key = object_key(user_id, record_id)
+    writer = storage.open_writer(key)
+    try:
+        result = convert_wav_stream(
+            audio,
+            writer,
+            ffmpeg=settings.ffmpeg_binary,
+            bitrate_kbps=settings.mp3_bitrate_kbps,
+            timeout_seconds=settings.convert_timeout_seconds,
+        )
+        stored = writer.complete()
+        record = Record(
+            id=record_id,
+            user_id=user_id,
+            object_key=key,
+            filename=mp3_filename(filename, record_id),
+            size_bytes=stored.size,
+            etag=stored.etag,
+            duration_seconds=result.duration_seconds,
+            bitrate_kbps=result.bitrate_kbps,
+            sample_rate=result.sample_rate,
+            channels=result.channels,
+        )
+        with db.session() as session:
+            session.add(record)
+    except BaseException:
+        writer.abort()  # no row without its object, and no object without its row
+        raise
+    log.info("record stored", extra={"record_id": str(record_id), "bytes": stored.size})
+    return NewRecord(
+        id=record_id,
+        user_id=user_id,
+        duration_seconds=result.duration_seconds,
+        size_bytes=stored.size,
+        bitrate_kbps=result.bitrate_kbps,
+        sample_rate=result.sample_rate,
+        channels=result.channels,
+        filename=record.filename,
+    )
+
+
+def find_record(db: Database, raw_id: str | None, raw_user: str | None) -> Record:
+    """The record ``raw_id`` of user ``raw_user``; NotFound for anyone else's or none."""
+    record_id = _uuid_param(raw_id, "id")
+    user_id = _uuid_param(raw_user, "user")
+    with db.session() as session:
+        record = session.get(Record, record_id)
+    if record is None or record.user_id != user_id:
+        raise NotFound("No record with this id exists for this user.")
+    return record
+
+
+def _uuid_param(raw: str | None, name: str) -> uuid.UUID:
+    if raw is None or not raw.strip():
+        raise InvalidField(f"Query parameter '{name}' is required.")
+    try:
+        return uuid.UUID(raw.strip())
+    except ValueError as exc:
+        raise InvalidField(f"Query parameter '{name}' must be a UUID.") from exc

@@ -1,0 +1,44 @@
+"""The clients a function needs, created lazily once per process and shared by its threads."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from common.db import Database
+from common.logs import configure_logging
+from common.settings import Settings, get_settings
+from common.storage import Storage
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    db: Database
+    storage: Storage
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        return cls(settings, Database.from_settings(settings), Storage.from_settings(settings))
+
+
+_lock = threading.Lock()
+_services: Services | None = None
+
+
+def get_services() -> Services:
+    global _services
+    if _services is None:
+        with _lock:
+            if _services is None:
+                settings = get_settings()
+                configure_logging(settings.log_level)
+                _services = Services.from_settings(settings)
+    return _services
+
+
+def set_services(services: Services | None) -> None:
+    """Hand in other clients (tests); None returns to lazy creation from the environment."""
+    global _services
+    with _lock:
+        _services = services

@@ -1,0 +1,150 @@
+"""One typed settings object, read from the environment once.
+
+Every setting has a safe default for the local stack; each one is listed in the README.
+Platform variables keep their platform's spelling (``PORT``, ``AWS_ACCESS_KEY_ID`` ...);
+the project's own are plain upper-case names grouped by prefix (``S3_``, ``DB_``, ``MAX_``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+DEFAULT_DATABASE_URL = "postgresql+pg8000://records:records@127.0.0.1:55432/records"
+MIB = 1024 * 1024
+
+# Bitrates that MPEG-1 Layer III can carry in CBR (kbit/s).
+MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+
+
+class DownloadMode(StrEnum):
+    STREAM = "stream"
+    REDIRECT = "redirect"
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str
+    db_pool_size: int
+    db_connect_timeout_seconds: float
+    s3_endpoint_url: str | None
+    s3_public_endpoint_url: str | None
+    s3_region: str
+    s3_bucket: str
+    s3_part_size_bytes: int
+    s3_timeout_seconds: float
+    max_upload_bytes: int
+    mp3_bitrate_kbps: int
+    convert_timeout_seconds: float
+    ffmpeg_binary: str
+    download_mode: DownloadMode
+    presign_expires_seconds: int
+    public_base_url: str | None
+    retry_after_seconds: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        settings = cls(
+            database_url=normalise_database_url(e.get("DATABASE_URL", DEFAULT_DATABASE_URL)),
+            db_pool_size=_int(e, "DB_POOL_SIZE", 10, minimum=1),
+            db_connect_timeout_seconds=_float(e, "DB_CONNECT_TIMEOUT_SECONDS", 5.0),
+            s3_endpoint_url=_optional_url(e, "S3_ENDPOINT_URL"),
+            s3_public_endpoint_url=_optional_url(e, "S3_PUBLIC_ENDPOINT_URL"),
+            s3_region=e.get("S3_REGION", "us-east-1") or "us-east-1",
+            s3_bucket=e.get("S3_BUCKET", "records") or "records",
+            s3_part_size_bytes=_int(e, "S3_PART_SIZE_BYTES", 8 * MIB, minimum=5 * MIB),
+            s3_timeout_seconds=_float(e, "S3_TIMEOUT_SECONDS", 10.0),
+            max_upload_bytes=_int(e, "MAX_UPLOAD_BYTES", 256 * MIB, minimum=1024),
+            mp3_bitrate_kbps=_int(e, "MP3_BITRATE_KBPS", 192, minimum=32),
+            convert_timeout_seconds=_float(e, "CONVERT_TIMEOUT_SECONDS", 600.0),
+            ffmpeg_binary=e.get("FFMPEG_BINARY", "") or _discover_ffmpeg(),
+            download_mode=_download_mode(e.get("DOWNLOAD_MODE", "stream")),
+            presign_expires_seconds=_int(e, "PRESIGN_EXPIRES_SECONDS", 300, minimum=1),
+            public_base_url=_optional_url(e, "PUBLIC_BASE_URL"),
+            retry_after_seconds=_int(e, "RETRY_AFTER_SECONDS", 5, minimum=1),
+            log_level=(e.get("LOG_LEVEL", "INFO") or "INFO").upper(),
+        )
+        if settings.mp3_bitrate_kbps not in MP3_BITRATES:
+            raise SettingsError(
+                f"MP3_BITRATE_KBPS must be one of {', '.join(map(str, MP3_BITRATES))}"
+            )
+        if settings.presign_expires_seconds > 7 * 24 * 3600:
+            raise SettingsError("PRESIGN_EXPIRES_SECONDS must be at most 604800 (7 days)")
+        return settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once on first use."""
+    return Settings.from_env()
+
+
+def normalise_database_url(url: str) -> str:
+    """Point plain ``postgres://`` / ``postgresql://`` URLs at the pg8000 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+pg8000://" + url[len(prefix) :]
+    if not url.startswith("postgresql+pg8000://"):
+        raise SettingsError("DATABASE_URL must be a postgresql:// URL")
+    return url
+
+
+def _discover_ffmpeg() -> str:
+    # pydub knows where ffmpeg lives on the usual platforms; import lazily, it is not free.
+    from pydub.utils import which
+
+    found = which("ffmpeg")
+    return found if isinstance(found, str) and found else "ffmpeg"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
+    if not value > 0:
+        raise SettingsError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _optional_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SettingsError(f"{name} must be an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def _download_mode(raw: str) -> DownloadMode:
+    try:
+        return DownloadMode(raw.strip().lower() or "stream")
+    except ValueError as exc:
+        raise SettingsError(f"DOWNLOAD_MODE must be 'stream' or 'redirect', got {raw!r}") from exc

@@ -1,0 +1,242 @@
+"""The S3-compatible object store: streaming multipart writes, ranged reads, presigned URLs.
+
+Works against AWS S3, SeaweedFS, Cloud Storage's XML API and moto. For non-AWS endpoints the
+client uses path-style addressing and sends checksums only when an operation requires them
+(boto3 1.36+ adds them by default and some stores reject them). Every failure to reach the
+store becomes :class:`DependencyUnavailable` (503 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.errors import DependencyUnavailable
+from common.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+log = logging.getLogger(__name__)
+
+MP3_CONTENT_TYPE = "audio/mpeg"
+DOWNLOAD_CHUNK = 64 * 1024
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+class ObjectMissing(Exception):
+    """The object named by a record is not in the bucket."""
+
+
+def make_s3_client(settings: Settings, *, public: bool = False) -> S3Client:
+    """A client for the store; ``public`` signs URLs for the endpoint clients can reach."""
+    endpoint = settings.s3_endpoint_url
+    if public and settings.s3_public_endpoint_url:
+        endpoint = settings.s3_public_endpoint_url
+    config = Config(
+        region_name=settings.s3_region,
+        signature_version="s3v4",
+        connect_timeout=min(settings.s3_timeout_seconds, 5.0),
+        read_timeout=settings.s3_timeout_seconds,
+        retries={"max_attempts": 2, "mode": "standard"},
+        max_pool_connections=32,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path"} if endpoint else {},
+        tcp_keepalive=True,
+    )
+    client: S3Client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+    return client
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    etag: str
+    size: int
+
+
+@dataclass(slots=True)
+class ObjectStream:
+    """An open read of (part of) an object; iterate it to stream the bytes."""
+
+    body: Any
+    length: int
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self.body.iter_chunks(DOWNLOAD_CHUNK)
+        except (BotoCoreError, OSError) as exc:
+            # The status line is already sent: all we can do is cut the response short.
+            log.warning("object store read failed mid-stream: %s", exc)
+            raise
+        finally:
+            self.body.close()
+
+    def close(self) -> None:
+        self.body.close()
+
+
+class Storage:
+    def __init__(
+        self,
+        client: S3Client,
+        bucket: str,
+        *,
+        part_size: int,
+        retry_after: int = 5,
+        presign_client: S3Client | None = None,
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.part_size = part_size
+        self.retry_after = retry_after
+        self.presign_client = presign_client or client
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Storage:
+        return cls(
+            make_s3_client(settings),
+            settings.s3_bucket,
+            part_size=settings.s3_part_size_bytes,
+            retry_after=settings.retry_after_seconds,
+            presign_client=make_s3_client(settings, public=True),
+        )
+
+    @contextmanager
+    def translate_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _MISSING_CODES:
+                raise ObjectMissing(code) from exc
+            log.error("object store error: %s", exc)
+            raise DependencyUnavailable("object store", self.retry_after) from exc
+        except (BotoCoreError, OSError) as exc:
+            log.error("object store unreachable: %s", exc)
+            raise DependencyUnavailable("object store", self.retry_after) from exc
+
+    def open_writer(self, key: str, content_type: str = MP3_CONTENT_TYPE) -> ObjectWriter:
+        return ObjectWriter(self, key, content_type)
+
+    def open_read(self, key: str, byte_range: tuple[int, int] | None = None) -> ObjectStream:
+        """Open ``key`` for streaming; ``byte_range`` is inclusive, as in HTTP."""
+        with self.translate_errors():
+            if byte_range is None:
+                response = self.client.get_object(Bucket=self.bucket, Key=key)
+            else:
+                first, last = byte_range
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes={first}-{last}"
+                )
+        return ObjectStream(response["Body"], int(response["ContentLength"]))
+
+    def presigned_get(self, key: str, *, expires: int, filename_header: str) -> str:
+        return self.presign_client.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self.bucket,
+                "Key": key,
+                "ResponseContentType": MP3_CONTENT_TYPE,
+                "ResponseContentDisposition": filename_header,
+            },
+            ExpiresIn=expires,
+        )
+
+    def delete(self, key: str) -> None:
+        with self.translate_errors():
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def check(self) -> None:
+        with self.translate_errors():
+            self.client.head_bucket(Bucket=self.bucket)
+
+
+class ObjectWriter:
+    """Writes one object as it is produced: a multipart upload once a part fills up.
+
+    Nothing is visible in the bucket until :meth:`complete`; :meth:`abort` discards it all.
+    Holds at most one part in memory.
+    """
+
+    def __init__(self, storage: Storage, key: str, content_type: str) -> None:
+        self.storage = storage
+        self.key = key
+        self.content_type = content_type
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[CompletedPartTypeDef] = []
+        self._size = 0
+        self.completed = False
+
+    @property
+    def _client(self) -> S3Client:
+        return self.storage.client
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        self._size += len(data)
+        while len(self._buffer) >= self.storage.part_size:
+            part = bytes(self._buffer[: self.storage.part_size])
+            del self._buffer[: self.storage.part_size]
+            self._upload_part(part)
+
+    def _upload_part(self, data: bytes) -> None:
+        bucket = self.storage.bucket
+        with self.storage.translate_errors():
+            if self._upload_id is None:
+                created = self._client.create_multipart_upload(
+                    Bucket=bucket, Key=self.key, ContentType=self.content_type
+                )
+                self._upload_id = created["UploadId"]
+            number = len(self._parts) + 1
+            response = self._client.upload_part(
+                Bucket=bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=data
+            )
+        self._parts.append({"ETag": response["ETag"], "PartNumber": number})
+
+    def complete(self) -> StoredObject:
+        bucket = self.storage.bucket
+        if self._upload_id is None:
+            with self.storage.translate_errors():
+                put = self._client.put_object(
+                    Bucket=bucket, Key=self.key, Body=bytes(self._buffer),
+                    ContentType=self.content_type,
+                )  # fmt: skip
+            etag = put["ETag"]
+        else:
+            if self._buffer:
+                self._upload_part(bytes(self._buffer))
+            assert self._upload_id is not None
+            with self.storage.translate_errors():
+                done = self._client.complete_multipart_upload(
+                    Bucket=bucket,
+                    Key=self.key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},
+                )
+            etag = done["ETag"]
+        self._buffer.clear()
+        self.completed = True
+        return StoredObject(etag=etag.strip('"'), size=self._size)
+
+    def abort(self) -> None:
+        """Discard everything written; best effort (the bucket lifecycle rule is the backstop)."""
+        self._buffer.clear()
+        try:
+            if self.completed:
+                self._client.delete_object(Bucket=self.storage.bucket, Key=self.key)
+            elif self._upload_id is not None:
+                self._client.abort_multipart_upload(
+                    Bucket=self.storage.bucket, Key=self.key, UploadId=self._upload_id
+                )
+        except (BotoCoreError, ClientError, OSError) as exc:
+            log.warning("could not discard %s: %s", self.key, exc)

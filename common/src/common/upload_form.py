@@ -1,0 +1,153 @@
+"""Reading an upload request body as a stream, never spooling it.
+
+Two shapes are accepted:
+
+* ``multipart/form-data`` with text fields (``user``, ``token``) followed by a ``file`` part,
+  as ``curl -F user=... -F token=... -F file=@take.wav`` sends it. The fields are read first
+  (they are small and bounded); the file part is handed on as an iterator of chunks, so the
+  caller can authenticate before a byte of audio is read.
+* a raw ``audio/wav`` body, with the user in the query string and the token in a Bearer header.
+
+werkzeug's own form parser would spool the file to a temporary file (memory on Cloud Run):
+its sans-IO decoder is used directly instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO
+
+from werkzeug.exceptions import ClientDisconnected as WerkzeugDisconnected
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+
+from common.errors import (
+    BadRequest,
+    ClientDisconnected,
+    InvalidField,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+
+READ_SIZE = 64 * 1024
+MAX_FIELD_BYTES = 4096
+MAX_FIELDS_TOTAL = 64 * 1024
+# The decoder's buffer: bounds a preamble or part headers that never end.
+MAX_DECODER_BUFFER = 1024 * 1024
+FILE_FIELD = "file"
+WAV_MEDIA_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
+
+
+@dataclass(slots=True)
+class Upload:
+    fields: dict[str, str]
+    filename: str | None
+    chunks: Iterator[bytes] = field(repr=False)
+
+
+class RequestBody:
+    """The request body as chunks, with a hard byte limit and disconnects made explicit."""
+
+    def __init__(self, stream: IO[bytes], max_bytes: int) -> None:
+        self.stream = stream
+        self.max_bytes = max_bytes
+        self.received = 0
+        self.finished = False
+
+    def chunks(self) -> Iterator[bytes]:
+        while True:
+            try:
+                chunk = self.stream.read(READ_SIZE)
+            except (WerkzeugDisconnected, OSError) as exc:
+                raise ClientDisconnected("The request body ended before it was complete.") from exc
+            if not chunk:
+                self.finished = True
+                return
+            self.received += len(chunk)
+            if self.received > self.max_bytes:
+                raise PayloadTooLarge(
+                    f"The upload is larger than the limit of {self.max_bytes} bytes."
+                )
+            yield chunk
+
+
+def read_upload(body: RequestBody, mimetype: str, boundary: str | None) -> Upload:
+    if mimetype == "multipart/form-data":
+        if not boundary:
+            raise BadRequest("The multipart/form-data body has no boundary parameter.")
+        return _read_multipart(body.chunks(), boundary)
+    if mimetype in WAV_MEDIA_TYPES:
+        return Upload(fields={}, filename=None, chunks=body.chunks())
+    raise UnsupportedMediaType(
+        "Send the WAV as multipart/form-data (fields 'user', 'token' and 'file') "
+        "or as a raw audio/wav body."
+    )
+
+
+class _Events:
+    """Pulls decoder events, feeding it body chunks as it asks for them."""
+
+    def __init__(self, source: Iterator[bytes], boundary: str) -> None:
+        self.source = source
+        self.decoder = MultipartDecoder(
+            boundary.encode("latin-1"), max_form_memory_size=MAX_DECODER_BUFFER
+        )
+
+    def next(self) -> Field | File | Data | Epilogue:
+        try:
+            while True:
+                event = self.decoder.next_event()
+                if isinstance(event, NeedData):
+                    self.decoder.receive_data(next(self.source, None))
+                    continue
+                if isinstance(event, Field | File | Data | Epilogue):
+                    return event
+        except RequestEntityTooLarge as exc:
+            raise BadRequest("The multipart body is malformed (a part header never ends).") from exc
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"The multipart body is malformed: {exc}.") from exc
+
+
+def _read_multipart(source: Iterator[bytes], boundary: str) -> Upload:
+    events = _Events(source, boundary)
+    fields: dict[str, str] = {}
+    total = 0
+    while True:
+        event = events.next()
+        if isinstance(event, Epilogue):
+            raise InvalidField("The form has no 'file' part holding the WAV file.")
+        if not isinstance(event, Field | File):
+            continue
+        if event.name == FILE_FIELD:
+            filename = event.filename if isinstance(event, File) else None
+            return Upload(fields=fields, filename=filename, chunks=_file_chunks(events))
+        value = bytearray()
+        while True:
+            data = events.next()
+            if not isinstance(data, Data):
+                raise BadRequest("The multipart body is malformed.")
+            value += data.data
+            total += len(data.data)
+            if len(value) > MAX_FIELD_BYTES or total > MAX_FIELDS_TOTAL:
+                raise InvalidField(f"Form field '{event.name}' is too long.")
+            if not data.more_data:
+                break
+        try:
+            fields[event.name] = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidField(f"Form field '{event.name}' is not valid UTF-8.") from exc
+
+
+def _file_chunks(events: _Events) -> Iterator[bytes]:
+    """The file part's bytes; then the rest of the body is read and ignored."""
+    while True:
+        event = events.next()
+        if not isinstance(event, Data):
+            raise BadRequest("The multipart body is malformed.")
+        if event.data:
+            yield event.data
+        if not event.more_data:
+            break
+    while not isinstance(events.next(), Epilogue):
+        pass

@@ -1,0 +1,63 @@
+"""Users: creation with a one-time token, and authentication of a user id + token pair."""
+
+from __future__ import annotations
+
+import unicodedata
+import uuid
+from dataclasses import dataclass
+
+from common.auth import hash_token, new_token, token_matches
+from common.db import Database
+from common.errors import InvalidField, Unauthorized
+from common.models import NAME_MAX_LENGTH, User
+
+
+@dataclass(frozen=True, slots=True)
+class NewUser:
+    id: uuid.UUID
+    name: str
+    token: str  # shown to the caller once, never stored
+
+
+def validate_name(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise InvalidField("'name' must be a string.")
+    name = raw.strip()
+    if not name:
+        raise InvalidField("'name' must not be empty.")
+    if len(name) > NAME_MAX_LENGTH:
+        raise InvalidField(f"'name' must be at most {NAME_MAX_LENGTH} characters.")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
+        raise InvalidField("'name' must not contain control characters.")
+    return name
+
+
+def create_user(db: Database, raw_name: object) -> NewUser:
+    name = validate_name(raw_name)
+    token = new_token()
+    user = User(id=uuid.uuid4(), name=name, token_hash=hash_token(token))
+    with db.session() as session:
+        session.add(user)
+    return NewUser(id=user.id, name=name, token=token)
+
+
+def parse_uuid(raw: str | None, field: str) -> uuid.UUID:
+    if raw is None or not raw.strip():
+        raise InvalidField(f"'{field}' is required.")
+    try:
+        return uuid.UUID(raw.strip())
+    except ValueError as exc:
+        raise InvalidField(f"'{field}' must be a UUID.") from exc
+
+
+def authenticate(db: Database, raw_user_id: str | None, token: str | None) -> uuid.UUID:
+    """The user's id if ``token`` is theirs; Unauthorized otherwise (same answer either way)."""
+    user_id = parse_uuid(raw_user_id, "user")
+    if not token:
+        raise Unauthorized("An access token is required (form field 'token' or a Bearer header).")
+    with db.session() as session:
+        stored = session.get(User, user_id)
+        stored_hash = stored.token_hash if stored is not None else None
+    if not token_matches(token, stored_hash):
+        raise Unauthorized("The user id and access token do not match.")
+    return user_id
