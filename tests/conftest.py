@@ -26,10 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from devstack import NativeStack, Ports  # noqa: E402
-
 from common.runtime import Services  # noqa: E402
 from common.settings import Settings  # noqa: E402
+from devstack import NativeStack, Ports  # noqa: E402
 
 
 def make_data_dir(prefix: str) -> Path:
