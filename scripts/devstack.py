@@ -344,7 +344,7 @@ class NativeStack:
             [sys.executable, "-m", "common.bucket"], check=True, cwd=ROOT, env=self.app_env()
         )
 
-    def start_function(self, name: str) -> None:
+    def start_function(self, name: str, env: Mapping[str, str] | None = None) -> None:
         port = getattr(self.ports, name)
         self._spawn(
             name,
@@ -353,8 +353,14 @@ class NativeStack:
                 "--source", str(ROOT / "functions" / name / "main.py"),
                 "--host", "127.0.0.1", "--port", str(port),
             ],
-            env=self.app_env(),
+            env={**self.app_env(), **(env or {})},
         )  # fmt: skip
+
+    def restart_function(self, name: str, env: Mapping[str, str] | None = None) -> None:
+        """Restart one function with extra environment (tests switch modes this way)."""
+        self.stop_process(name)
+        self.start_function(name, env)
+        self.wait_healthy(60)
 
     def start_router(self) -> None:
         nginx_dir = self.data_dir / "nginx"
