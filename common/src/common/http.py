@@ -99,7 +99,8 @@ def _without_body_read(response: flask.Response) -> flask.Response:
     if not response.is_streamed:
         body = response.get_data()
         response.response = iter((body,))
-        response.headers["Content-Length"] = str(len(body))
+        if body or "Content-Length" not in response.headers:  # HEAD keeps the GET's length
+            response.headers["Content-Length"] = str(len(body))
     return response
 
 

@@ -1,0 +1,60 @@
+"""Unit tests of the settings read from the environment (common.settings)."""
+
+from __future__ import annotations
+
+import pytest
+from common.settings import DownloadMode, Settings, SettingsError, normalise_database_url
+
+
+def test_defaults_are_safe_for_the_local_stack() -> None:
+    s = Settings.from_env({"FFMPEG_BINARY": "/usr/bin/ffmpeg"})
+    assert s.database_url.startswith("postgresql+pg8000://")
+    assert s.max_upload_bytes == 256 * 1024 * 1024
+    assert s.mp3_bitrate_kbps == 192
+    assert s.download_mode is DownloadMode.STREAM
+    assert s.s3_bucket == "records"
+    assert s.s3_endpoint_url is None  # AWS itself unless configured
+    assert s.public_base_url is None
+
+
+def test_values_are_read_and_typed() -> None:
+    s = Settings.from_env(
+        {
+            "DATABASE_URL": "postgres://u:p@db:5432/x",
+            "MAX_UPLOAD_BYTES": "1048576",
+            "MP3_BITRATE_KBPS": "128",
+            "DOWNLOAD_MODE": "Redirect",
+            "S3_ENDPOINT_URL": "http://storage:8333/",
+            "PUBLIC_BASE_URL": "https://records.example.com/",
+            "FFMPEG_BINARY": "ffmpeg",
+        }
+    )
+    assert s.database_url == "postgresql+pg8000://u:p@db:5432/x"
+    assert s.max_upload_bytes == 1048576
+    assert s.mp3_bitrate_kbps == 128
+    assert s.download_mode is DownloadMode.REDIRECT
+    assert s.s3_endpoint_url == "http://storage:8333"
+    assert s.public_base_url == "https://records.example.com"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MAX_UPLOAD_BYTES", "lots", "must be an integer"),
+        ("MAX_UPLOAD_BYTES", "10", "at least"),
+        ("MP3_BITRATE_KBPS", "100", "must be one of"),
+        ("DOWNLOAD_MODE", "teleport", "stream' or 'redirect"),
+        ("S3_ENDPOINT_URL", "storage:8333", "http"),
+        ("CONVERT_TIMEOUT_SECONDS", "-1", "positive"),
+        ("DATABASE_URL", "mysql://x", "postgresql"),
+        ("PRESIGN_EXPIRES_SECONDS", "999999999", "7 days"),
+    ],
+)
+def test_bad_values_refuse_to_start(name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({name: value, "FFMPEG_BINARY": "ffmpeg"})
+
+
+def test_database_url_driver_is_pg8000() -> None:
+    assert normalise_database_url("postgresql://a@h/d") == "postgresql+pg8000://a@h/d"
+    assert normalise_database_url("postgresql+pg8000://a@h/d") == "postgresql+pg8000://a@h/d"

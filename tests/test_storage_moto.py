@@ -1,0 +1,92 @@
+"""Fast storage unit tests against moto's S3: multipart streaming, abort, ranged reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from botocore.exceptions import EndpointConnectionError
+from common.errors import DependencyUnavailable
+from common.storage import ObjectMissing, Storage
+from moto import mock_aws
+
+PART = 5 * 1024 * 1024
+
+
+@pytest.fixture
+def storage(monkeypatch: pytest.MonkeyPatch) -> Iterator[Storage]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="records")
+        yield Storage(client, "records", part_size=PART)
+
+
+def test_small_objects_are_one_put(storage: Storage) -> None:
+    writer = storage.open_writer("users/u/records/r.mp3")
+    writer.write(b"abc")
+    writer.write(b"def")
+    stored = writer.complete()
+    assert stored.size == 6
+    obj = storage.client.get_object(Bucket="records", Key="users/u/records/r.mp3")
+    assert obj["Body"].read() == b"abcdef"
+    assert obj["ContentType"] == "audio/mpeg"
+
+
+def test_large_objects_stream_in_parts(storage: Storage) -> None:
+    writer = storage.open_writer("big.mp3")
+    piece = bytes(range(256)) * 4096  # 1 MiB
+    for _ in range(12):
+        writer.write(piece)
+        assert len(writer._buffer) < PART  # never more than one part held
+    uploads = storage.client.list_multipart_uploads(Bucket="records").get("Uploads", [])
+    assert len(uploads) == 1  # in progress, not visible as an object yet
+    assert "Contents" not in storage.client.list_objects_v2(Bucket="records")
+    stored = writer.complete()
+    assert stored.size == 12 * len(piece)
+    assert storage.client.get_object(Bucket="records", Key="big.mp3")["Body"].read() == piece * 12
+
+
+def test_abort_leaves_nothing(storage: Storage) -> None:
+    writer = storage.open_writer("gone.mp3")
+    writer.write(bytes(PART + 10))
+    writer.abort()
+    assert not storage.client.list_multipart_uploads(Bucket="records").get("Uploads")
+    assert "Contents" not in storage.client.list_objects_v2(Bucket="records")
+
+
+def test_abort_after_complete_deletes_the_object(storage: Storage) -> None:
+    writer = storage.open_writer("x.mp3")
+    writer.write(b"x")
+    writer.complete()
+    writer.abort()
+    assert "Contents" not in storage.client.list_objects_v2(Bucket="records")
+
+
+def test_ranged_read(storage: Storage) -> None:
+    storage.client.put_object(Bucket="records", Key="k", Body=b"0123456789")
+    stream = storage.open_read("k", (2, 5))
+    assert stream.length == 4
+    assert b"".join(stream) == b"2345"
+
+
+def test_missing_object(storage: Storage) -> None:
+    with pytest.raises(ObjectMissing):
+        storage.open_read("nope")
+
+
+def test_unreachable_store_is_503() -> None:
+    client = boto3.client(
+        "s3",
+        endpoint_url="http://127.0.0.1:9",
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+    )
+    storage = Storage(client, "records", part_size=PART, retry_after=3)
+    with pytest.raises(DependencyUnavailable) as info:
+        storage.check()
+    assert info.value.headers["Retry-After"] == "3"
+    assert isinstance(info.value.__cause__, EndpointConnectionError)
