@@ -27,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "infra" / "nginx" / "router.conf.template"
+STATIC_DIR = ROOT / "api"  # openapi.yaml and the docs page, served by the router
+DEFAULT_RATE_LIMIT_RPS = "100"  # per client address, /users and /records
+DEFAULT_RATE_LIMIT_BURST = "300"
 FUNCTIONS = ("create_user", "upload_record", "get_record")
 SEAWEEDFS_VERSION = "4.48"  # the compose stack runs chrislusf/seaweedfs:4.48
 DB_USER = "records"
@@ -194,6 +197,7 @@ class NativeStack:
             "MAX_UPLOAD_BYTES", "MP3_BITRATE_KBPS", "DOWNLOAD_MODE", "PRESIGN_EXPIRES_SECONDS",
             "PUBLIC_BASE_URL", "CONVERT_TIMEOUT_SECONDS", "LOG_LEVEL", "DB_POOL_SIZE",
             "S3_PART_SIZE_BYTES", "RETRY_AFTER_SECONDS", "FFMPEG_BINARY",
+            "RATE_LIMIT_RPS", "RATE_LIMIT_BURST",
         )  # fmt: skip
         env.update({k: os.environ[k] for k in passthrough if os.environ.get(k)})
         env.update(self.extra_env)
@@ -372,6 +376,9 @@ class NativeStack:
             "UPLOAD_RECORD_UPSTREAM": f"127.0.0.1:{self.ports.upload_record}",
             "GET_RECORD_UPSTREAM": f"127.0.0.1:{self.ports.get_record}",
             "MAX_UPLOAD_BYTES": self.app_env().get("MAX_UPLOAD_BYTES", str(256 * 1024 * 1024)),
+            "ROUTER_STATIC_DIR": str(STATIC_DIR),
+            "RATE_LIMIT_RPS": self.app_env().get("RATE_LIMIT_RPS", DEFAULT_RATE_LIMIT_RPS),
+            "RATE_LIMIT_BURST": self.app_env().get("RATE_LIMIT_BURST", DEFAULT_RATE_LIMIT_BURST),
         }
         (nginx_dir / "router.conf").write_text(render_template(TEMPLATE.read_text(), env))
         user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
