@@ -58,3 +58,18 @@ def test_bad_values_refuse_to_start(name: str, value: str, message: str) -> None
 def test_database_url_driver_is_pg8000() -> None:
     assert normalise_database_url("postgresql://a@h/d") == "postgresql+pg8000://a@h/d"
     assert normalise_database_url("postgresql+pg8000://a@h/d") == "postgresql+pg8000://a@h/d"
+
+
+def test_credentials_are_read_but_never_shown() -> None:
+    s = Settings.from_env(
+        {
+            "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+            "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+            "FFMPEG_BINARY": "x",
+        }
+    )
+    assert s.aws_access_key_id == "AKIAEXAMPLE"
+    assert s.aws_secret_access_key == "s3cr3t"
+    assert s.aws_session_token is None
+    assert "s3cr3t" not in repr(s)
+    assert "AKIAEXAMPLE" not in repr(s)

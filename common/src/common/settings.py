@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
 from urllib.parse import urlsplit
@@ -38,6 +38,10 @@ class Settings:
     s3_endpoint_url: str | None
     s3_public_endpoint_url: str | None
     s3_region: str
+    # boto3's own variable names; unset means its default chain (instance/task role, profile).
+    aws_access_key_id: str | None = field(repr=False)
+    aws_secret_access_key: str | None = field(repr=False)
+    aws_session_token: str | None = field(repr=False)
     s3_bucket: str
     s3_part_size_bytes: int
     s3_timeout_seconds: float
@@ -61,6 +65,9 @@ class Settings:
             s3_endpoint_url=_optional_url(e, "S3_ENDPOINT_URL"),
             s3_public_endpoint_url=_optional_url(e, "S3_PUBLIC_ENDPOINT_URL"),
             s3_region=e.get("S3_REGION", "us-east-1") or "us-east-1",
+            aws_access_key_id=e.get("AWS_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=e.get("AWS_SECRET_ACCESS_KEY") or None,
+            aws_session_token=e.get("AWS_SESSION_TOKEN") or None,
             s3_bucket=e.get("S3_BUCKET", "records") or "records",
             s3_part_size_bytes=_int(e, "S3_PART_SIZE_BYTES", 8 * MIB, minimum=5 * MIB),
             s3_timeout_seconds=_float(e, "S3_TIMEOUT_SECONDS", 10.0),

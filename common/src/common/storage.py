@@ -53,7 +53,14 @@ def make_s3_client(settings: Settings, *, public: bool = False) -> S3Client:
         s3={"addressing_style": "path"} if endpoint else {},
         tcp_keepalive=True,
     )
-    client: S3Client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+    client: S3Client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        config=config,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=settings.aws_secret_access_key,
+        aws_session_token=settings.aws_session_token,
+    )
     return client
 
 
