@@ -203,6 +203,18 @@ class NativeStack:
         env.update(self.extra_env)
         return env
 
+    def write_env_file(self) -> Path:
+        """The stack's settings as KEY=value lines, for `set -a; . .data/dev.env; set +a`."""
+        env = self.app_env()
+        keys = (
+            "DATABASE_URL", "S3_ENDPOINT_URL", "S3_PUBLIC_ENDPOINT_URL", "S3_BUCKET",
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+        )  # fmt: skip
+        path = self.data_dir / "dev.env"
+        path.write_text("".join(f"{k}={env[k]}\n" for k in keys if k in env))
+        path.chmod(0o600)
+        return path
+
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, timeout: float = 90.0) -> None:
         ensure_system_tools()
@@ -470,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--install-tools", action="store_true", help="only install ffmpeg and nginx if missing"
     )
+    parser.add_argument(
+        "--free-ports", action="store_true", help="pick free ports for everything (tests)"
+    )
     args = parser.parse_args(argv)
     if args.install_tools:
         try:
@@ -478,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"error: {exc}")
             return 1
         return 0
-    ports = Ports(router=int(os.environ.get("PORT", "8080")))
+    ports = Ports.free() if args.free_ports else Ports(router=int(os.environ.get("PORT", "8080")))
     stack = NativeStack(
         Path(args.data_dir).resolve(),
         ports=ports,
@@ -496,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         stack.start()
+        env_file = stack.write_env_file()
+        log(f"connection settings for tools (psql, alembic, boto3): {env_file}")
         log(f"ready: router on {stack.base_url} (logs in {stack.logs}); Ctrl-C stops everything")
         while not stopping:
             stack.check_alive()
