@@ -177,10 +177,10 @@ def test_chunked_upload_streams(client: Client) -> None:
     assert response.json()["filename"] == "long.mp3"
 
 
-def test_public_url_follows_forwarded_headers(client: Client) -> None:
+def test_function_honours_the_routers_forwarded_headers(client: Client, stack: NativeStack) -> None:
     user = client.create_user("Proxy")
-    response = client.session.post(
-        f"{client.base_url}/records",
+    response = requests.post(
+        f"http://127.0.0.1:{stack.ports.upload_record}/records",  # as the router calls it
         data={"user": user["id"], "token": user["token"]},
         files={"file": ("p.wav", wavgen.wav(seconds=0.2), "audio/wav")},
         headers={"X-Forwarded-Host": "records.example.com:9443", "X-Forwarded-Proto": "https"},
@@ -188,6 +188,35 @@ def test_public_url_follows_forwarded_headers(client: Client) -> None:
     )
     assert response.status_code == 201, response.text
     assert response.json()["url"].startswith("https://records.example.com:9443/record?id=")
+
+
+def test_router_replaces_client_forwarded_headers(client: Client, stack: NativeStack) -> None:
+    user = client.create_user("Spoofer")
+    response = client.session.post(
+        f"{client.base_url}/records",
+        data={"user": user["id"], "token": user["token"]},
+        files={"file": ("p.wav", wavgen.wav(seconds=0.2), "audio/wav")},
+        headers={"X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"},
+        timeout=60,
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["url"].startswith(f"http://127.0.0.1:{stack.ports.router}/record?")
+
+
+@pytest.mark.parametrize("host", ["a b", "evil.com/x?", "x\x01y", "", "exa_mple:99999999"])
+def test_strange_forwarded_hosts_never_reach_the_url(
+    client: Client, stack: NativeStack, host: str
+) -> None:
+    user = client.create_user("Strange")
+    response = requests.post(
+        f"http://127.0.0.1:{stack.ports.upload_record}/records",
+        data={"user": user["id"], "token": user["token"]},
+        files={"file": ("p.wav", wavgen.wav(seconds=0.1), "audio/wav")},
+        headers={"X-Forwarded-Host": host},
+        timeout=60,
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["url"].startswith(f"http://127.0.0.1:{stack.ports.upload_record}/")
 
 
 def test_host_and_port_are_the_clients(client: Client, stack: NativeStack) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[flask.Request], flask.Response]
 HEALTH_PATH = "/healthz"
+# host[:port], or [IPv6]:port: anything else in a Host header is not put into a URL.
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 def json_response(
@@ -131,9 +134,11 @@ def public_base_url(request: flask.Request, settings: Settings) -> str:
     if settings.public_base_url:
         return settings.public_base_url
     proto = _first(request.headers.get("X-Forwarded-Proto")) or request.scheme
-    host = _first(request.headers.get("X-Forwarded-Host")) or request.host
     if proto not in ("http", "https"):
         proto = "http"
+    host = _first(request.headers.get("X-Forwarded-Host"))
+    if not _HOST.fullmatch(host):
+        host = request.host if _HOST.fullmatch(request.host) else "localhost"
     return f"{proto}://{host}"
 
 
