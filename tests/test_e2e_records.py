@@ -203,7 +203,7 @@ def test_router_replaces_client_forwarded_headers(client: Client, stack: NativeS
     assert response.json()["url"].startswith(f"http://127.0.0.1:{stack.ports.router}/record?")
 
 
-@pytest.mark.parametrize("host", ["a b", "evil.com/x?", "x\x01y", "", "exa_mple:99999999"])
+@pytest.mark.parametrize("host", ["a b", "evil.com/x?", "<script>", "", "exa_mple:99999999"])
 def test_strange_forwarded_hosts_never_reach_the_url(
     client: Client, stack: NativeStack, host: str
 ) -> None:
