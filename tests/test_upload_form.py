@@ -127,3 +127,9 @@ def test_a_broken_connection_is_a_disconnect() -> None:
 
     with pytest.raises(ClientDisconnected):
         read(Broken())
+
+
+def test_the_number_of_fields_is_bounded() -> None:
+    parts = [(f"f{i}", None, b"") for i in range(1000)]
+    with pytest.raises(InvalidField, match="more than 32 fields"):
+        read(multipart(*parts, ("file", "a.wav", b"x")))

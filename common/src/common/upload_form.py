@@ -33,6 +33,7 @@ from common.errors import (
 READ_SIZE = 64 * 1024
 MAX_FIELD_BYTES = 4096
 MAX_FIELDS_TOTAL = 64 * 1024
+MAX_FIELDS = 32
 # The decoder's buffer: bounds a preamble or part headers that never end.
 MAX_DECODER_BUFFER = 1024 * 1024
 FILE_FIELD = "file"
@@ -122,6 +123,8 @@ def _read_multipart(source: Iterator[bytes], boundary: str) -> Upload:
         if event.name == FILE_FIELD:
             filename = event.filename if isinstance(event, File) else None
             return Upload(fields=fields, filename=filename, chunks=_file_chunks(events))
+        if len(fields) >= MAX_FIELDS:
+            raise InvalidField(f"The form has more than {MAX_FIELDS} fields before 'file'.")
         value = bytearray()
         while True:
             data = events.next()
