@@ -1,31 +1,54 @@
 """Container entry point: ``python -m common.entrypoint``.
 
 Serves the function named by ``FUNCTION_TARGET`` (create_user, upload_record or get_record)
-under functions-framework on ``$PORT`` (default 8080), from ``FUNCTION_SOURCE`` (default
-``<app>/functions/<target>/main.py``). One image per function sets FUNCTION_TARGET.
+from ``FUNCTION_SOURCE`` (default ``<app>/functions/<target>/main.py``). One image serves
+every platform:
+
+* on AWS Lambda (``AWS_LAMBDA_RUNTIME_API`` is set by the Lambda service) it runs the Runtime
+  Interface Client, ``python -m awslambdaric common.aws_lambda.handler``, which takes
+  Function URL / HTTP API events (see :mod:`common.aws_lambda`);
+* everywhere else (Cloud Run, compose, a plain ``docker run``) it runs functions-framework
+  on ``$PORT`` (default 8080).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 TARGETS = ("create_user", "upload_record", "get_record")
 APP_DIR = Path(os.environ.get("APP_DIR", "/app"))
+LAMBDA_HANDLER = "common.aws_lambda.handler"
+
+
+def function_target(env: Mapping[str, str]) -> str:
+    target = env.get("FUNCTION_TARGET", "")
+    if target not in TARGETS:
+        sys.exit(f"FUNCTION_TARGET must be one of {', '.join(TARGETS)}, got {target!r}")
+    return target
+
+
+def function_source(target: str, env: Mapping[str, str]) -> str:
+    return env.get("FUNCTION_SOURCE") or str(APP_DIR / "functions" / target / "main.py")
+
+
+def command(env: Mapping[str, str]) -> list[str]:
+    """The argv this container runs, chosen by the platform it finds itself on."""
+    target = function_target(env)
+    if env.get("AWS_LAMBDA_RUNTIME_API"):
+        return [sys.executable, "-m", "awslambdaric", LAMBDA_HANDLER]
+    return [
+        sys.executable, "-m", "functions_framework", "--target", target,
+        "--source", function_source(target, env),
+        "--host", env.get("HOST", "0.0.0.0"), "--port", env.get("PORT", "8080"),
+    ]  # fmt: skip
 
 
 def main() -> None:
-    target = os.environ.get("FUNCTION_TARGET", "")
-    if target not in TARGETS:
-        sys.exit(f"FUNCTION_TARGET must be one of {', '.join(TARGETS)}, got {target!r}")
-    source = os.environ.get("FUNCTION_SOURCE") or str(APP_DIR / "functions" / target / "main.py")
-    port = os.environ.get("PORT", "8080")
-    argv = [
-        sys.executable, "-m", "functions_framework", "--target", target, "--source", source,
-        "--host", os.environ.get("HOST", "0.0.0.0"), "--port", port,
-    ]  # fmt: skip
-    os.execv(sys.executable, argv)  # noqa: S606 - fixed argv, no shell
+    argv = command(os.environ)
+    os.execv(argv[0], argv)  # noqa: S606 - fixed argv, no shell
 
 
 if __name__ == "__main__":

@@ -1,0 +1,392 @@
+"""Lambda mode: each function's handler invoked in-process with real Function URL and HTTP API
+(payload 2.0) events, against the stack's real PostgreSQL and SeaweedFS, answering exactly
+what the same request over HTTP (nginx -> functions-framework) answers. Then the real Runtime
+Interface Client, started by the container entry point, serving an event from a Runtime API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import requests
+import wavgen
+from common.aws_lambda import LambdaHandler, make_handler
+from common.runtime import Services, set_services
+from common.settings import DownloadMode, Settings
+from conftest import ROOT, Client
+from devstack import NativeStack
+from lambda_events import event, multipart, parse_response
+
+from common import entrypoint
+
+pytestmark = pytest.mark.integration
+
+FUNCTION_URL_HOST = "abcdefghijklmnopqrstuvwxyz012345.lambda-url.us-east-1.on.aws"
+HTTP_API_HOST = "a1b2c3d4e5.execute-api.us-east-1.amazonaws.com"
+RECORD_FIELDS = ("duration_seconds", "size_bytes", "bitrate_kbps", "sample_rate", "channels")
+
+
+def build_services(stack: NativeStack, **overrides: Any) -> Services:
+    """Clients for the stack's servers; the S3 credentials come from the stack's environment."""
+    env = stack.app_env()
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: env[k] for k in keys})
+    try:
+        settings = dataclasses.replace(Settings.from_env(env), **overrides)
+        return Services.from_settings(settings)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def lambda_services(stack: NativeStack) -> Services:
+    return build_services(stack)
+
+
+@pytest.fixture
+def invoke(lambda_services: Services) -> Iterator[Callable[..., Any]]:
+    """invoke(target, event) -> LambdaResponse, with the handlers wired to the stack."""
+    handlers: dict[str, LambdaHandler] = {}
+    set_services(lambda_services)
+
+    def call(target: str, ev: dict[str, Any]) -> Any:
+        if target not in handlers:
+            handlers[target] = make_handler(target, str(ROOT / "functions" / target / "main.py"))
+        result = handlers[target](ev, None)
+        assert set(result) <= {"statusCode", "headers", "body", "isBase64Encoded", "cookies"}
+        return parse_response(result)
+
+    yield call
+    set_services(None)
+
+
+def test_create_user_text_and_base64_bodies(invoke: Any, client: Client) -> None:
+    over_http = client.create_user("Ada")
+    for name in ("function_url_post_json.json", "http_api_post_json_base64.json"):
+        response = invoke("create_user", event(name, body='{"name": "Ada"}'))
+        assert response.status == 201
+        assert response.headers["content-type"] == "application/json"
+        assert not response.base64  # JSON goes back as text
+        body = response.json()
+        assert set(body) == set(over_http) == {"id", "name", "token"}
+        assert body["name"] == over_http["name"] == "Ada"
+        # The new user is real: its token uploads over HTTP.
+        uploaded = client.upload(body, wavgen.wav(seconds=0.2))
+        assert uploaded.status_code == 201, uploaded.text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", "{"),
+        ("application/json", "[1, 2]"),
+        ("application/json", '{"name": ""}'),
+        ("text/plain", "Ada"),
+    ],
+)
+def test_create_user_errors_match_http(
+    invoke: Any, client: Client, content_type: str, body: str
+) -> None:
+    over_http = client.session.post(
+        f"{client.base_url}/users", data=body, headers={"Content-Type": content_type}, timeout=10
+    )
+    for name in ("function_url_post_json.json", "http_api_post_json_base64.json"):
+        response = invoke(
+            "create_user", event(name, headers={"content-type": content_type}, body=body)
+        )
+        assert response.status == over_http.status_code
+        assert response.status in (400, 415, 422)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json() == over_http.json()
+
+
+def test_upload_multipart_base64_matches_http(invoke: Any, client: Client) -> None:
+    user = client.create_user("Grace")
+    wav = wavgen.wav(seconds=1.5, channels=2, rate=44100)
+    over_http = client.upload(user, wav, filename="take one.wav")
+    assert over_http.status_code == 201, over_http.text
+    content_type, body = multipart(
+        {"user": user["id"], "token": user["token"]}, ("take one.wav", wav, "audio/wav")
+    )
+    response = invoke(
+        "upload_record",
+        event(
+            "function_url_post_multipart.json", headers={"content-type": content_type}, body=body
+        ),
+    )
+    assert response.status == 201, response.body
+    got, expected = response.json(), over_http.json()
+    assert set(got) == set(expected)
+    for key in (*RECORD_FIELDS, "filename"):
+        assert got[key] == expected[key], key
+    assert got["filename"] == "take one.mp3"
+    assert got["url"] == f"https://{FUNCTION_URL_HOST}/record?id={got['id']}&user={user['id']}"
+    assert response.headers["location"] == got["url"]
+
+
+def test_upload_raw_wav_with_bearer_and_query(invoke: Any, client: Client) -> None:
+    user = client.create_user("Hedy")
+    wav = wavgen.wav(seconds=0.5, channels=1, rate=22050, bits=24)
+    over_http = client.session.post(
+        f"{client.base_url}/records",
+        params={"user": user["id"]},
+        data=wav,
+        headers={"Content-Type": "audio/wav", "Authorization": f"Bearer {user['token']}"},
+        timeout=60,
+    )
+    assert over_http.status_code == 201, over_http.text
+    response = invoke(
+        "upload_record",
+        event(
+            "http_api_post_raw_wav.json",
+            query={"user": user["id"]},
+            headers={"authorization": f"Bearer {user['token']}"},
+            body=wav,
+        ),
+    )
+    assert response.status == 201, response.body
+    got = response.json()
+    for key in RECORD_FIELDS:
+        assert got[key] == over_http.json()[key], key
+    assert got["url"].startswith(f"https://{HTTP_API_HOST}/record?id=")
+
+
+@pytest.mark.parametrize(
+    ("case", "expected_status"),
+    [("not-a-wav", 415), ("bad-token", 401), ("adpcm", 415), ("no-user", 422)],
+)
+def test_upload_errors_match_http(
+    invoke: Any, client: Client, case: str, expected_status: int
+) -> None:
+    user = client.create_user("Eve")
+    wav = wavgen.wav(seconds=0.2)
+    query = {"user": user["id"]}
+    token = user["token"]
+    if case == "not-a-wav":
+        wav = b"ID3\x03\x00" + bytes(2000)
+    elif case == "bad-token":
+        token = "0" * 36
+    elif case == "adpcm":
+        wav = wavgen.riff(wavgen.fmt_chunk(tag=0x0002, bits=4), wavgen.chunk(b"data", bytes(400)))
+    elif case == "no-user":
+        query = {}
+    headers = {"Content-Type": "audio/wav", "Authorization": f"Bearer {token}"}
+    over_http = client.session.post(
+        f"{client.base_url}/records", params=query, data=wav, headers=headers, timeout=60
+    )
+    response = invoke(
+        "upload_record",
+        event(
+            "http_api_post_raw_wav.json",
+            query=query,
+            headers={"authorization": f"Bearer {token}"},
+            body=wav,
+        ),
+    )
+    assert response.status == over_http.status_code == expected_status
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json() == over_http.json()
+    if expected_status == 401:
+        assert response.headers["www-authenticate"] == over_http.headers["WWW-Authenticate"]
+
+
+def test_get_record_streams_binary_and_ranges(invoke: Any, client: Client) -> None:
+    user = client.create_user("Mary")
+    record = client.upload(user, wavgen.wav(seconds=1.0)).json()
+    query = {"id": record["id"], "user": user["id"]}
+    whole = client.session.get(f"{client.base_url}/record", params=query, timeout=30)
+    assert whole.status_code == 200
+    response = invoke("get_record", event("function_url_get_query.json", query=query))
+    assert response.status == 200
+    assert response.base64  # the MP3 goes back base64-encoded, byte for byte
+    assert response.headers["content-type"] == "audio/mpeg"
+    assert response.body == whole.content
+    assert response.headers["etag"] == whole.headers["ETag"]
+    assert response.headers["content-disposition"] == whole.headers["Content-Disposition"]
+
+    ranged_http = client.session.get(
+        f"{client.base_url}/record", params=query, headers={"Range": "bytes=0-99"}, timeout=30
+    )
+    ranged = invoke("get_record", event("http_api_get_query.json", query=query))
+    assert ranged.status == ranged_http.status_code == 206
+    assert ranged.body == ranged_http.content == whole.content[:100]
+    assert ranged.headers["content-range"] == ranged_http.headers["Content-Range"]
+
+    head = invoke("get_record", event("function_url_get_query.json", method="HEAD", query=query))
+    assert head.status == 200
+    assert head.body == b""
+    assert head.headers["content-length"] == str(len(whole.content))
+
+
+@pytest.mark.parametrize("case", ["unknown", "someone-else", "missing-id", "bad-uuid"])
+def test_get_record_errors_match_http(invoke: Any, client: Client, case: str) -> None:
+    owner = client.create_user("Owner")
+    record = client.upload(owner, wavgen.wav(seconds=0.2)).json()
+    query = {"id": record["id"], "user": owner["id"]}
+    if case == "unknown":
+        query["id"] = "6a0f4c2e-1b3d-4e5f-8a7b-9c0d1e2f3a4b"
+    elif case == "someone-else":
+        query["user"] = client.create_user("Other")["id"]
+    elif case == "missing-id":
+        del query["id"]
+    else:
+        query["id"] = "not-a-uuid"
+    over_http = client.session.get(f"{client.base_url}/record", params=query, timeout=30)
+    response = invoke("get_record", event("http_api_get_query.json", query=query))
+    assert response.status == over_http.status_code
+    assert response.status in (404, 422)
+    assert response.json() == over_http.json()
+
+
+def test_get_record_redirect_mode_for_response_caps(
+    stack: NativeStack, client: Client, lambda_services: Services
+) -> None:
+    """With DOWNLOAD_MODE=redirect (the Lambda setting) the MP3 never passes the function."""
+    user = client.create_user("Rita")
+    record = client.upload(user, wavgen.wav(seconds=1.0)).json()
+    direct = client.session.get(record["url"], timeout=30).content
+    services = build_services(stack, download_mode=DownloadMode.REDIRECT)
+    set_services(services)
+    try:
+        handler = make_handler("get_record", str(ROOT / "functions" / "get_record" / "main.py"))
+        query = {"id": record["id"], "user": user["id"]}
+        response = parse_response(handler(event("function_url_get_query.json", query=query), None))
+    finally:
+        set_services(None)
+    assert response.status == 307
+    location = response.headers["location"]
+    assert location.startswith(stack.s3_url + "/")
+    fetched = requests.get(location, timeout=30)
+    assert fetched.status_code == 200
+    assert fetched.content == direct
+
+
+def test_health_check_through_lambda(invoke: Any) -> None:
+    response = invoke("get_record", event("function_url_get_query.json", path="/healthz", query={}))
+    assert response.status == 200
+    assert response.json() == {"status": "ok"}
+
+
+# --- the real Runtime Interface Client ---------------------------------------------------------
+
+
+def test_entrypoint_chooses_lambda_mode_only_on_lambda() -> None:
+    base = {"FUNCTION_TARGET": "upload_record", "PORT": "9090"}
+    served = entrypoint.command(base)
+    assert served[1:4] == ["-m", "functions_framework", "--target"]
+    assert served[served.index("--port") + 1] == "9090"
+    on_lambda = entrypoint.command({**base, "AWS_LAMBDA_RUNTIME_API": "127.0.0.1:9001"})
+    assert on_lambda[1:] == ["-m", "awslambdaric", "common.aws_lambda.handler"]
+    with pytest.raises(SystemExit):
+        entrypoint.command({"AWS_LAMBDA_RUNTIME_API": "127.0.0.1:9001"})
+
+
+class FakeRuntimeApi(ThreadingHTTPServer):
+    """The Lambda Runtime API (2018-06-01) as the service speaks it: one queued event."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        super().__init__(("127.0.0.1", 0), _RuntimeApiHandler)
+        self.daemon_threads = True
+        self.events = list(events)
+        self.responses: dict[str, Any] = {}
+        self.errors: list[str] = []
+        self.answered = threading.Event()
+        self.closing = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+
+class _RuntimeApiHandler(BaseHTTPRequestHandler):
+    server: FakeRuntimeApi
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def do_GET(self) -> None:
+        assert self.path == "/2018-06-01/runtime/invocation/next"
+        if not self.server.events:
+            self.server.closing.wait(30)  # long poll, as the real API does
+            self.send_response(500)
+            self.end_headers()
+            return
+        ev = self.server.events.pop(0)
+        body = json.dumps(ev).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Lambda-Runtime-Aws-Request-Id", "req-1")
+        self.send_header("Lambda-Runtime-Deadline-Ms", str(int(time.time() * 1000) + 60_000))
+        self.send_header(
+            "Lambda-Runtime-Invoked-Function-Arn",
+            "arn:aws:lambda:us-east-1:123456789012:function:create-user",
+        )
+        self.send_header("Lambda-Runtime-Trace-Id", "Root=1-6741a8f2-1c2b3d4e5f60718293a4b5c6")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        data = self.rfile.read(length)
+        if self.path.endswith("/response"):
+            self.server.responses[self.path.split("/")[-2]] = json.loads(data)
+        else:
+            self.server.errors.append(f"{self.path}: {data.decode(errors='replace')}")
+        self.send_response(202)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.server.answered.set()
+
+
+def test_runtime_interface_client_serves_function_url_event(stack: NativeStack) -> None:
+    api = FakeRuntimeApi([event("function_url_post_json.json", body='{"name": "Lin"}')])
+    thread = threading.Thread(target=api.serve_forever, daemon=True)
+    thread.start()
+    env = {
+        **stack.app_env(),
+        "AWS_LAMBDA_RUNTIME_API": api.address,
+        "FUNCTION_TARGET": "create_user",
+        "APP_DIR": str(ROOT),
+        "AWS_LAMBDA_FUNCTION_NAME": "create-user",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "1024",
+        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+        "AWS_LAMBDA_LOG_GROUP_NAME": "/aws/lambda/create-user",
+        "AWS_LAMBDA_LOG_STREAM_NAME": "stream",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "common.entrypoint"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert api.answered.wait(60), "the runtime client never answered"
+    finally:
+        api.closing.set()
+        proc.kill()
+        output = proc.communicate()[0].decode(errors="replace")
+        api.shutdown()
+        api.server_close()
+    assert not api.errors, (api.errors, output)
+    response = parse_response(api.responses["req-1"])
+    assert response.status == 201, output
+    body = response.json()
+    assert body["name"] == "Lin"
+    assert set(body) == {"id", "name", "token"}
