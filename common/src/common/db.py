@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+import pg8000.exceptions
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,17 +19,56 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# A pooled connection idle for longer than this is pinged before use. Pinging on every
+# checkout (pool_pre_ping) costs a round trip per request; a connection in steady use needs
+# none, and one that breaks anyway is retried by Database.execute.
+PING_AFTER_IDLE_SECONDS = 5.0
+_LAST_USED = "last_used"
+# pg8000's errors for a connection that is gone (server restart, network).
+_CONNECTION_ERRORS = (pg8000.exceptions.InterfaceError, OSError)
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    """A network error, or the server ending the session (SQLSTATE 57P01 etc., class 08)."""
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return True
+    fields = exc.args[0] if exc.args else None
+    code = str(fields.get("C", "")) if isinstance(fields, dict) else ""
+    return code.startswith(("08", "57P"))
+
 
 def make_engine(settings: Settings) -> Engine:
-    return create_engine(
+    engine = create_engine(
         settings.database_url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
         pool_timeout=settings.db_connect_timeout_seconds,
-        pool_pre_ping=True,  # a connection killed by a restart is detected, not used
         pool_recycle=1800,
         connect_args={"timeout": settings.db_connect_timeout_seconds},
     )
+    _ping_idle_connections(engine)
+    return engine
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """pool_pre_ping, but only for connections idle longer than PING_AFTER_IDLE_SECONDS."""
+
+    @event.listens_for(engine, "checkin")
+    def on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_LAST_USED] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        last_used = record.info.get(_LAST_USED)
+        if last_used is not None and time.monotonic() - last_used < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SELECT 1")
+            cursor.fetchall()
+            dbapi_connection.rollback()
+        except _CONNECTION_ERRORS as exc:
+            raise DisconnectionError(str(exc)) from exc  # the pool connects afresh
 
 
 class Database:
@@ -57,6 +99,41 @@ class Database:
         """A session in a transaction, committed on success; outages become 503."""
         with self.translate_errors(), self._sessions() as session, session.begin():
             yield session
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        """Run one statement on its own (autocommit: one round trip); return its rows.
+
+        The lean path for the single-statement requests (create a user, look up a token or a
+        record): no ORM, no BEGIN/COMMIT. A connection found broken is discarded and the
+        statement retried once on a fresh one, so write statements must be idempotent (insert
+        with a client-generated key and ON CONFLICT DO NOTHING).
+        """
+        for attempt in (1, 2):
+            try:
+                with self.translate_errors():
+                    conn = self.engine.raw_connection()
+            except _CONNECTION_ERRORS as exc:  # raw connects are not wrapped by SQLAlchemy
+                log.error("database unavailable: %s", exc)
+                raise DependencyUnavailable("database", self.retry_after) from exc
+            dbapi: Any = conn.driver_connection
+            try:
+                dbapi.autocommit = True
+                cursor = dbapi.cursor()
+                cursor.execute(statement, tuple(params))
+                rows: list[Sequence[Any]] = list(cursor.fetchall()) if cursor.description else []
+                dbapi.autocommit = False
+                return rows
+            except (*_CONNECTION_ERRORS, pg8000.exceptions.DatabaseError) as exc:
+                if not _is_disconnect(exc):
+                    raise
+                conn.invalidate(exc)
+                if attempt == 2:
+                    log.error("database unavailable: %s", exc)
+                    raise DependencyUnavailable("database", self.retry_after) from exc
+            finally:
+                dbapi.autocommit = False  # the pool's sessions expect transactions
+                conn.close()
+        raise AssertionError("unreachable")
 
     def check(self) -> None:
         with self.translate_errors(), self.engine.connect() as conn:

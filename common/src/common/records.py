@@ -21,6 +21,22 @@ log = logging.getLogger(__name__)
 
 _UNSAFE_FILENAME = re.compile(r'[\\/:*?"<>|]+')
 
+# Single statements on the lean path (Database.execute): no ORM unit of work per request.
+_RECORD_COLUMNS = (
+    "id", "user_id", "object_key", "filename", "size_bytes", "etag", "duration_seconds",
+    "bitrate_kbps", "sample_rate", "channels",
+)  # fmt: skip
+_INSERT_RECORD = (
+    "INSERT INTO records (id, user_id, object_key, filename, size_bytes, etag, "
+    "duration_seconds, bitrate_kbps, sample_rate, channels) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT (id) DO NOTHING"  # a retried insert that had landed: the row is ours
+)
+_SELECT_RECORD = (
+    "SELECT id, user_id, object_key, filename, size_bytes, etag, duration_seconds, "
+    "bitrate_kbps, sample_rate, channels FROM records WHERE id = %s"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class NewRecord:
@@ -85,8 +101,7 @@ def create_record(
             sample_rate=result.sample_rate,
             channels=result.channels,
         )
-        with db.session() as session:
-            session.add(record)
+        db.execute(_INSERT_RECORD, tuple(getattr(record, c) for c in _RECORD_COLUMNS))
     except BaseException:
         writer.abort()  # no row without its object, and no object without its row
         raise
@@ -107,11 +122,10 @@ def find_record(db: Database, raw_id: str | None, raw_user: str | None) -> Recor
     """The record ``raw_id`` of user ``raw_user``; NotFound for anyone else's or none."""
     record_id = _uuid_param(raw_id, "id")
     user_id = _uuid_param(raw_user, "user")
-    with db.session() as session:
-        record = session.get(Record, record_id)
-    if record is None or record.user_id != user_id:
+    rows = db.execute(_SELECT_RECORD, (record_id,))
+    if not rows or rows[0][1] != user_id:
         raise NotFound("No record with this id exists for this user.")
-    return record
+    return Record(**dict(zip(_RECORD_COLUMNS, rows[0], strict=True)))
 
 
 def _uuid_param(raw: str | None, name: str) -> uuid.UUID:
