@@ -35,6 +35,11 @@ SEAWEEDFS_VERSION = "4.48"  # the compose stack runs chrislusf/seaweedfs:4.48
 DB_USER = "records"
 DB_NAME = "records"
 APT_PACKAGES = ("ffmpeg", "nginx")
+# gunicorn processes and threads per function (WORKERS, THREADS; the environment overrides).
+# Small requests are CPU-bound Python: one process per core. An upload spends its time in
+# ffmpeg and in I/O, so one process with threads serves several at once with the least
+# memory. `make bench` measures these (bench/results.md).
+SERVER_DEFAULTS = {"create_user": (2, 8), "get_record": (2, 8), "upload_record": (1, 8)}
 
 
 def log(message: str) -> None:
@@ -141,8 +146,9 @@ class NativeStack:
     ports: Ports = field(default_factory=Ports)
     extra_env: dict[str, str] = field(default_factory=dict)
     database_url: str | None = None
-    workers: int = 1
-    threads: int = 8
+    # None: each function's own default from SERVER_DEFAULTS; a number applies to all three.
+    workers: int | None = None
+    threads: int | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     # --- configuration -------------------------------------------------------------------
@@ -190,9 +196,11 @@ class NativeStack:
             "AWS_SECRET_ACCESS_KEY": creds["s3_secret_key"],
             "AWS_DEFAULT_REGION": "us-east-1",
             "PYTHONUNBUFFERED": "1",
-            "WORKERS": str(self.workers),
-            "THREADS": str(self.threads),
         }
+        if self.workers is not None:
+            env["WORKERS"] = str(self.workers)
+        if self.threads is not None:
+            env["THREADS"] = str(self.threads)
         passthrough = (
             "MAX_UPLOAD_BYTES", "MP3_BITRATE_KBPS", "DOWNLOAD_MODE", "PRESIGN_EXPIRES_SECONDS",
             "PUBLIC_BASE_URL", "CONVERT_TIMEOUT_SECONDS", "LOG_LEVEL", "DB_POOL_SIZE",
@@ -369,8 +377,13 @@ class NativeStack:
                 "--source", str(ROOT / "functions" / name / "main.py"),
                 "--host", "127.0.0.1", "--port", str(port),
             ],
-            env={**self.app_env(), **(env or {})},
+            env={**self.function_env(name), **(env or {})},
         )  # fmt: skip
+
+    def function_env(self, name: str) -> dict[str, str]:
+        """app_env plus the function's gunicorn WORKERS and THREADS (SERVER_DEFAULTS)."""
+        workers, threads = SERVER_DEFAULTS[name]
+        return {"WORKERS": str(workers), "THREADS": str(threads), **self.app_env()}
 
     def restart_function(self, name: str, env: Mapping[str, str] | None = None) -> None:
         """Restart one function with extra environment (tests switch modes this way)."""
@@ -498,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.data_dir).resolve(),
         ports=ports,
         database_url=os.environ.get("DATABASE_URL") or None,
-        workers=int(os.environ.get("WORKERS", "1")),
-        threads=int(os.environ.get("THREADS", "8")),
+        workers=int(os.environ["WORKERS"]) if os.environ.get("WORKERS") else None,
+        threads=int(os.environ["THREADS"]) if os.environ.get("THREADS") else None,
     )
     stopping = False
 
