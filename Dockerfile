@@ -92,7 +92,9 @@ COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
 COPY alembic.ini ./
 COPY migrations ./migrations
-ENV APP_DIR=/app PORT=8080 HOME=/tmp
+# FFMPEG_BINARY: only upload_record's image has ffmpeg (below); naming it here spares the other
+# two a PATH search (and pydub's "Couldn't find ffmpeg" warning) when settings load.
+ENV APP_DIR=/app PORT=8080 HOME=/tmp FFMPEG_BINARY=ffmpeg
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8080') + '/healthz', timeout=2)"]

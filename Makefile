@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PYTHON := .venv/bin/python
 
-.PHONY: help install tools lint test test-unit dev migrate clean-data
+.PHONY: help install tools lint test test-unit dev migrate clean-data up down test-compose image-report
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -35,3 +35,15 @@ migrate: install ## apply the database migrations to DATABASE_URL
 
 clean-data: ## delete the native stack's data (.data/): users, records and MP3s
 	rm -rf .data
+
+up: ## build the images and start the compose stack on http://127.0.0.1:$${PORT:-8080}; returns once healthy
+	docker compose up --build -d --wait
+
+down: ## stop the compose stack; its data (named volumes) is kept
+	docker compose down
+
+test-compose: install tools ## the compose tier on a real Docker engine (docker-sandbox when present)
+	$(UV) run --frozen pytest -m compose tests/compose -v -s
+
+image-report: install ## each function image's size and docker-run-to-first-200 time (stack up)
+	$(PYTHON) scripts/image_report.py --project $${COMPOSE_PROJECT_NAME:-record-service}

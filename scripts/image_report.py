@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 FUNCTIONS = ("create_user", "upload_record", "get_record")
@@ -50,26 +51,27 @@ class ImageReport:
         return self.size_bytes <= MAX_IMAGE_BYTES and self.best_start < MAX_START_SECONDS
 
 
-def docker(*args: str, check: bool = True) -> str:
-    result = subprocess.run(["docker", *args], capture_output=True, text=True, check=False)
+def docker(*args: str, check: bool = True, env: Mapping[str, str] | None = None) -> str:
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, check=False, env=env)
     if check and result.returncode != 0:
         raise RuntimeError(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout.strip()
 
 
-def service_container(project: str, service: str) -> str:
+def service_container(project: str, service: str, env: Mapping[str, str] | None = None) -> str:
     ids = docker(
         "ps", "-q",
         "--filter", f"label=com.docker.compose.project={project}",
         "--filter", f"label=com.docker.compose.service={service}",
+        env=env,
     ).split()  # fmt: skip
     if not ids:
         raise RuntimeError(f"no running {service} container in compose project {project!r}")
     return ids[0]
 
 
-def image_size(image: str) -> int:
-    return int(docker("image", "inspect", "--format", "{{.Size}}", image))
+def image_size(image: str, env: Mapping[str, str] | None = None) -> int:
+    return int(docker("image", "inspect", "--format", "{{.Size}}", image, env=env))
 
 
 def free_port() -> int:
@@ -79,20 +81,22 @@ def free_port() -> int:
         return port
 
 
-def time_to_first_200(template_container: str, timeout: float = 30.0) -> float:
+def time_to_first_200(
+    template_container: str, timeout: float = 30.0, env: Mapping[str, str] | None = None
+) -> float:
     """Run the template container's image with its network and env; seconds until /healthz 200."""
-    info = json.loads(docker("inspect", template_container))[0]
+    info = json.loads(docker("inspect", template_container, env=env))[0]
     image = info["Config"]["Image"]
-    env = [e for e in info["Config"]["Env"] if not e.startswith(("PATH=", "HOSTNAME="))]
+    variables = [e for e in info["Config"]["Env"] if not e.startswith(("PATH=", "HOSTNAME="))]
     network = next(iter(info["NetworkSettings"]["Networks"]))
     port = free_port()
     argv = ["run", "-d", "--rm", "--network", network, "--read-only", "--tmpfs", "/tmp"]  # noqa: S108 - in the container
     argv += ["-p", f"127.0.0.1:{port}:8080"]
-    for item in env:
+    for item in variables:
         argv += ["-e", item]
     url = f"http://127.0.0.1:{port}/healthz"
     started = time.monotonic()
-    container = docker(*argv, image)
+    container = docker(*argv, image, env=env)
     try:
         while True:
             elapsed = time.monotonic() - started
@@ -106,16 +110,17 @@ def time_to_first_200(template_container: str, timeout: float = 30.0) -> float:
                 pass
             time.sleep(0.02)
     finally:
-        docker("rm", "-f", container, check=False)
+        docker("rm", "-f", container, check=False, env=env)
 
 
-def report(project: str, runs: int) -> list[ImageReport]:
+def report(project: str, runs: int, env: Mapping[str, str] | None = None) -> list[ImageReport]:
+    """Measure every function image; ``env`` is the environment for ``docker`` (DOCKER_HOST ...)."""
     reports = []
     for function in FUNCTIONS:
-        template = service_container(project, function)
-        image = json.loads(docker("inspect", template))[0]["Config"]["Image"]
-        starts = [round(time_to_first_200(template), 3) for _ in range(runs)]
-        reports.append(ImageReport(function, image, image_size(image), starts))
+        template = service_container(project, function, env)
+        image = json.loads(docker("inspect", template, env=env))[0]["Config"]["Image"]
+        starts = [round(time_to_first_200(template, env=env), 3) for _ in range(runs)]
+        reports.append(ImageReport(function, image, image_size(image, env), starts))
     return reports
 
 

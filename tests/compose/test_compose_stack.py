@@ -1,0 +1,256 @@
+"""docker-compose.yml end to end, in the order a user lives it (the tests share one stack).
+
+1. build every image from ./Dockerfile and ``up --build --wait``; the images meet their
+   size and start-up targets;
+2. the end-to-end path through the router on the published port, in both download modes;
+3. ``down`` (volumes kept) + ``up``: users, records and MP3s are all still there; then
+   ``restart postgres`` alone: the same;
+4. ``up --scale upload_record=3``: uploads spread over the three replicas (their logs say
+   which stored what) and all succeed;
+5. ``down -v`` leaves nothing of the project behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+import wavgen
+from common.conversion import mp3_sample_rate
+
+from .conftest import ROOT, Compose
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import image_report
+
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]
+
+FUNCTIONS = ("create_user", "upload_record", "get_record")
+# (bits, channels, rate, tag, extensible): the formats users send, each through ffmpeg in the image
+WAVS = [
+    (16, 2, 44100, wavgen.PCM, False),
+    (8, 1, 8000, wavgen.PCM, False),
+    (24, 1, 96000, wavgen.PCM, False),
+    (32, 6, 48000, wavgen.FLOAT, True),
+]
+
+
+def ffprobe(data: bytes) -> dict[str, str]:
+    """codec, rate, channels and duration of an MP3 (from a file: a pipe has no duration)."""
+    binary = shutil.which("ffprobe")
+    assert binary, "ffprobe is needed on the host (make tools installs it)"
+    with tempfile.NamedTemporaryFile(suffix=".mp3") as file:
+        file.write(data)
+        file.flush()
+        result = subprocess.run(
+            [binary, "-v", "error", "-of", "json",
+             "-show_entries", "stream=codec_name,sample_rate,channels:format=duration", file.name],
+            capture_output=True, check=True,
+        )  # fmt: skip
+    probed = json.loads(result.stdout)
+    stream: dict[str, str] = {k: str(v) for k, v in probed["streams"][0].items()}
+    stream["duration"] = str(probed["format"]["duration"])
+    return stream
+
+
+def create_user(base_url: str, name: str) -> dict[str, str]:
+    response = requests.post(f"{base_url}/users", json={"name": name}, timeout=30)
+    assert response.status_code == 201, response.text
+    user: dict[str, str] = response.json()
+    return user
+
+
+def upload(base_url: str, user: dict[str, str], wav: bytes, filename: str) -> dict[str, str]:
+    response = requests.post(
+        f"{base_url}/records",
+        data={"user": user["id"], "token": user["token"]},
+        files={"file": (filename, wav, "audio/wav")},
+        timeout=120,
+    )
+    assert response.status_code == 201, response.text
+    record: dict[str, str] = response.json()
+    return record
+
+
+def download(url: str) -> bytes:
+    response = requests.get(url, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "audio/mpeg"
+    return response.content
+
+
+def verify_all_downloadable(compose: Compose) -> None:
+    """Every record made so far downloads byte for byte as before; its user still signs in."""
+    assert compose.created, "the earlier tests created nothing to check"
+    for item in compose.created:
+        assert hashlib.sha256(download(item["url"])).hexdigest() == item["sha256"], item["url"]
+    user = {"id": compose.created[0]["user"], "token": compose.created[0]["token"]}
+    record = upload(compose.base_url, user, wavgen.wav(seconds=0.3), "again.wav")
+    download(record["url"])
+
+
+def test_build_and_up(compose: Compose) -> None:
+    started = time.monotonic()
+    compose.run("up", "--build", "-d", "--wait", "--wait-timeout", "600")
+    print(f"\n[compose] build + up --wait: {time.monotonic() - started:.1f} s")
+    for service in ("postgres", "storage", *FUNCTIONS, "router"):
+        (container,) = compose.container_ids(service)
+        state = json.loads(compose.docker("inspect", container))[0]["State"]
+        assert state["Health"]["Status"] == "healthy", (service, state)
+    for one_shot in ("migrate", "bucket"):
+        ps = json.loads(compose.run("ps", "-a", "--format", "json", one_shot).stdout or "[]")
+        entries = ps if isinstance(ps, list) else [ps]
+        assert [e["ExitCode"] for e in entries] == [0], entries
+    compose.wait_healthy()
+
+
+def test_images_are_small_non_root_and_start_fast(compose: Compose) -> None:
+    for function in FUNCTIONS:
+        (container,) = compose.container_ids(function)
+        info = json.loads(compose.docker("inspect", container))[0]
+        config = info["Config"]
+        assert config["User"] == "10001:10001"
+        assert f"FUNCTION_TARGET={function}" in config["Env"]
+        assert config["Healthcheck"]["Test"][0] == "CMD"
+        assert info["HostConfig"]["ReadonlyRootfs"] is True
+        has_ffmpeg = compose.docker("exec", container, "sh", "-c", "command -v ffmpeg || true")
+        assert bool(has_ffmpeg.strip()) == (function == "upload_record"), function
+    reports = image_report.report(compose.project, runs=5, env=compose.env)
+    for r in reports:
+        print(
+            f"[image] {r.function}: {r.size_bytes / 1e6:.1f} MB, "
+            f"docker run -> first 200 in {r.best_start:.2f} s (runs: {r.start_seconds})"
+        )
+    for r in reports:
+        assert r.size_bytes <= image_report.MAX_IMAGE_BYTES, r
+        assert r.best_start < image_report.MAX_START_SECONDS, r
+
+
+@pytest.mark.parametrize(("bits", "channels", "rate", "tag", "extensible"), WAVS)
+def test_upload_and_download_through_the_router(
+    compose: Compose, bits: int, channels: int, rate: int, tag: int, extensible: bool
+) -> None:
+    user = create_user(compose.base_url, f"compose {bits}-bit {channels}ch {rate} Hz")
+    wav = wavgen.wav(
+        seconds=1.5, channels=channels, rate=rate, bits=bits, tag=tag, extensible=extensible
+    )
+    record = upload(compose.base_url, user, wav, f"take-{bits}-{channels}-{rate}.wav")
+    assert record["url"].startswith(f"{compose.base_url}/record?id={record['id']}")
+    mp3 = download(record["url"])
+    assert len(mp3) == int(record["size_bytes"])
+    probed = ffprobe(mp3)
+    assert probed["codec_name"] == "mp3"
+    assert int(probed["sample_rate"]) == mp3_sample_rate(rate) == int(record["sample_rate"])
+    assert int(probed["channels"]) == min(channels, 2)
+    assert float(record["duration_seconds"]) == 1.5
+    assert abs(float(probed["duration"]) - 1.5) < 0.25  # + encoder delay/padding frames
+    compose.created.append(
+        {
+            "url": record["url"],
+            "sha256": hashlib.sha256(mp3).hexdigest(),
+            "user": user["id"],
+            "token": user["token"],
+        }
+    )
+
+
+def test_redirect_mode_presigns_for_the_host(compose: Compose) -> None:
+    item = compose.created[0]
+    expected = f"127.0.0.1:{compose.storage_port}"
+    compose.run("up", "-d", "--wait", "get_record", extra_env={"DOWNLOAD_MODE": "redirect"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the router follows get_record's new address within a few seconds
+            response = requests.get(item["url"], allow_redirects=False, timeout=30)
+            if response.status_code == 307 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert response.status_code == 307, response.text
+        location = response.headers["Location"]
+        assert urlsplit(location).netloc == expected, location
+        assert "X-Amz-Signature=" in location
+        mp3 = requests.get(location, timeout=30)  # straight from SeaweedFS's published port
+        assert mp3.status_code == 200, mp3.text
+        assert hashlib.sha256(mp3.content).hexdigest() == item["sha256"]
+        assert ffprobe(mp3.content)["codec_name"] == "mp3"
+    finally:
+        compose.run("up", "-d", "--wait", "get_record")
+    deadline = time.monotonic() + 60
+    while requests.get(item["url"], allow_redirects=False, timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "get_record did not return to stream mode"
+        time.sleep(0.5)
+
+
+def test_down_and_up_keeps_users_records_and_mp3s(compose: Compose) -> None:
+    compose.run("down")
+    assert compose.resources()["containers"] == []
+    assert len(compose.resources()["volumes"]) == 2  # postgres-data and storage-data survive
+    compose.run("up", "-d", "--wait", "--wait-timeout", "300")
+    compose.wait_healthy()
+    verify_all_downloadable(compose)
+
+
+def test_restart_of_postgres_alone_keeps_everything(compose: Compose) -> None:
+    (before,) = compose.container_ids("postgres")
+    compose.run("restart", "postgres")
+    (after,) = compose.container_ids("postgres")
+    assert before == after  # restarted, not recreated
+    compose.wait_healthy()
+    verify_all_downloadable(compose)
+
+
+def test_scaled_uploads_spread_over_three_replicas(compose: Compose) -> None:
+    compose.run("up", "-d", "--wait", "--scale", "upload_record=3")
+    replicas = compose.container_ids("upload_record")
+    assert len(replicas) == 3
+    networks = [
+        json.loads(compose.docker("inspect", c))[0]["NetworkSettings"]["Networks"] for c in replicas
+    ]
+    addresses = sorted(next(iter(n.values()))["IPAddress"] for n in networks)
+    # The router reloads once it sees all three addresses behind the name upload_record.
+    (router,) = compose.container_ids("router")
+    deadline = time.monotonic() + 60
+    while True:
+        reloads = re.findall(r"upload_record=([0-9.,]+)", compose.logs_of(router))
+        if reloads and sorted(filter(None, reloads[-1].split(","))) == addresses:
+            break
+        assert time.monotonic() < deadline, f"router never saw {addresses}: {reloads}"
+        time.sleep(0.5)
+
+    user = create_user(compose.base_url, "scale")
+    wav = wavgen.wav(seconds=0.5)
+    ids = [upload(compose.base_url, user, wav, f"scaled-{i}.wav")["id"] for i in range(9)]
+    stored = {c: {i for i in ids if i in compose.logs_of(c)} for c in replicas}
+    for container, records in stored.items():
+        print(f"[scale] replica {container[:12]} stored {len(records)} of {len(ids)} uploads")
+    assert set().union(*stored.values()) == set(ids)
+    assert all(stored.values()), f"a replica got no upload: {stored}"
+    for record_id in ids:
+        download(f"{compose.base_url}/record?id={record_id}&user={user['id']}")
+
+
+def test_down_v_leaves_nothing(compose: Compose) -> None:
+    compose.run("down", "-v", "--remove-orphans")
+    assert compose.resources() == {"containers": [], "volumes": [], "networks": []}
+
+
+def test_compose_file_is_the_one_users_run() -> None:
+    """CI swaps images through the four variables only: no override file, no other images."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for variable, default in (
+        ("POSTGRES_IMAGE", "postgres:"),
+        ("STORAGE_IMAGE", "chrislusf/seaweedfs:4.48"),
+        ("NGINX_IMAGE", "nginx:"),
+        ("PYTHON_IMAGE", "python:3.11-slim-bookworm"),
+    ):
+        assert f"${{{variable}:-{default}" in text, variable
+    assert not [*ROOT.glob("docker-compose.*.y*ml"), *ROOT.glob("compose*.y*ml")]
