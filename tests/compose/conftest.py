@@ -49,7 +49,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 
+_unavailable: list[str] = []  # the first reason, so later tests do not start the engine again
+
+
 def unavailable(reason: str) -> None:
+    if not _unavailable:
+        _unavailable.append(reason)
     if os.environ.get("CI"):
         pytest.fail(f"compose tests must run in CI, but: {reason}", pytrace=False)
     pytest.skip(reason)
@@ -75,6 +80,8 @@ def _tail(text: str, lines: int = 30) -> str:
 @pytest.fixture(scope="session")
 def docker_env() -> dict[str, str]:
     """The environment for ``docker``: a running engine, Compose v2, the image variables."""
+    if _unavailable:
+        unavailable(_unavailable[0])
     env = {k: v for k, v in os.environ.items() if k not in STACK_VARIABLES}
     if (SANDBOX / "engine-up").exists():
         if os.geteuid() != 0:
