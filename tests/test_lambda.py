@@ -6,9 +6,7 @@ Interface Client, started by the container entry point, serving an event from a 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -22,10 +20,11 @@ import requests
 import wavgen
 from common.aws_lambda import LambdaHandler, make_handler
 from common.runtime import Services, set_services
-from common.settings import DownloadMode, Settings
+from common.settings import DownloadMode
 from conftest import ROOT, Client
 from devstack import NativeStack
 from lambda_events import event, multipart, parse_response
+from stack_clients import build_services
 
 from common import entrypoint
 
@@ -34,23 +33,6 @@ pytestmark = pytest.mark.integration
 FUNCTION_URL_HOST = "abcdefghijklmnopqrstuvwxyz012345.lambda-url.us-east-1.on.aws"
 HTTP_API_HOST = "a1b2c3d4e5.execute-api.us-east-1.amazonaws.com"
 RECORD_FIELDS = ("duration_seconds", "size_bytes", "bitrate_kbps", "sample_rate", "channels")
-
-
-def build_services(stack: NativeStack, **overrides: Any) -> Services:
-    """Clients for the stack's servers; the S3 credentials come from the stack's environment."""
-    env = stack.app_env()
-    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: env[k] for k in keys})
-    try:
-        settings = dataclasses.replace(Settings.from_env(env), **overrides)
-        return Services.from_settings(settings)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,22 @@
-"""upload_record: POST /records (user, token, WAV file) -> 201 with the MP3's download URL."""
+"""upload_record: the WAV uploads, each answered 201 with the MP3's download URL.
+
+* POST /records (user, token, WAV file): the WAV in the request body, converted as it arrives.
+* POST /records/uploads: a presigned POST to send a large WAV straight to the bucket.
+* POST /records/uploads/<id>/complete: convert that uploaded WAV (see common.direct_upload).
+"""
 
 from __future__ import annotations
 
 import flask
 import functions_framework
 from common.auth import bearer_token
+from common.direct_upload import (
+    UPLOADS_PATH,
+    authenticated_user,
+    complete_upload,
+    completion_target,
+    start_upload,
+)
 from common.http import (
     check_content_length,
     function_handler,
@@ -14,8 +26,9 @@ from common.http import (
     public_base_url,
     require_method,
 )
+from common.record_response import record_created_response
 from common.records import create_record
-from common.runtime import get_services
+from common.runtime import Services, get_services
 from common.upload_form import RequestBody, read_upload
 from common.users import authenticate
 
@@ -27,6 +40,11 @@ def upload_record(request: flask.Request) -> flask.Response:
     if is_health_check(request):
         return health_response(services)
     require_method(request, "POST")
+    if request.path.rstrip("/") == UPLOADS_PATH:
+        return presign_upload(request, services)
+    upload_id = completion_target(request.path)
+    if upload_id is not None:
+        return complete(request, services, upload_id)
     settings = services.settings
     check_content_length(request, settings.max_upload_bytes)
     body = RequestBody(request.stream, settings.max_upload_bytes)
@@ -43,18 +61,21 @@ def upload_record(request: flask.Request) -> flask.Response:
         audio=upload.chunks,
         filename=upload.filename,
     )
-    url = f"{public_base_url(request, settings)}/record?id={record.id}&user={record.user_id}"
-    return json_response(
-        {
-            "id": str(record.id),
-            "url": url,
-            "duration_seconds": record.duration_seconds,
-            "size_bytes": record.size_bytes,
-            "bitrate_kbps": record.bitrate_kbps,
-            "sample_rate": record.sample_rate,
-            "channels": record.channels,
-            "filename": record.filename,
-        },
-        status=201,
-        headers={"Location": url},
+    return record_created_response(request, settings, record)
+
+
+def presign_upload(request: flask.Request, services: Services) -> flask.Response:
+    user_id, fields = authenticated_user(services.db, request)
+    upload = start_upload(
+        services.storage, services.settings, user_id=user_id, filename=fields.get("filename")
     )
+    body = upload.to_json(public_base_url(request, services.settings))
+    return json_response(body, status=201, headers={"Cache-Control": "no-store"})
+
+
+def complete(request: flask.Request, services: Services, upload_id: str) -> flask.Response:
+    user_id, _ = authenticated_user(services.db, request)
+    record = complete_upload(
+        services.db, services.storage, services.settings, user_id=user_id, raw_upload_id=upload_id
+    )
+    return record_created_response(request, services.settings, record)

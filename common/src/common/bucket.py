@@ -1,7 +1,8 @@
 """Bucket setup, run once before the functions start: ``python -m common.bucket``.
 
-Creates the bucket if it is missing and installs the lifecycle rule that removes multipart
-uploads a crashed conversion left incomplete. Safe to run again.
+Creates the bucket if it is missing and installs the lifecycle rules: one removes multipart
+uploads a crashed conversion left incomplete, the other expires direct uploads
+(``uploads/``, see :mod:`common.direct_upload`) that were never completed. Safe to run again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from common.storage import make_s3_client
 log = logging.getLogger("common.bucket")
 
 ABORT_INCOMPLETE_AFTER_DAYS = 1
+PENDING_UPLOAD_PREFIX = "uploads/"  # common.direct_upload.PENDING_PREFIX
+EXPIRE_PENDING_UPLOADS_AFTER_DAYS = 1
 
 
 def ensure_bucket(attempts: int = 30) -> None:
@@ -52,7 +55,13 @@ def ensure_bucket(attempts: int = 30) -> None:
                         "AbortIncompleteMultipartUpload": {
                             "DaysAfterInitiation": ABORT_INCOMPLETE_AFTER_DAYS
                         },
-                    }
+                    },
+                    {
+                        "ID": "expire-abandoned-direct-uploads",
+                        "Status": "Enabled",
+                        "Filter": {"Prefix": PENDING_UPLOAD_PREFIX},
+                        "Expiration": {"Days": EXPIRE_PENDING_UPLOADS_AFTER_DAYS},
+                    },
                 ]
             },
         )

@@ -32,7 +32,7 @@ def get_services() -> Services:
         with _lock:
             if _services is None:
                 settings = get_settings()
-                configure_logging(settings.log_level)
+                configure_logging(settings.log_level, project=settings.google_cloud_project)
                 _services = Services.from_settings(settings)
     return _services
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_DATABASE_URL = "postgresql+pg8000://records:records@127.0.0.1:55432/records"
 MIB = 1024 * 1024
@@ -54,6 +54,8 @@ class Settings:
     public_base_url: str | None
     retry_after_seconds: int
     log_level: str
+    max_direct_upload_bytes: int = 4 * 1024 * MIB
+    google_cloud_project: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -80,6 +82,10 @@ class Settings:
             public_base_url=_optional_url(e, "PUBLIC_BASE_URL"),
             retry_after_seconds=_int(e, "RETRY_AFTER_SECONDS", 5, minimum=1),
             log_level=(e.get("LOG_LEVEL", "INFO") or "INFO").upper(),
+            max_direct_upload_bytes=_int(
+                e, "MAX_DIRECT_UPLOAD_BYTES", 4 * 1024 * MIB, minimum=1024
+            ),
+            google_cloud_project=e.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
         )
         if settings.mp3_bitrate_kbps not in MP3_BITRATES:
             raise SettingsError(
@@ -97,13 +103,33 @@ def get_settings() -> Settings:
 
 
 def normalise_database_url(url: str) -> str:
-    """Point plain ``postgres://`` / ``postgresql://`` URLs at the pg8000 driver."""
+    """Point plain ``postgres://`` / ``postgresql://`` URLs at the pg8000 driver.
+
+    A unix socket (Cloud SQL on Cloud Run mounts ``/cloudsql/PROJECT:REGION:INSTANCE``) is
+    given as pg8000's ``?unix_sock=/cloudsql/.../.s.PGSQL.5432``; libpq's spelling,
+    ``?host=/cloudsql/...`` (a directory), is translated to it.
+    """
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
-            return "postgresql+pg8000://" + url[len(prefix) :]
+            url = "postgresql+pg8000://" + url[len(prefix) :]
+            break
     if not url.startswith("postgresql+pg8000://"):
         raise SettingsError("DATABASE_URL must be a postgresql:// URL")
-    return url
+    return _libpq_socket_to_pg8000(url)
+
+
+def _libpq_socket_to_pg8000(url: str) -> str:
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    hosts = [value for key, value in query if key == "host"]
+    if not hosts or not hosts[0].startswith("/"):
+        return url
+    if any(key == "unix_sock" for key, _ in query):
+        raise SettingsError("DATABASE_URL: give either ?host=/dir or ?unix_sock=/path, not both")
+    port = parts.port or 5432
+    sock = f"{hosts[0].rstrip('/')}/.s.PGSQL.{port}"
+    rest = [(key, value) for key, value in query if key != "host"]
+    return urlunsplit(parts._replace(query=urlencode([*rest, ("unix_sock", sock)], safe="/:")))
 
 
 def _discover_ffmpeg() -> str:
