@@ -66,6 +66,7 @@ def _run(
     return subprocess.run(
         [str(a) for a in argv],
         env=env,
+        cwd=ROOT,  # docker-compose.yml and .env are found here, as for a user
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -152,6 +153,17 @@ class Compose:
                 pytrace=False,
             )
         return result
+
+    def make(self, target: str, timeout: float = 900) -> None:
+        """A Makefile target (make up / make down), with this project's environment."""
+        result = _run(["make", "--no-print-directory", target], self.env, timeout=timeout)
+        if result.returncode != 0:
+            logs = _run(["docker", "compose", "logs", "--tail", "40"], self.env, timeout=120)
+            pytest.fail(
+                f"make {target} failed (exit {result.returncode}):\n{_tail(result.stderr, 40)}\n"
+                f"--- logs ---\n{_tail(logs.stdout, 120)}",
+                pytrace=False,
+            )
 
     def docker(self, *args: str, timeout: float = 120) -> str:
         result = _run(["docker", *args], self.env, timeout=timeout)

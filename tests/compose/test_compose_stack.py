@@ -22,6 +22,7 @@ import tempfile
 import time
 from urllib.parse import urlsplit
 
+import pg8000.native
 import pytest
 import requests
 import wavgen
@@ -100,8 +101,8 @@ def verify_all_downloadable(compose: Compose) -> None:
 
 def test_build_and_up(compose: Compose) -> None:
     started = time.monotonic()
-    compose.run("up", "--build", "-d", "--wait", "--wait-timeout", "600")
-    print(f"\n[compose] build + up --wait: {time.monotonic() - started:.1f} s")
+    compose.make("up")  # docker compose up --build -d --wait
+    print(f"\n[compose] make up (build + up --wait): {time.monotonic() - started:.1f} s")
     for service in ("postgres", "storage", *FUNCTIONS, "router"):
         (container,) = compose.container_ids(service)
         state = json.loads(compose.docker("inspect", container))[0]["State"]
@@ -163,6 +164,29 @@ def test_upload_and_download_through_the_router(
     )
 
 
+def test_database_is_reachable_as_the_readme_says(compose: Compose) -> None:
+    """Host 127.0.0.1, the published port, user/database/password from .env (local only)."""
+    settings = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    connection = pg8000.native.Connection(
+        settings["POSTGRES_USER"],
+        password=settings["POSTGRES_PASSWORD"],
+        database=settings["POSTGRES_DB"],
+        host="127.0.0.1",
+        port=compose.postgres_port,
+        timeout=10,
+    )
+    try:
+        ((users,),) = connection.run("SELECT count(*) FROM users")
+        ((records,),) = connection.run("SELECT count(*) FROM records")
+    finally:
+        connection.close()
+    assert users >= len(WAVS) and records >= len(WAVS)
+
+
 def test_redirect_mode_presigns_for_the_host(compose: Compose) -> None:
     item = compose.created[0]
     expected = f"127.0.0.1:{compose.storage_port}"
@@ -191,7 +215,7 @@ def test_redirect_mode_presigns_for_the_host(compose: Compose) -> None:
 
 
 def test_down_and_up_keeps_users_records_and_mp3s(compose: Compose) -> None:
-    compose.run("down")
+    compose.make("down")  # docker compose down: volumes kept
     assert compose.resources()["containers"] == []
     assert len(compose.resources()["volumes"]) == 2  # postgres-data and storage-data survive
     compose.run("up", "-d", "--wait", "--wait-timeout", "300")
