@@ -36,6 +36,7 @@ def event(
     headers: dict[str, str] | None = None,
     drop_headers: tuple[str, ...] = (),
     body: bytes | str | None = None,
+    path_parameters: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     ev = copy.deepcopy(_fixture(name))
     http = ev["requestContext"]["http"]
@@ -44,8 +45,12 @@ def event(
         http["path"] = path
     if method is not None:
         http["method"] = method
-    if ev["routeKey"] != "$default":  # an HTTP API route: "METHOD /path"
-        ev["routeKey"] = ev["requestContext"]["routeKey"] = f"{http['method']} {ev['rawPath']}"
+    if ev["routeKey"] != "$default":  # an HTTP API route: "METHOD /path" or a path template
+        template = ev["routeKey"].split(" ", 1)[1]
+        route = template if "{" in template else ev["rawPath"]
+        ev["routeKey"] = ev["requestContext"]["routeKey"] = f"{http['method']} {route}"
+    if path_parameters is not None:
+        ev["pathParameters"] = dict(path_parameters)
     if query is not None:
         ev["rawQueryString"] = urlencode(query)
         if query:

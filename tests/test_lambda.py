@@ -258,6 +258,62 @@ def test_get_record_redirect_mode_for_response_caps(
     assert fetched.content == direct
 
 
+def test_direct_upload_through_lambda_events(invoke: Any, client: Client) -> None:
+    """Presign with an HTTP API event, send the WAV to the bucket, complete with another."""
+    user = client.create_user("Zoe")
+    wav = wavgen.wav(seconds=1.0)
+    started = invoke(
+        "upload_record",
+        event(
+            "http_api_post_json_base64.json",
+            path="/records/uploads",
+            headers={"authorization": f"Bearer {user['token']}"},
+            body=json.dumps({"user": user["id"], "filename": "zoe.wav"}),
+        ),
+    )
+    assert started.status == 201, started.body
+    upload = started.json()
+    assert upload["complete_url"] == (
+        f"https://{HTTP_API_HOST}/records/uploads/{upload['id']}/complete"
+    )
+    post = upload["upload"]
+    sent = requests.post(
+        post["url"], data=post["fields"], files={"file": ("zoe.wav", wav)}, timeout=60
+    )
+    assert sent.status_code in (200, 201, 204), sent.text
+    path = f"/records/uploads/{upload['id']}/complete"
+    done = invoke(
+        "upload_record",
+        event(
+            "http_api_post_complete_upload.json",
+            path=path,
+            path_parameters={"id": upload["id"]},
+            query={"user": user["id"]},
+            headers={"authorization": f"Bearer {user['token']}"},
+        ),
+    )
+    assert done.status == 201, done.body
+    record = done.json()
+    assert record["filename"] == "zoe.mp3"
+    assert record["url"].startswith(f"https://{HTTP_API_HOST}/record?id=")
+    over_http = client.upload(user, wav).json()
+    for key in RECORD_FIELDS:
+        assert record[key] == over_http[key], key
+    # Someone else's completion call: not found, as over HTTP.
+    other = client.create_user("Yan")
+    theirs = invoke(
+        "upload_record",
+        event(
+            "http_api_post_complete_upload.json",
+            path=path,
+            path_parameters={"id": upload["id"]},
+            query={"user": other["id"]},
+            headers={"authorization": f"Bearer {other['token']}"},
+        ),
+    )
+    assert theirs.status == 404
+
+
 def test_health_check_through_lambda(invoke: Any) -> None:
     response = invoke("get_record", event("function_url_get_query.json", path="/healthz", query={}))
     assert response.status == 200
