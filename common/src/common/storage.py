@@ -9,7 +9,9 @@ store becomes :class:`DependencyUnavailable` (503 with Retry-After).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MP3_CONTENT_TYPE = "audio/mpeg"
-DOWNLOAD_CHUNK = 64 * 1024
+DOWNLOAD_CHUNK = 256 * 1024
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
@@ -53,7 +55,7 @@ def make_s3_client(settings: Settings, *, public: bool = False) -> S3Client:
         s3={"addressing_style": "path"} if endpoint else {},
         tcp_keepalive=True,
     )
-    client: S3Client = boto3.session.Session().client(
+    client: S3Client = _boto_session().client(
         "s3",
         endpoint_url=endpoint,
         config=config,
@@ -62,6 +64,24 @@ def make_s3_client(settings: Settings, *, public: bool = False) -> S3Client:
         aws_session_token=settings.aws_session_token,
     )
     return client
+
+
+_session_lock = threading.Lock()
+_session: boto3.session.Session | None = None
+
+
+def _boto_session() -> boto3.session.Session:
+    """One session per process: its clients share the loaded S3 model (~12 MiB each else)."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            _session = boto3.session.Session()
+        return _session
+
+
+def _same_endpoint(settings: Settings) -> bool:
+    public = settings.s3_public_endpoint_url
+    return not public or public == settings.s3_endpoint_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,22 +119,43 @@ class Storage:
         *,
         part_size: int,
         retry_after: int = 5,
-        presign_client: S3Client | None = None,
+        presign_client: S3Client | Callable[[], S3Client] | None = None,
     ) -> None:
         self.client = client
         self.bucket = bucket
         self.part_size = part_size
         self.retry_after = retry_after
-        self.presign_client = presign_client or client
+        self._presign_client: S3Client | None = None
+        self._presign_factory: Callable[[], S3Client] | None = None
+        if presign_client is None or hasattr(presign_client, "generate_presigned_url"):
+            self._presign_client = presign_client or client  # type: ignore[assignment]
+        else:
+            self._presign_factory = presign_client
+        self._presign_lock = threading.Lock()
+
+    @property
+    def presign_client(self) -> S3Client:
+        """The client that signs URLs for outside callers; made on first use."""
+        with self._presign_lock:
+            if self._presign_client is None:
+                assert self._presign_factory is not None
+                self._presign_client = self._presign_factory()
+            return self._presign_client
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Storage:
+        client = make_s3_client(settings)
         return cls(
-            make_s3_client(settings),
+            client,
             settings.s3_bucket,
             part_size=settings.s3_part_size_bytes,
             retry_after=settings.retry_after_seconds,
-            presign_client=make_s3_client(settings, public=True),
+            # A second client only when URLs must name another endpoint, and only once needed.
+            presign_client=(
+                client
+                if _same_endpoint(settings)
+                else lambda: make_s3_client(settings, public=True)
+            ),
         )
 
     @contextmanager
@@ -170,8 +211,10 @@ class Storage:
 class ObjectWriter:
     """Writes one object as it is produced: a multipart upload once a part fills up.
 
+    Parts are uploaded by a background thread while the next one fills, so the producer (the
+    encoder's output pump) never waits for the store unless a whole part is still in flight
+    when the next is full. Memory: at most one part filling and one in flight.
     Nothing is visible in the bucket until :meth:`complete`; :meth:`abort` discards it all.
-    Holds at most one part in memory.
     """
 
     def __init__(self, storage: Storage, key: str, content_type: str) -> None:
@@ -181,34 +224,82 @@ class ObjectWriter:
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[CompletedPartTypeDef] = []
+        self._next_part = 1
         self._size = 0
         self.completed = False
+        self._queue: queue.SimpleQueue[tuple[int, bytearray] | None] = queue.SimpleQueue()
+        self._in_flight = threading.Semaphore(1)
+        self._uploader: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     @property
     def _client(self) -> S3Client:
         return self.storage.client
 
     def write(self, data: bytes) -> None:
-        self._buffer += data
+        self._raise_upload_error()
         self._size += len(data)
-        while len(self._buffer) >= self.storage.part_size:
-            part = bytes(self._buffer[: self.storage.part_size])
-            del self._buffer[: self.storage.part_size]
-            self._upload_part(part)
+        part_size = self.storage.part_size
+        with memoryview(data) as view:
+            while view:
+                room = part_size - len(self._buffer)
+                self._buffer += view[:room]
+                view = view[room:]
+                if len(self._buffer) == part_size:
+                    # The full buffer itself is handed over (no copy); a new one fills.
+                    part, self._buffer = self._buffer, bytearray()
+                    self._submit(part)
 
-    def _upload_part(self, data: bytes) -> None:
-        bucket = self.storage.bucket
-        with self.storage.translate_errors():
-            if self._upload_id is None:
+    def _submit(self, part: bytearray) -> None:
+        if self._upload_id is None:
+            with self.storage.translate_errors():
                 created = self._client.create_multipart_upload(
-                    Bucket=bucket, Key=self.key, ContentType=self.content_type
+                    Bucket=self.storage.bucket, Key=self.key, ContentType=self.content_type
                 )
-                self._upload_id = created["UploadId"]
-            number = len(self._parts) + 1
+            self._upload_id = created["UploadId"]
+        if self._uploader is None:
+            self._uploader = threading.Thread(
+                target=self._upload_parts, name="part-uploader", daemon=True
+            )
+            self._uploader.start()
+        self._in_flight.acquire()  # the previous part has been sent: bounded memory
+        self._raise_upload_error()
+        self._queue.put((self._next_part, part))
+        self._next_part += 1
+
+    def _upload_parts(self) -> None:
+        while (item := self._queue.get()) is not None:
+            number, data = item
+            try:
+                if self._error is None:
+                    self._upload_part(number, data)
+            except BaseException as exc:  # re-raised in the producer's thread
+                self._error = exc
+            finally:
+                del data, item
+                self._in_flight.release()
+
+    def _upload_part(self, number: int, data: bytearray) -> None:
+        assert self._upload_id is not None
+        with self.storage.translate_errors():
             response = self._client.upload_part(
-                Bucket=bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=data
+                Bucket=self.storage.bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=data,  # type: ignore[arg-type]  # botocore takes bytearray as bytes
             )
         self._parts.append({"ETag": response["ETag"], "PartNumber": number})
+
+    def _finish_uploads(self) -> None:
+        if self._uploader is not None:
+            self._queue.put(None)
+            self._uploader.join()
+            self._uploader = None
+
+    def _raise_upload_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def complete(self) -> StoredObject:
         bucket = self.storage.bucket
@@ -221,14 +312,18 @@ class ObjectWriter:
             etag = put["ETag"]
         else:
             if self._buffer:
-                self._upload_part(bytes(self._buffer))
+                part, self._buffer = self._buffer, bytearray()
+                self._submit(part)
+            self._finish_uploads()
+            self._raise_upload_error()
             assert self._upload_id is not None
+            parts = sorted(self._parts, key=lambda part: part["PartNumber"])
             with self.storage.translate_errors():
                 done = self._client.complete_multipart_upload(
                     Bucket=bucket,
                     Key=self.key,
                     UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts},
+                    MultipartUpload={"Parts": parts},
                 )
             etag = done["ETag"]
         self._buffer.clear()
@@ -238,6 +333,7 @@ class ObjectWriter:
     def abort(self) -> None:
         """Discard everything written; best effort (the bucket lifecycle rule is the backstop)."""
         self._buffer.clear()
+        self._finish_uploads()
         try:
             if self.completed:
                 self._client.delete_object(Bucket=self.storage.bucket, Key=self.key)

@@ -1,0 +1,48 @@
+"""glibc malloc settings for servers that stream large buffers from many threads.
+
+glibc's defaults suit neither: each thread that allocates may get its own arena (up to 8 per
+core), and after a large buffer is freed the mmap threshold rises to its size, so later
+multi-MiB buffers (request chunks, object-store parts) come from arenas that keep their pages.
+A worker's resident size then grows with every upload and never shrinks. Two arenas and a fixed
+128 KiB mmap threshold (large buffers are mapped and returned to the system when freed) keep it
+flat. A variable set in the environment (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``) is
+glibc's own and wins: that parameter is left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+ARENA_MAX = 2
+MMAP_THRESHOLD = 128 * 1024
+
+_tuned = False
+
+
+def tune_malloc() -> bool:
+    """Apply the settings once per process; False where the C library is not glibc."""
+    global _tuned
+    if _tuned:
+        return True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    if not os.environ.get("MALLOC_ARENA_MAX"):
+        mallopt(_M_ARENA_MAX, ARENA_MAX)
+    if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    # A forked server worker (gunicorn) shares its master's imported modules until it writes
+    # to them; a garbage collection writes to every object it visits. Objects that exist at
+    # fork time are moved out of the collector's reach, so those pages stay shared.
+    os.register_at_fork(before=gc.freeze)
+    _tuned = True
+    return True
