@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PYTHON := .venv/bin/python
 
-.PHONY: help install tools lint test test-unit dev migrate clean-data up down test-compose image-report deploy-aws deploy-gcp
+.PHONY: help install tools lint test test-unit dev migrate clean-data up down test-compose image-report bench bench-smoke deploy-aws deploy-gcp
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -47,6 +47,12 @@ test-compose: install tools ## the compose tier on a real Docker engine (docker-
 
 image-report: install ## each function image's size and docker-run-to-first-200 time (stack up)
 	$(PYTHON) scripts/image_report.py --project $${COMPOSE_PROJECT_NAME:-record-service}
+
+bench: install tools ## performance figures on the native stack (minutes); writes bench/results.md
+	$(PYTHON) scripts/bench.py $(if $(SMOKE),--smoke,)
+
+bench-smoke: install tools ## the benchmark with tiny sizes (under a minute): proves it still runs
+	$(PYTHON) scripts/bench.py --smoke
 
 deploy-aws: install ## build, push to ECR, deploy infra/aws/template.yaml, migrate (README: Deploy to AWS Lambda)
 	bash scripts/deploy_aws.sh
