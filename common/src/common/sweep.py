@@ -1,0 +1,115 @@
+"""Cleanup of what a crash left behind: ``python -m common.sweep`` (``make sweep``).
+
+An upload stores its MP3 first and its row second, and aborts the object when anything
+fails; only a process killed between the two steps (or in the middle of a multipart upload)
+can leave something behind. This sweep removes
+
+* record objects (``users/<user>/records/<record>.mp3``) that have no row, and
+* multipart uploads that were started and never completed or aborted,
+
+when they are older than a grace period (``SWEEP_GRACE_SECONDS``, default one hour: longer
+than any upload can take, so an upload in flight is never touched). The bucket's lifecycle
+rule (``common.bucket``) aborts stale multipart uploads too, on stores that support it.
+Safe to run at any time and repeatedly, e.g. from cron or a scheduled job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+
+from common.db import Database
+from common.logs import configure_logging
+from common.models import Record
+from common.runtime import Services
+from common.settings import get_settings
+
+log = logging.getLogger("common.sweep")
+
+DEFAULT_GRACE_SECONDS = 3600
+RECORD_KEY = re.compile(r"^users/[0-9a-f-]{36}/records/[0-9a-f-]{36}\.mp3$")
+RECORD_PREFIX = "users/"
+_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    orphans_deleted: list[str]
+    uploads_aborted: list[str]
+
+
+def _keys_with_rows(db: Database, keys: list[str]) -> set[str]:
+    with db.session() as session:
+        found = session.scalars(select(Record.object_key).where(Record.object_key.in_(keys)))
+        return set(found)
+
+
+def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None) -> SweepResult:
+    """Remove orphan record objects and stale multipart uploads older than the grace period."""
+    cutoff = (now or datetime.now(UTC)) - timedelta(seconds=grace_seconds)
+    storage = services.storage
+    client = storage.client
+    bucket = storage.bucket
+    deleted: list[str] = []
+    aborted: list[str] = []
+    with storage.translate_errors():
+        candidates: list[str] = []
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=RECORD_PREFIX
+        ):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if RECORD_KEY.match(key) and obj["LastModified"] < cutoff:
+                    candidates.append(key)
+        for start in range(0, len(candidates), _BATCH):
+            batch = candidates[start : start + _BATCH]
+            referenced = _keys_with_rows(services.db, batch)
+            for key in batch:
+                if key not in referenced:
+                    client.delete_object(Bucket=bucket, Key=key)
+                    deleted.append(key)
+                    log.info("deleted orphan object", extra={"key": key})
+        for uploads in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+            for upload in uploads.get("Uploads", []):
+                if upload["Initiated"] < cutoff:
+                    client.abort_multipart_upload(
+                        Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    aborted.append(upload["Key"])
+                    log.info("aborted stale multipart upload", extra={"key": upload["Key"]})
+    return SweepResult(orphans_deleted=deleted, uploads_aborted=aborted)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--grace-seconds",
+        type=int,
+        default=int(os.environ.get("SWEEP_GRACE_SECONDS") or DEFAULT_GRACE_SECONDS),
+        help="only touch what is older than this (default: $SWEEP_GRACE_SECONDS or 3600)",
+    )
+    args = parser.parse_args(argv)
+    if args.grace_seconds < 0:
+        parser.error("--grace-seconds must not be negative")
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    result = sweep(Services.from_settings(settings), args.grace_seconds)
+    log.info(
+        "sweep done",
+        extra={
+            "orphans_deleted": len(result.orphans_deleted),
+            "uploads_aborted": len(result.uploads_aborted),
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
