@@ -101,7 +101,9 @@ class Database:
             yield session
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
-        """Run one statement on its own (autocommit: one round trip); return its rows.
+        """Run one statement on its own (autocommitted: one round trip); return its rows.
+
+        Parameters are PostgreSQL's own ``$1``, ``$2`` ... placeholders.
 
         The lean path for the single-statement requests (create a user, look up a token or a
         record): no ORM, no BEGIN/COMMIT. A connection found broken is discarded and the
@@ -117,11 +119,10 @@ class Database:
                 raise DependencyUnavailable("database", self.retry_after) from exc
             dbapi: Any = conn.driver_connection
             try:
-                dbapi.autocommit = True
-                cursor = dbapi.cursor()
-                cursor.execute(statement, tuple(params))
-                rows: list[Sequence[Any]] = list(cursor.fetchall()) if cursor.description else []
-                dbapi.autocommit = False
+                # pg8000's own protocol call: no DB-API cursor, no paramstyle rewriting, and
+                # no BEGIN (outside a transaction block PostgreSQL commits the statement).
+                context = dbapi.execute_unnamed(statement, vals=tuple(params))
+                rows: list[Sequence[Any]] = context.rows or []
                 return rows
             except (*_CONNECTION_ERRORS, pg8000.exceptions.DatabaseError) as exc:
                 if not _is_disconnect(exc):
@@ -131,7 +132,6 @@ class Database:
                     log.error("database unavailable: %s", exc)
                     raise DependencyUnavailable("database", self.retry_after) from exc
             finally:
-                dbapi.autocommit = False  # the pool's sessions expect transactions
                 conn.close()
         raise AssertionError("unreachable")
 

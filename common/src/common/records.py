@@ -29,12 +29,12 @@ _RECORD_COLUMNS = (
 _INSERT_RECORD = (
     "INSERT INTO records (id, user_id, object_key, filename, size_bytes, etag, "
     "duration_seconds, bitrate_kbps, sample_rate, channels) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
     "ON CONFLICT (id) DO NOTHING"  # a retried insert that had landed: the row is ours
 )
 _SELECT_RECORD = (
     "SELECT id, user_id, object_key, filename, size_bytes, etag, duration_seconds, "
-    "bitrate_kbps, sample_rate, channels FROM records WHERE id = %s"
+    "bitrate_kbps, sample_rate, channels FROM records WHERE id = $1"
 )
 
 

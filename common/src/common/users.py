@@ -33,10 +33,10 @@ def validate_name(raw: object) -> str:
 
 
 _INSERT_USER = (
-    "INSERT INTO users (id, name, token_hash) VALUES (%s, %s, %s) "
+    "INSERT INTO users (id, name, token_hash) VALUES ($1, $2, $3) "
     "ON CONFLICT (id) DO NOTHING"  # a retried insert that had landed: the row is ours
 )
-_SELECT_TOKEN_HASH = "SELECT token_hash FROM users WHERE id = %s"  # noqa: S105 - a query
+_SELECT_TOKEN_HASH = "SELECT token_hash FROM users WHERE id = $1"  # noqa: S105 - a query
 
 
 def create_user(db: Database, raw_name: object) -> NewUser:
