@@ -17,10 +17,10 @@ import pytest
 import requests
 import wavgen
 from botocore.exceptions import ClientError
-from common.errors import PayloadTooLarge
+from common.errors import DependencyUnavailable, PayloadTooLarge
 from common.runtime import Services
 from conftest import Client
-from devstack import NativeStack
+from devstack import NativeStack, free_port
 from stack_clients import build_services
 
 from common import bucket, direct_upload
@@ -121,6 +121,9 @@ def test_presign_requires_the_users_token(client: Client) -> None:
         ({"json": {"user": user["id"], "token": user["token"]}}, 201),  # token in the body
         ({"json": {"token": user["token"]}}, 422),  # no user
         ({"data": "{", "headers": {"Content-Type": "application/json"}}, 400),
+        ({"json": {"user": 5, "token": user["token"]}}, 422),
+        ({"json": {"user": user["id"], "token": user["token"], "filename": ["x"]}}, 422),
+        ({"data": "user=1", "headers": {"Content-Type": "text/plain"}}, 415),
     ]
     for kwargs, status in cases:
         response = client.session.post(f"{client.base_url}/records/uploads", timeout=30, **kwargs)  # type: ignore[arg-type]
@@ -224,6 +227,21 @@ def test_completion_rechecks_the_size(stack: NativeStack, client: Client) -> Non
         direct_upload.complete_upload(services.db, services.storage, services.settings,
                                       user_id=user_id, raw_upload_id=str(upload_id))  # fmt: skip
     assert not pending_exists(services, user["id"], str(upload_id))
+
+
+def test_store_outage_at_completion_is_a_503(stack: NativeStack) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    services = build_services(stack, s3_endpoint_url=dead, s3_timeout_seconds=2.0)
+    with pytest.raises(DependencyUnavailable) as caught:
+        direct_upload.complete_upload(
+            services.db,
+            services.storage,
+            services.settings,
+            user_id=uuid.uuid4(),
+            raw_upload_id=str(uuid.uuid4()),
+        )
+    assert caught.value.status == 503
+    assert caught.value.headers["Retry-After"]
 
 
 def test_presigned_for_the_public_endpoint(stack: NativeStack) -> None:

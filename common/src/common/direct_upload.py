@@ -37,8 +37,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common.auth import bearer_token
 from common.db import Database
 from common.errors import (
-    BadRequest,
     DependencyUnavailable,
+    InvalidField,
     NotFound,
     PayloadTooLarge,
     ServiceError,
@@ -191,7 +191,7 @@ def request_credentials(request: flask.Request) -> tuple[str | None, str | None,
         fields = read_fields(request)
     for name in ("user", "token", "filename"):
         if name in fields and fields[name] is not None and not isinstance(fields[name], str):
-            raise BadRequest(f"'{name}' must be a string.")
+            raise InvalidField(f"'{name}' must be a string.")
     user = fields.get("user") or request.args.get("user")
     token = bearer_token(request.headers.get("Authorization")) or fields.get("token")
     return user, token, fields
