@@ -34,7 +34,9 @@ ROUTES = {
     ("GET", "/record"): "get_record",
     ("HEAD", "/record"): "get_record",
 }
-PLATFORM_VARIABLES = {"FUNCTION_TARGET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+PLATFORM_VARIABLES = {
+    "FUNCTION_TARGET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WORKERS", "THREADS",
+}  # fmt: skip
 
 
 def settings_variables() -> set[str]:
@@ -233,6 +235,7 @@ def test_cloud_run_service_structure(function: str) -> None:
             assert set(ref) == {"name", "key"}
         env[item["name"]] = item.get("value", item.get("valueFrom"))
     assert env["FUNCTION_TARGET"] == function
+    assert int(env["THREADS"]) == spec["containerConcurrency"]  # no queueing in the container
     assert env["GOOGLE_CLOUD_PROJECT"] == GCP_VALUES["PROJECT_ID"]
     assert env["S3_ENDPOINT_URL"] == "https://storage.googleapis.com"
     for secret in ("DATABASE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

@@ -43,6 +43,13 @@ def handler_from_env(env: Mapping[str, str] | None = None) -> LambdaHandler:
     return make_handler(target, function_source(target, e))
 
 
+def _prepare_during_init() -> None:
+    """On Lambda, build the app while the runtime initialises (full CPU, before any event)."""
+    global _handler
+    if os.environ.get("AWS_LAMBDA_RUNTIME_API") and os.environ.get("FUNCTION_TARGET"):
+        _handler = handler_from_env()
+
+
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """The Lambda entry point: built once per execution environment, on the first event."""
     global _handler
@@ -51,3 +58,6 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             if _handler is None:
                 _handler = handler_from_env()
     return _handler(event, context)
+
+
+_prepare_during_init()
