@@ -11,7 +11,7 @@
 #   /app         alembic.ini, migrations/ and functions/${FUNCTION}/main.py
 #   ffmpeg       upload_record only: a static ffmpeg built from Debian's source with just what
 #                the conversion uses (WAV demuxer, PCM decoders, libmp3lame, MP3 muxer, pipe
-#                protocol), about 3 MB instead of the ~400 MB Debian's ffmpeg package pulls in
+#                protocol): about 2.5 MB, where Debian's ffmpeg package pulls in hundreds of MB
 # The container runs as uid 10001, writes nothing outside /tmp (read-only root friendly),
 # serves on $PORT (default 8080) and has a HEALTHCHECK on /healthz.
 
