@@ -2,7 +2,8 @@
 
 1. build every image from ./Dockerfile and ``up --build --wait``; the images meet their
    size and start-up targets;
-2. the end-to-end path through the router on the published port, in both download modes;
+2. the end-to-end path through the router on the published port, in both download modes,
+   and a direct upload from the host to the published storage port;
 3. ``down`` (volumes kept) + ``up``: users, records and MP3s are all still there; then
    ``restart postgres`` alone: the same;
 4. ``up --scale upload_record=3``: uploads spread over the three replicas (their logs say
@@ -229,6 +230,46 @@ def test_redirect_mode_presigns_for_the_host(compose: Compose) -> None:
     while requests.get(item["url"], allow_redirects=False, timeout=30).status_code != 200:
         assert time.monotonic() < deadline, "get_record did not return to stream mode"
         time.sleep(0.5)
+
+
+def test_direct_upload_to_the_published_storage_port(compose: Compose) -> None:
+    """Presign through the router, POST the WAV from the host straight to SeaweedFS, complete."""
+    user = create_user(compose.base_url, "compose direct")
+    auth = {"Authorization": f"Bearer {user['token']}"}
+    started = requests.post(
+        f"{compose.base_url}/records/uploads",
+        json={"user": user["id"], "filename": "direct.wav"},
+        headers=auth,
+        timeout=30,
+    )
+    assert started.status_code == 201, started.text
+    upload = started.json()
+    post = upload["upload"]
+    assert urlsplit(post["url"]).netloc == f"127.0.0.1:{compose.storage_port}", post["url"]
+    wav = wavgen.wav(seconds=1.0, channels=2, rate=48000)
+    sent = requests.post(
+        post["url"],
+        data=post["fields"],
+        files={post["file_field"]: ("direct.wav", wav, "audio/wav")},
+        timeout=60,
+    )
+    assert sent.status_code in (200, 201, 204), sent.text
+    done = requests.post(
+        upload["complete_url"], headers=auth, params={"user": user["id"]}, timeout=120
+    )
+    assert done.status_code == 201, done.text
+    record = done.json()
+    mp3 = download(record["url"])
+    assert ffprobe(mp3)["codec_name"] == "mp3"
+    assert len(mp3) == int(record["size_bytes"])
+    compose.created.append(
+        {
+            "url": record["url"],
+            "sha256": hashlib.sha256(mp3).hexdigest(),
+            "user": user["id"],
+            "token": user["token"],
+        }
+    )
 
 
 def test_down_and_up_keeps_users_records_and_mp3s(compose: Compose) -> None:
