@@ -128,6 +128,9 @@ class Database:
                 if not _is_disconnect(exc):
                     raise
                 conn.invalidate(exc)
+                # A server restart breaks every pooled connection, and those used in the last
+                # PING_AFTER_IDLE_SECONDS are not pinged: start the retry on a fresh pool.
+                self.engine.dispose()
                 if attempt == 2:
                     log.error("database unavailable: %s", exc)
                     raise DependencyUnavailable("database", self.retry_after) from exc
@@ -136,5 +139,14 @@ class Database:
         raise AssertionError("unreachable")
 
     def check(self) -> None:
-        with self.translate_errors(), self.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        """SELECT 1; a connection found broken is retried once (the pool is renewed then)."""
+        for attempt in (1, 2):
+            try:
+                with self.translate_errors(), self.engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                return
+            except DependencyUnavailable as exc:
+                cause = exc.__cause__
+                lost = isinstance(cause, DBAPIError) and cause.connection_invalidated
+                if attempt == 2 or not lost:
+                    raise
