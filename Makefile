@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PYTHON := .venv/bin/python
 
-.PHONY: help install tools lint test test-unit dev migrate clean-data up down test-compose image-report bench bench-smoke deploy-aws deploy-gcp
+.PHONY: help install tools test-tools lint test test-unit test-reliability sweep audit dev migrate clean-data up down test-compose image-report bench bench-smoke deploy-aws deploy-gcp
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -21,8 +21,23 @@ lint: install ## ruff (lint + format check) and mypy --strict
 	$(UV) run --frozen ruff format --check .
 	$(UV) run --frozen mypy common/src functions scripts migrations tests
 
-test: lint tools ## lint, then every test tier (unit, integration, end to end)
+test: lint tools test-tools ## lint, then every test tier (unit, integration, end to end)
 	$(UV) run --frozen pytest
+
+test-tools: ## install Chromium if missing (the /docs page test; apt-get as root on Debian)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "install Chromium (Debian: sudo apt-get install chromium)" >&2; exit 1; fi; }
+
+test-reliability: install tools ## fault injection and load on a stack of their own (a few minutes)
+	$(UV) run --frozen pytest -m reliability
+
+sweep: install ## remove record objects without rows and stale multipart uploads (SWEEP_GRACE_SECONDS)
+	$(UV) run --frozen python -m common.sweep
+
+audit: install ## known vulnerabilities in the locked dependencies (pip-audit; security/audit-allowlist.txt)
+	$(PYTHON) scripts/audit.py
 
 test-unit: install ## only the tests that need no servers
 	$(UV) run --frozen pytest -m "not integration and not e2e"
