@@ -356,7 +356,8 @@ class CpuMeter:
 
     def _ours(self) -> int:
         children = _children_map()
-        return sum(_cpu_ticks(pid) for root in self.roots() for pid in process_tree(root, children))
+        pids = {pid for root in self.roots() for pid in process_tree(root, children)}
+        return sum(_cpu_ticks(pid) for pid in pids)
 
     @contextlib.contextmanager
     def measure(self, noise: Noise, name: str) -> Iterator[None]:
