@@ -95,6 +95,10 @@ def test_devstack_serves_and_stops_everything(sig: signal.Signals) -> None:
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{base}/healthz", timeout=2)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # a failed check: still stop the stack the way a user would
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         shutil.rmtree(data, ignore_errors=True)
