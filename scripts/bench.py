@@ -172,6 +172,10 @@ def wav_header(data_bytes: int) -> bytes:
     )  # fmt: skip
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g}-min" if seconds >= 60 else f"{seconds:g}-s"
+
+
 def audio_bytes(seconds: float) -> int:
     return int(seconds * RATE) * BLOCK_ALIGN
 
@@ -541,7 +545,7 @@ class Bench:
         )
         self.rows.append(
             Row(
-                f"1. POST {plan.wav_seconds / 60:g}-min WAV to 201 / bare ffmpeg",
+                f"1. POST {_duration(plan.wav_seconds)} WAV to 201 / bare ffmpeg",
                 f"{ratio:.2f}x ({self.upload_s:.2f} s vs {self.bare_s:.2f} s)",
                 "≤ 1.10x",
                 ratio / 1.10,
