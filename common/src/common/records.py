@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 from common.conversion import convert_wav_stream
 from common.db import Database
-from common.errors import InvalidField, NotFound
+from common.errors import NotFound
 from common.models import FILENAME_MAX_LENGTH, Record
 from common.settings import Settings
 from common.storage import Storage
+from common.users import parse_uuid
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +121,9 @@ def create_record(
 
 def find_record(db: Database, raw_id: str | None, raw_user: str | None) -> Record:
     """The record ``raw_id`` of user ``raw_user``; NotFound for anyone else's or none."""
-    record_id = _uuid_param(raw_id, "id")
-    user_id = _uuid_param(raw_user, "user")
+    record_id = parse_uuid(raw_id, "id")
+    user_id = parse_uuid(raw_user, "user")
     rows = db.execute(_SELECT_RECORD, (record_id,))
     if not rows or rows[0][1] != user_id:
         raise NotFound("No record with this id exists for this user.")
     return Record(**dict(zip(_RECORD_COLUMNS, rows[0], strict=True)))
-
-
-def _uuid_param(raw: str | None, name: str) -> uuid.UUID:
-    if raw is None or not raw.strip():
-        raise InvalidField(f"Query parameter '{name}' is required.")
-    try:
-        return uuid.UUID(raw.strip())
-    except ValueError as exc:
-        raise InvalidField(f"Query parameter '{name}' must be a UUID.") from exc
