@@ -205,7 +205,7 @@ class NativeStack:
             "MAX_UPLOAD_BYTES", "MP3_BITRATE_KBPS", "DOWNLOAD_MODE", "PRESIGN_EXPIRES_SECONDS",
             "PUBLIC_BASE_URL", "CONVERT_TIMEOUT_SECONDS", "LOG_LEVEL", "DB_POOL_SIZE",
             "S3_PART_SIZE_BYTES", "RETRY_AFTER_SECONDS", "FFMPEG_BINARY",
-            "RATE_LIMIT_RPS", "RATE_LIMIT_BURST", "DOWNLOAD_CACHE_BYTES",
+            "RATE_LIMIT_RPS", "RATE_LIMIT_BURST",
         )  # fmt: skip
         env.update({k: os.environ[k] for k in passthrough if os.environ.get(k)})
         env.update(self.extra_env)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 
 import flask
 
@@ -15,57 +13,6 @@ from common.settings import DownloadMode, Settings
 from common.storage import MP3_CONTENT_TYPE, ObjectMissing, Storage
 
 log = logging.getLogger(__name__)
-
-
-class ObjectCache:
-    """The most recently served objects, whole, in memory: least recently used goes first.
-
-    Objects never change under a key (each record has its own key and ETag), so a hit needs
-    no check with the store; the record's row is still read, so access rules are unchanged.
-    Objects over a quarter of the capacity are not kept: a long recording streams instead.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.max_object = capacity // 4
-        self._items: OrderedDict[tuple[str, str], bytes] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str, etag: str) -> bytes | None:
-        with self._lock:
-            data = self._items.get((key, etag))
-            if data is not None:
-                self._items.move_to_end((key, etag))
-            return data
-
-    def put(self, key: str, etag: str, data: bytes) -> None:
-        if len(data) > self.max_object:
-            return
-        with self._lock:
-            if (key, etag) in self._items:
-                return
-            self._items[(key, etag)] = data
-            self._size += len(data)
-            while self._size > self.capacity:
-                _, dropped = self._items.popitem(last=False)
-                self._size -= len(dropped)
-
-
-_cache_lock = threading.Lock()
-_caches: dict[int, ObjectCache] = {}
-
-
-def object_cache(settings: Settings) -> ObjectCache | None:
-    """This process's cache (DOWNLOAD_CACHE_BYTES), or None when it is turned off."""
-    capacity = settings.download_cache_bytes
-    if capacity <= 0:
-        return None
-    with _cache_lock:
-        cache = _caches.get(capacity)
-        if cache is None:
-            cache = _caches[capacity] = ObjectCache(capacity)
-        return cache
 
 
 def download_response(
@@ -101,15 +48,6 @@ def download_response(
     headers["Content-Length"] = str(length)
     if request.method == "HEAD":
         return flask.Response(status=status, headers=headers, content_type=MP3_CONTENT_TYPE)
-    cache = object_cache(settings)
-    if cache is not None and size <= cache.max_object:
-        data = _cached_object(cache, storage, record)
-        if data is not None:
-            body = data if span is None else data[span[0] : span[1] + 1]
-            # An iterator: served as it is (functions-framework would otherwise copy it).
-            return flask.Response(
-                iter((body,)), status=status, headers=headers, content_type=MP3_CONTENT_TYPE
-            )
     try:
         stream = storage.open_read(record.object_key, span)
     except ObjectMissing as exc:
@@ -120,24 +58,6 @@ def download_response(
     )
     response.call_on_close(stream.close)
     return response
-
-
-def _cached_object(cache: ObjectCache, storage: Storage, record: Record) -> bytes | None:
-    """The whole object from the cache, else read from the store and kept (None if changed)."""
-    data = cache.get(record.object_key, record.etag)
-    if data is not None:
-        return data
-    try:
-        stream = storage.open_read(record.object_key)
-    except ObjectMissing as exc:
-        log.error("record without its object", extra={"record_id": str(record.id)})
-        raise NotFound("The record's audio is missing from storage.") from exc
-    data = b"".join(stream)
-    if len(data) != record.size_bytes:
-        log.error("stored object size differs from its record", extra={"record_id": str(record.id)})
-        return None
-    cache.put(record.object_key, record.etag, data)
-    return data
 
 
 def _requested_range(request: flask.Request, record: Record) -> tuple[int, int] | None:

@@ -57,7 +57,6 @@ class Settings:
     max_direct_upload_bytes: int = 4 * 1024 * MIB
     google_cloud_project: str | None = None
     # get_record keeps recently served MP3s in memory (per process); 0 turns it off.
-    download_cache_bytes: int = 32 * MIB
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -88,7 +87,6 @@ class Settings:
                 e, "MAX_DIRECT_UPLOAD_BYTES", 4 * 1024 * MIB, minimum=1024
             ),
             google_cloud_project=e.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
-            download_cache_bytes=_int(e, "DOWNLOAD_CACHE_BYTES", 32 * MIB, minimum=0),
         )
         if settings.mp3_bitrate_kbps not in MP3_BITRATES:
             raise SettingsError(
