@@ -28,8 +28,15 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
+# The workplace's sandbox scripts sit in ../shared next to the checkout; a clone made elsewhere
+# (CI may clone into a temporary directory) finds them at the workplace's fixed path.
+_SANDBOX_CANDIDATES = (
+    ROOT.parent / "shared" / "tools" / "docker-sandbox",
+    Path("/work/shared/tools/docker-sandbox"),
+)
 SANDBOX = Path(
-    os.environ.get("DOCKER_SANDBOX_TOOLS") or ROOT.parent / "shared" / "tools" / "docker-sandbox"
+    os.environ.get("DOCKER_SANDBOX_TOOLS")
+    or next((p for p in _SANDBOX_CANDIDATES if (p / "engine-up").exists()), _SANDBOX_CANDIDATES[0])
 )
 # Variables docker-compose.yml reads that a developer's shell might carry: the tests pin them.
 STACK_VARIABLES = (
