@@ -16,6 +16,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +40,16 @@ def make_data_dir(prefix: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def stack() -> Iterator[NativeStack]:
-    data_dir = make_data_dir("records-test-")
-    native = NativeStack(data_dir, ports=Ports.free(), workers=1, threads=8)
+@contextmanager
+def running_stack(prefix: str, extra_env: dict[str, str] | None = None) -> Iterator[NativeStack]:
+    """A native stack of its own, on free ports in a new directory; stopped and removed after.
+
+    KEEP_TEST_DATA=1 keeps the directory (logs, data) for a look after a failure.
+    """
+    data_dir = make_data_dir(prefix)
+    native = NativeStack(
+        data_dir, ports=Ports.free(), workers=1, threads=8, extra_env=dict(extra_env or {})
+    )
     native.start(timeout=120)
     try:
         yield native
@@ -50,6 +57,12 @@ def stack() -> Iterator[NativeStack]:
         native.stop()
         if not os.environ.get("KEEP_TEST_DATA"):
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[NativeStack]:
+    with running_stack("records-test-") as native:
+        yield native
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -31,8 +30,8 @@ from common.runtime import Services
 from common.settings import Settings
 from common.storage import Storage
 from common.sweep import sweep
-from conftest import make_data_dir
-from devstack import DB_NAME, DB_USER, NativeStack, Ports
+from conftest import running_stack
+from devstack import DB_NAME, DB_USER, NativeStack
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 from test_hostile_uploads import ffmpeg_descendants
@@ -45,28 +44,16 @@ MIB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def fault_stack() -> Iterator[NativeStack]:
-    data_dir = make_data_dir("records-faults-")
-    native = NativeStack(
-        data_dir,
-        ports=Ports.free(),
-        workers=1,
-        threads=8,
-        extra_env={
-            "S3_PART_SIZE_BYTES": str(5 * MIB),  # the smallest part: multipart sooner
-            "RETRY_AFTER_SECONDS": "2",
-            "S3_TIMEOUT_SECONDS": "3",
-            "DB_CONNECT_TIMEOUT_SECONDS": "3",
-            "RATE_LIMIT_RPS": "10000",  # one address stands in for many clients here
-            "RATE_LIMIT_BURST": "5000",
-        },
-    )
-    native.start(timeout=120)
-    try:
+    extra_env = {
+        "S3_PART_SIZE_BYTES": str(5 * MIB),  # the smallest part: multipart sooner
+        "RETRY_AFTER_SECONDS": "2",
+        "S3_TIMEOUT_SECONDS": "3",
+        "DB_CONNECT_TIMEOUT_SECONDS": "3",
+        "RATE_LIMIT_RPS": "10000",  # one address stands in for many clients here
+        "RATE_LIMIT_BURST": "5000",
+    }
+    with running_stack("records-faults-", extra_env) as native:
         yield native
-    finally:
-        native.stop()
-        if not os.environ.get("KEEP_TEST_DATA"):
-            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
