@@ -12,7 +12,6 @@ glibc's own and wins: that parameter is left alone.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import os
 
@@ -30,7 +29,7 @@ def tune_malloc() -> bool:
     if _tuned:
         return True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")  # glibc's soname; elsewhere there is nothing to tune
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
