@@ -64,6 +64,7 @@ def unavailable(reason: str) -> None:
         _unavailable.append(reason)
     if os.environ.get("CI"):
         pytest.fail(f"compose tests must run in CI, but: {reason}", pytrace=False)
+    # Justified skip: no Docker engine on a developer's machine; reported with its reason.
     pytest.skip(reason)
 
 
