@@ -15,7 +15,7 @@ import pytest
 import requests
 import wavgen
 from conftest import Client
-from devstack import ROOT, NativeStack, free_port
+from devstack import NativeStack, free_port
 
 pytestmark = pytest.mark.e2e
 PROBLEM = "application/problem+json"
@@ -201,11 +201,10 @@ def function_factory(stack: NativeStack) -> Iterator[StartFunction]:
     def start(name: str, **env: str) -> str:
         port = free_port()
         log = (stack.logs / f"extra-{name}-{port}.log").open("wb")
+        function_env = {**stack.function_env(name), "PORT": str(port), **env}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "functions_framework", "--target", name,
-             "--source", str(ROOT / "functions" / name / "main.py"),
-             "--host", "127.0.0.1", "--port", str(port)],
-            env={**stack.app_env(), **env}, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "common.serve"],
+            env=function_env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         started.append(proc)
         url = f"http://127.0.0.1:{port}"

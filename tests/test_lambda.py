@@ -37,7 +37,8 @@ RECORD_FIELDS = ("duration_seconds", "size_bytes", "bitrate_kbps", "sample_rate"
 
 @pytest.fixture(scope="module")
 def lambda_services(stack: NativeStack) -> Services:
-    return build_services(stack)
+    # No router in front of a Lambda: the function itself streams (or redirects, below).
+    return build_services(stack, download_mode=DownloadMode.STREAM)
 
 
 @pytest.fixture
@@ -326,8 +327,7 @@ def test_health_check_through_lambda(invoke: Any) -> None:
 def test_entrypoint_chooses_lambda_mode_only_on_lambda() -> None:
     base = {"FUNCTION_TARGET": "upload_record", "PORT": "9090"}
     served = entrypoint.command(base)
-    assert served[1:4] == ["-m", "functions_framework", "--target"]
-    assert served[served.index("--port") + 1] == "9090"
+    assert served[1:] == ["-m", "common.serve"]  # reads FUNCTION_TARGET and PORT itself
     on_lambda = entrypoint.command({**base, "AWS_LAMBDA_RUNTIME_API": "127.0.0.1:9001"})
     assert on_lambda[1:] == ["-m", "awslambdaric", "common.aws_lambda.handler"]
     with pytest.raises(SystemExit):

@@ -300,7 +300,7 @@ def test_upload_function_killed_mid_conversion(
         wait_for(lambda: bool(open_multipart(fault_services, user["id"])), 120, "a part")
         converting = ffmpeg_descendants(fault_stack)
         assert len(converting) == 1, "ffmpeg should be running"
-        worker = parent_pid(converting[0])  # the gunicorn worker serving this upload
+        worker = parent_pid(converting[0])  # the server's worker process serving this upload
         os.kill(worker, signal.SIGKILL)
         sender.join(30)
         status, _, _ = upload.response()
@@ -312,7 +312,7 @@ def test_upload_function_killed_mid_conversion(
     assert record_rows(fault_services, user["id"]) == 0
     assert user_objects(fault_services, user["id"]) == []  # nothing visible
     assert len(open_multipart(fault_services, user["id"])) == 1  # the crash's leftover
-    # The function's master starts a new worker: no restart by hand.
+    # The server's main process starts a new worker: no restart by hand.
     upload_until_created(fault_stack, user, timeout=60, also_502=True)
     result = sweep(fault_services, 0)
     assert result.orphans_deleted == []

@@ -7,8 +7,8 @@ every platform:
 * on AWS Lambda (``AWS_LAMBDA_RUNTIME_API`` is set by the Lambda service) it runs the Runtime
   Interface Client, ``python -m awslambdaric common.aws_lambda.handler``, which takes
   Function URL / HTTP API events (see :mod:`common.aws_lambda`);
-* everywhere else (Cloud Run, compose, a plain ``docker run``) it runs functions-framework
-  on ``$PORT`` (default 8080).
+* everywhere else (Cloud Run, compose, a plain ``docker run``) it serves the functions-framework
+  app on ``$PORT`` (default 8080) with :mod:`common.serve`.
 """
 
 from __future__ import annotations
@@ -36,14 +36,10 @@ def function_source(target: str, env: Mapping[str, str]) -> str:
 
 def command(env: Mapping[str, str]) -> list[str]:
     """The argv this container runs, chosen by the platform it finds itself on."""
-    target = function_target(env)
+    function_target(env)  # refuse to start without a valid target, on every platform
     if env.get("AWS_LAMBDA_RUNTIME_API"):
         return [sys.executable, "-m", "awslambdaric", LAMBDA_HANDLER]
-    return [
-        sys.executable, "-m", "functions_framework", "--target", target,
-        "--source", function_source(target, env),
-        "--host", env.get("HOST", "0.0.0.0"), "--port", env.get("PORT", "8080"),
-    ]  # fmt: skip
+    return [sys.executable, "-m", "common.serve"]
 
 
 def main() -> None:

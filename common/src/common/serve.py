@@ -1,0 +1,131 @@
+"""The HTTP server of a function: ``python -m common.serve`` (what the containers run).
+
+functions-framework builds the function's WSGI app (``functions_framework.create_app``: the
+same seam its own CLI, the Lambda adapter and the tests use); granian serves it. Granian
+parses HTTP and moves request and response bodies in Rust, and hands the body to the function
+as it arrives (``wsgi.input`` reads from the socket on demand), so:
+
+* a small request costs about half the Python CPU of functions-framework's default server
+  (gunicorn: its HTTP parser, writes and per-connection bookkeeping are Python), and
+* an upload costs a third: gunicorn reads request bodies in 8 KiB ``recv`` calls copied
+  through a ``BytesIO``; granian hands over whole socket buffers.
+
+``make bench`` measured both (README, Performance). Settings, from the environment:
+
+* ``FUNCTION_TARGET`` (required) and ``FUNCTION_SOURCE``, as functions-framework names them;
+* ``PORT`` (default 8080) and ``HOST`` (default 0.0.0.0), as Cloud Run and ff spell them;
+* ``WORKERS`` (processes) and ``THREADS`` (requests each process runs at once), ff's names,
+  with defaults per function (:data:`SERVER_DEFAULTS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from common.entrypoint import TARGETS, function_source
+
+# (processes, threads) per function. Small requests are CPU-bound Python: a process per core,
+# and a few threads each so one waiting on PostgreSQL leaves the core to another. An upload
+# spends its time in ffmpeg and in I/O: one process runs several at once with the least memory.
+SERVER_DEFAULTS: Mapping[str, tuple[int, int]] = {
+    "create_user": (2, 4),
+    "get_record": (2, 4),
+    "upload_record": (1, 8),
+}
+# Connections waiting to be accepted; the router keeps a few dozen open to each function.
+BACKLOG = 1024
+# Seconds a stopping worker gets to finish its requests (an upload can take minutes).
+KILL_TIMEOUT_SECONDS = 30
+
+
+class ServeError(ValueError):
+    """The environment does not describe a function this server can run."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    target: str
+    source: str
+    host: str
+    port: int
+    workers: int
+    threads: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ServerConfig:
+        target = env.get("FUNCTION_TARGET", "")
+        if target not in TARGETS:
+            raise ServeError(f"FUNCTION_TARGET must be one of {', '.join(TARGETS)}, got {target!r}")
+        source = function_source(target, env)
+        workers, threads = SERVER_DEFAULTS[target]
+        return cls(
+            target=target,
+            source=source,
+            host=env.get("HOST", "") or "0.0.0.0",
+            port=_positive(env, "PORT", 8080),
+            workers=_positive(env, "WORKERS", workers),
+            threads=_positive(env, "THREADS", threads),
+        )
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ServeError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < 1:
+        raise ServeError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def load_app(source_and_target: str) -> Callable[..., Any]:
+    """The function's WSGI app; runs in each worker process (granian's target loader)."""
+    source, _, target = source_and_target.rpartition("::")
+    import functions_framework
+
+    app: Callable[..., Any] = functions_framework.create_app(target, source)  # type: ignore[no-untyped-call]
+    return app
+
+
+def build_server(config: ServerConfig) -> Any:
+    """A granian server for ``config`` (not started)."""
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    return Server(
+        f"{config.source}::{config.target}",
+        address=config.host,
+        port=config.port,
+        interface=Interfaces.WSGI,
+        workers=config.workers,
+        blocking_threads=config.threads,
+        backlog=BACKLOG,
+        # A worker that dies (killed mid-conversion, out of memory) is replaced, not fatal.
+        respawn_failed_workers=True,
+        respawn_interval=0.5,
+        workers_kill_timeout=KILL_TIMEOUT_SECONDS,
+        websockets=False,
+        log_level=LogLevels.warning,
+    )
+
+
+def main() -> None:
+    try:
+        config = ServerConfig.from_env(os.environ)
+    except ServeError as exc:
+        sys.exit(str(exc))
+    logging.getLogger(__name__).debug("serving %s", config)
+    build_server(config).serve(target_loader=load_app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""common.serve: the server settings each function container starts with."""
+
+from __future__ import annotations
+
+import pytest
+from common.serve import SERVER_DEFAULTS, ServeError, ServerConfig
+
+
+def test_defaults_follow_the_function() -> None:
+    small = ServerConfig.from_env({"FUNCTION_TARGET": "create_user"})
+    upload = ServerConfig.from_env({"FUNCTION_TARGET": "upload_record"})
+    assert (small.workers, small.threads) == SERVER_DEFAULTS["create_user"]
+    assert (upload.workers, upload.threads) == SERVER_DEFAULTS["upload_record"]
+    assert upload.workers < small.workers  # uploads: one process, the least memory
+    assert (small.host, small.port) == ("0.0.0.0", 8080)
+    assert upload.source.endswith("/functions/upload_record/main.py")
+
+
+def test_platform_variables_win() -> None:
+    config = ServerConfig.from_env(
+        {
+            "FUNCTION_TARGET": "get_record",
+            "FUNCTION_SOURCE": "/elsewhere/main.py",
+            "PORT": "9090",
+            "HOST": "127.0.0.1",
+            "WORKERS": "3",
+            "THREADS": "16",
+        }
+    )
+    assert config == ServerConfig("get_record", "/elsewhere/main.py", "127.0.0.1", 9090, 3, 16)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "FUNCTION_TARGET must be one of"),
+        ({"FUNCTION_TARGET": "delete_everything"}, "FUNCTION_TARGET must be one of"),
+        ({"FUNCTION_TARGET": "create_user", "WORKERS": "two"}, "WORKERS must be an integer"),
+        ({"FUNCTION_TARGET": "create_user", "THREADS": "0"}, "THREADS must be at least 1"),
+        ({"FUNCTION_TARGET": "create_user", "PORT": "-1"}, "PORT must be at least 1"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_reason(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ServeError, match=message):
+        ServerConfig.from_env(env)
