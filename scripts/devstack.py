@@ -35,11 +35,7 @@ SEAWEEDFS_VERSION = "4.48"  # the compose stack runs chrislusf/seaweedfs:4.48
 DB_USER = "records"
 DB_NAME = "records"
 APT_PACKAGES = ("ffmpeg", "nginx")
-# gunicorn processes and threads per function (WORKERS, THREADS; the environment overrides).
-# Small requests are CPU-bound Python: one process per core. An upload spends its time in
-# ffmpeg and in I/O, so one process with threads serves several at once with the least
-# memory. `make bench` measures these (bench/results.md).
-SERVER_DEFAULTS = {"create_user": (2, 8), "get_record": (2, 8), "upload_record": (1, 8)}
+UNIX_PATH_MAX = 108  # sun_path, with its terminating NUL
 
 
 def log(message: str) -> None:
@@ -179,12 +175,29 @@ class NativeStack:
         path.chmod(0o600)
         return creds
 
+    def database_tcp_url(self) -> str:
+        """The stack's own PostgreSQL over TCP (tools, migrations, the env file)."""
+        password = self.credentials()["db_password"]
+        return f"postgresql+pg8000://{DB_USER}:{password}@127.0.0.1:{self.ports.postgres}/{DB_NAME}"
+
+    def database_socket_url(self) -> str | None:
+        """The same database over its unix socket, which the functions use.
+
+        A query over loopback TCP runs the kernel's whole TCP path twice (about a sixth of a
+        small request's cost, measured with make bench); a unix socket skips it. None when
+        the stack uses another database, or the socket's path is too long for the kernel.
+        """
+        if self.database_url is not None:
+            return None
+        path = self.data_dir / "pg-socket" / f".s.PGSQL.{self.ports.postgres}"
+        if len(str(path).encode()) >= UNIX_PATH_MAX:
+            return None
+        password = self.credentials()["db_password"]
+        return f"postgresql+pg8000://{DB_USER}:{password}@/{DB_NAME}?unix_sock={path}"
+
     def app_env(self) -> dict[str, str]:
+        db_url = self.database_url or self.database_tcp_url()
         creds = self.credentials()
-        db_url = self.database_url or (
-            f"postgresql+pg8000://{DB_USER}:{creds['db_password']}"
-            f"@127.0.0.1:{self.ports.postgres}/{DB_NAME}"
-        )
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": os.environ.get("HOME", str(self.data_dir)),
@@ -196,6 +209,8 @@ class NativeStack:
             "AWS_SECRET_ACCESS_KEY": creds["s3_secret_key"],
             "AWS_DEFAULT_REGION": "us-east-1",
             "PYTHONUNBUFFERED": "1",
+            # The router serves downloads itself (get_record checks, nginx fetches and caches).
+            "DOWNLOAD_MODE": "accel",
         }
         if self.workers is not None:
             env["WORKERS"] = str(self.workers)
@@ -369,21 +384,30 @@ class NativeStack:
         )
 
     def start_function(self, name: str, env: Mapping[str, str] | None = None) -> None:
-        port = getattr(self.ports, name)
+        """The function as its container runs it (common.serve), on its own port."""
         self._spawn(
             name,
-            [
-                sys.executable, "-m", "functions_framework", "--target", name,
-                "--source", str(ROOT / "functions" / name / "main.py"),
-                "--host", "127.0.0.1", "--port", str(port),
-            ],
+            [sys.executable, "-m", "common.serve"],
             env={**self.function_env(name), **(env or {})},
-        )  # fmt: skip
+        )
 
     def function_env(self, name: str) -> dict[str, str]:
-        """app_env plus the function's gunicorn WORKERS and THREADS (SERVER_DEFAULTS)."""
-        workers, threads = SERVER_DEFAULTS[name]
-        return {"WORKERS": str(workers), "THREADS": str(threads), **self.app_env()}
+        """app_env plus what common.serve reads: the target, its source, where to listen.
+
+        WORKERS and THREADS come from app_env when set, else common.serve's per-function
+        defaults (SERVER_DEFAULTS) apply, as in the containers.
+        """
+        env = self.app_env()
+        socket_url = self.database_socket_url()
+        if socket_url and env["DATABASE_URL"] == self.database_tcp_url():
+            env["DATABASE_URL"] = socket_url
+        return {
+            **env,
+            "FUNCTION_TARGET": name,
+            "FUNCTION_SOURCE": str(ROOT / "functions" / name / "main.py"),
+            "HOST": "127.0.0.1",
+            "PORT": str(getattr(self.ports, name)),
+        }
 
     def restart_function(self, name: str, env: Mapping[str, str] | None = None) -> None:
         """Restart one function with extra environment (tests switch modes this way)."""
@@ -395,6 +419,7 @@ class NativeStack:
         nginx_dir = self.data_dir / "nginx"
         for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (nginx_dir / "temp" / sub).mkdir(parents=True, exist_ok=True)
+        (nginx_dir / "cache").mkdir(exist_ok=True)
         env = {
             "ROUTER_LISTEN": f"127.0.0.1:{self.ports.router}",
             "CREATE_USER_UPSTREAM": f"127.0.0.1:{self.ports.create_user}",
@@ -404,11 +429,14 @@ class NativeStack:
             "ROUTER_STATIC_DIR": str(STATIC_DIR),
             "RATE_LIMIT_RPS": self.app_env().get("RATE_LIMIT_RPS", DEFAULT_RATE_LIMIT_RPS),
             "RATE_LIMIT_BURST": self.app_env().get("RATE_LIMIT_BURST", DEFAULT_RATE_LIMIT_BURST),
+            "STORE_UPSTREAM": f"127.0.0.1:{self.ports.s3}",
+            "ROUTER_CACHE_DIR": str(nginx_dir / "cache"),
+            "ROUTER_CACHE_MAX_SIZE": os.environ.get("ROUTER_CACHE_MAX_SIZE", "1g"),
         }
         (nginx_dir / "router.conf").write_text(render_template(TEMPLATE.read_text(), env))
         user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
         if os.geteuid() == 0:
-            for path in (nginx_dir / "temp").rglob("*"):
+            for path in [*(nginx_dir / "temp").rglob("*"), nginx_dir / "cache"]:
                 shutil.chown(path, "nobody")
         temp = nginx_dir / "temp"
         (nginx_dir / "nginx.conf").write_text(
