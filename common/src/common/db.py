@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import pg8000.converters
 import pg8000.exceptions
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
@@ -71,11 +73,38 @@ def _ping_idle_connections(engine: Engine) -> None:
             raise DisconnectionError(str(exc)) from exc  # the pool connects afresh
 
 
+# A named prepared statement: (name, result columns, their decoders), as pg8000 returns them.
+_Prepared = tuple[bytes, Any, Any]
+
+
+class _PreparedStatements:
+    """The lean path's statements, prepared once per connection.
+
+    pg8000's unnamed execution parses, describes and executes in three round trips; a named
+    statement, once prepared, binds and executes in one, and PostgreSQL skips parsing and
+    planning. Kept per driver connection (a reconnected one prepares afresh).
+    """
+
+    def __init__(self) -> None:
+        self._by_connection: weakref.WeakKeyDictionary[Any, dict[str, _Prepared]]
+        self._by_connection = weakref.WeakKeyDictionary()
+
+    def run(self, dbapi: Any, statement: str, params: Sequence[Any]) -> Any:
+        prepared = self._by_connection.setdefault(dbapi, {})
+        entry = prepared.get(statement)
+        if entry is None:
+            entry = prepared[statement] = dbapi.prepare_statement(statement, ())
+        name, columns, input_funcs = entry
+        values = pg8000.converters.make_params(dbapi.py_types, params)
+        return dbapi.execute_named(name, values, columns, input_funcs, statement)
+
+
 class Database:
     def __init__(self, engine: Engine, *, retry_after: int = 5) -> None:
         self.engine = engine
         self.retry_after = retry_after
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._prepared = _PreparedStatements()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -101,7 +130,7 @@ class Database:
             yield session
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
-        """Run one statement on its own (autocommitted: one round trip); return its rows.
+        """Run one statement on its own (autocommitted, prepared: one round trip); its rows.
 
         Parameters are PostgreSQL's own ``$1``, ``$2`` ... placeholders.
 
@@ -119,9 +148,9 @@ class Database:
                 raise DependencyUnavailable("database", self.retry_after) from exc
             dbapi: Any = conn.driver_connection
             try:
-                # pg8000's own protocol call: no DB-API cursor, no paramstyle rewriting, and
+                # pg8000's own protocol calls: no DB-API cursor, no paramstyle rewriting, and
                 # no BEGIN (outside a transaction block PostgreSQL commits the statement).
-                context = dbapi.execute_unnamed(statement, vals=tuple(params))
+                context = self._prepared.run(dbapi, statement, params)
                 rows: list[Sequence[Any]] = context.rows or []
                 return rows
             except (*_CONNECTION_ERRORS, pg8000.exceptions.DatabaseError) as exc:
