@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 import wavgen
+from common.runtime import Services
 from conftest import Client
 from devstack import NativeStack
 from probe import probe_mp3
@@ -225,7 +226,21 @@ def test_host_and_port_are_the_clients(client: Client, stack: NativeStack) -> No
     assert response.json()["url"].startswith(f"http://127.0.0.1:{stack.ports.router}/record?id=")
 
 
-def test_download_features(client: Client) -> None:
+@pytest.fixture(params=["accel", "stream"])
+def download_mode(request: pytest.FixtureRequest, stack: NativeStack) -> Iterator[str]:
+    """get_record in each mode the router fronts: accel (the stack's default) and stream."""
+    mode: str = request.param
+    if mode == "accel":
+        yield mode
+        return
+    stack.restart_function("get_record", {"DOWNLOAD_MODE": mode})
+    try:
+        yield mode
+    finally:
+        stack.restart_function("get_record")
+
+
+def test_download_features(client: Client, download_mode: str) -> None:
     user = client.create_user("Ranges")
     record = client.upload(user, wavgen.wav(seconds=2.0)).json()
     url = record["url"]
@@ -263,7 +278,56 @@ def test_download_features(client: Client) -> None:
     stale = client.session.get(
         url, headers={"Range": "bytes=0-9", "If-Range": '"other"'}, timeout=30
     )
-    assert stale.status_code == 200 and len(stale.content) == size
+    assert stale.status_code == 200 and stale.content == full.content
+
+    fresh = client.session.get(url, headers={"Range": "bytes=0-9", "If-Range": etag}, timeout=30)
+    assert fresh.status_code == 206 and fresh.content == full.content[:10]
+
+    assert head.headers["Accept-Ranges"] == "bytes"  # (a 206 need not repeat it)
+    for response in (full, part, head):
+        assert response.headers["Content-Type"] == "audio/mpeg"
+        assert response.headers["Cache-Control"] == "private, max-age=3600"
+        assert 'filename="take.mp3"' in response.headers["Content-Disposition"]
+        # Nothing of the store or the router's internals reaches the client.
+        leaked = [
+            h for h in response.headers if h.lower().startswith(("x-amz", "seaweed", "x-accel"))
+        ]
+        assert leaked == []
+
+
+def test_router_serves_the_same_bytes_as_the_store(
+    client: Client, stack: NativeStack, services: Services
+) -> None:
+    user = client.create_user("Bytes")
+    record = client.upload(user, wavgen.wav(seconds=3.0)).json()
+    key = f"users/{user['id']}/records/{record['id']}.mp3"
+    stored = services.storage.client.get_object(Bucket="records", Key=key)["Body"].read()
+    for _ in range(2):  # a miss, then a hit of the router's cache
+        downloaded = client.session.get(record["url"], timeout=30)
+        assert downloaded.status_code == 200 and downloaded.content == stored
+
+
+def test_the_routers_store_location_is_internal(client: Client, stack: NativeStack) -> None:
+    user = client.create_user("Internal")
+    record = client.upload(user, wavgen.wav(seconds=1.0)).json()
+    key = f"users/{user['id']}/records/{record['id']}.mp3"
+    for path in (f"/_store/records/{key}", f"/_store/records/{key}?X-Amz-Signature=0"):
+        direct = client.session.get(client.base_url + path, timeout=30)
+        assert direct.status_code == 404
+        assert direct.headers["Content-Type"] == "application/problem+json"
+        assert not direct.content.startswith(b"\xff")  # no MP3 frames
+
+
+def test_a_record_whose_object_is_gone_is_a_404_problem(
+    client: Client, stack: NativeStack, services: Services
+) -> None:
+    user = client.create_user("Gone")
+    record = client.upload(user, wavgen.wav(seconds=1.0)).json()
+    services.storage.delete(f"users/{user['id']}/records/{record['id']}.mp3")
+    missing = client.session.get(record["url"], timeout=30)
+    assert missing.status_code == 404
+    assert missing.headers["Content-Type"] == "application/problem+json"
+    assert missing.json()["detail"] == "The record's audio is missing from storage."
 
 
 def test_redirect_mode(stack: NativeStack, client: Client) -> None:

@@ -43,7 +43,7 @@ def test_values_are_read_and_typed() -> None:
         ("MAX_UPLOAD_BYTES", "lots", "must be an integer"),
         ("MAX_UPLOAD_BYTES", "10", "at least"),
         ("MP3_BITRATE_KBPS", "100", "must be one of"),
-        ("DOWNLOAD_MODE", "teleport", "stream' or 'redirect"),
+        ("DOWNLOAD_MODE", "teleport", "'stream', 'redirect' or 'accel'"),
         ("S3_ENDPOINT_URL", "storage:8333", "http"),
         ("CONVERT_TIMEOUT_SECONDS", "-1", "positive"),
         ("DATABASE_URL", "mysql://x", "postgresql"),

@@ -1,4 +1,14 @@
-"""Serving a stored MP3: streamed from the bucket (Range, HEAD, ETag) or by presigned redirect."""
+"""Serving a stored MP3: by the router, streamed from the bucket, or by presigned redirect.
+
+DOWNLOAD_MODE chooses (README, Downloads):
+
+* ``accel`` (the native and compose stacks): the function checks the record and answers with
+  ``X-Accel-Redirect`` to a presigned URL of the store's internal endpoint; nginx fetches the
+  object, caches it on disk and serves it (Range included), so no MP3 byte passes Python;
+* ``stream``: the function streams the object (Range, HEAD, ETag), for a platform without the
+  router (Cloud Run);
+* ``redirect``: 307 to a presigned URL on the store's public endpoint (Lambda).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +23,9 @@ from common.settings import DownloadMode, Settings
 from common.storage import MP3_CONTENT_TYPE, ObjectMissing, Storage
 
 log = logging.getLogger(__name__)
+
+# The router's internal location that proxies (and caches) the store: infra/nginx.
+ROUTER_STORE_PREFIX = "/_store"
 
 
 def download_response(
@@ -48,6 +61,16 @@ def download_response(
     headers["Content-Length"] = str(length)
     if request.method == "HEAD":
         return flask.Response(status=status, headers=headers, content_type=MP3_CONTENT_TYPE)
+    if settings.download_mode is DownloadMode.ACCEL:
+        # The router sends the object: the range this function accepted, or all of it.
+        target = storage.router_get_path(
+            record.object_key,
+            expires=settings.presign_expires_seconds,
+            filename_header=disposition,
+        )
+        how = "/range" if span is not None else "/whole"
+        accel = {"X-Accel-Redirect": ROUTER_STORE_PREFIX + how + target, "Content-Length": "0"}
+        return flask.Response(status=200, headers=accel, content_type=MP3_CONTENT_TYPE)
     try:
         stream = storage.open_read(record.object_key, span)
     except ObjectMissing as exc:

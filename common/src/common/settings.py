@@ -22,8 +22,9 @@ MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 
 
 class DownloadMode(StrEnum):
-    STREAM = "stream"
-    REDIRECT = "redirect"
+    STREAM = "stream"  # the function streams the object from the store
+    REDIRECT = "redirect"  # 307 to a presigned URL of the store's public endpoint
+    ACCEL = "accel"  # the router (nginx) fetches and caches the object: X-Accel-Redirect
 
 
 class SettingsError(ValueError):
@@ -181,4 +182,6 @@ def _download_mode(raw: str) -> DownloadMode:
     try:
         return DownloadMode(raw.strip().lower() or "stream")
     except ValueError as exc:
-        raise SettingsError(f"DOWNLOAD_MODE must be 'stream' or 'redirect', got {raw!r}") from exc
+        raise SettingsError(
+            f"DOWNLOAD_MODE must be 'stream', 'redirect' or 'accel', got {raw!r}"
+        ) from exc
