@@ -127,6 +127,17 @@ class Ports:
         )
 
 
+def _port_listened(port: int) -> bool:
+    """Whether a server listens on 127.0.0.1:port (connections in TIME_WAIT do not count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         try:
@@ -385,6 +396,10 @@ class NativeStack:
 
     def start_function(self, name: str, env: Mapping[str, str] | None = None) -> None:
         """The function as its container runs it (common.serve), on its own port."""
+        port = getattr(self.ports, name)
+        if _port_listened(port):
+            # granian binds with SO_REUSEPORT: a leftover server would silently share the port.
+            raise StackError(f"port {port} for {name} is in use (a stack still running?)")
         self._spawn(
             name,
             [sys.executable, "-m", "common.serve"],
