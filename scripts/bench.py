@@ -888,10 +888,13 @@ def machine_description() -> list[str]:
 
 
 def server_settings(stack: NativeStack) -> str:
+    """Each function's processes and threads, as common.serve resolves them."""
+    from common.serve import ServerConfig
+
     parts = []
     for name in FUNCTIONS:
-        env = stack.function_env(name) if hasattr(stack, "function_env") else stack.app_env()
-        parts.append(f"{name} WORKERS={env.get('WORKERS')} THREADS={env.get('THREADS')}")
+        config = ServerConfig.from_env(stack.function_env(name))
+        parts.append(f"{name} WORKERS={config.workers} THREADS={config.threads}")
     return "; ".join(parts)
 
 
