@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -201,3 +202,19 @@ def _ffmpeg_children() -> list[str]:
         if fields.get("Name", "").strip() == "ffmpeg" and fields.get("PPid", "").strip() == me:
             found.append(status.parent.name)
     return found
+
+
+def test_the_encoder_runs_as_a_batch_process_at_normal_priority() -> None:
+    """Requests may preempt it (SCHED_BATCH), but it keeps its full share (nice 0)."""
+    seen: list[tuple[int, int]] = []
+    wav = wavgen.wav(seconds=2.0)
+
+    def chunks() -> Iterator[bytes]:
+        yield wav[:4096]
+        for pid in _ffmpeg_children():  # started once the header was read
+            policy = os.sched_getscheduler(int(pid))
+            seen.append((policy, os.getpriority(os.PRIO_PROCESS, int(pid))))
+        yield wav[4096:]
+
+    convert_wav_stream(chunks(), Sink(), ffmpeg=FFMPEG, bitrate_kbps=128, timeout_seconds=30)
+    assert seen == [(os.SCHED_BATCH, 0)]
