@@ -255,7 +255,9 @@ def test_direct_upload_to_the_published_storage_port(compose: Compose) -> None:
 def test_down_and_up_keeps_users_records_and_mp3s(compose: Compose) -> None:
     compose.make("down")  # docker compose down: volumes kept
     assert compose.resources()["containers"] == []
-    assert len(compose.resources()["volumes"]) == 2  # postgres-data and storage-data survive
+    # postgres-data and storage-data survive (and router-cache, the router's MP3 cache)
+    volumes = {v.rsplit("_", 1)[-1] for v in compose.resources()["volumes"]}
+    assert volumes == {"postgres-data", "storage-data", "router-cache"}
     compose.run("up", "-d", "--wait", "--wait-timeout", "300")
     compose.wait_healthy()
     verify_all_downloadable(compose)
