@@ -96,7 +96,7 @@ def _without_body_read(response: flask.Response) -> flask.Response:
     """Keep functions-framework's after-request hook from reading the body into memory.
 
     It calls ``request.get_data()`` after every non-streamed response, which would buffer a
-    rejected upload whole. A streamed response is skipped; the server (gunicorn) then discards
+    rejected upload whole. A streamed response is skipped; the server then discards
     whatever is left of the body in fixed-size reads before the next request.
     """
     if not response.is_streamed:

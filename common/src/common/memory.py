@@ -39,9 +39,10 @@ def tune_malloc() -> bool:
         mallopt(_M_ARENA_MAX, ARENA_MAX)
     if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    # A forked server worker (gunicorn) shares its master's imported modules until it writes
-    # to them; a garbage collection writes to every object it visits. Objects that exist at
-    # fork time are moved out of the collector's reach, so those pages stay shared.
+    # A forked process shares its parent's imported modules until it writes to them; a
+    # garbage collection writes to every object it visits. Objects that exist at fork time
+    # are moved out of the collector's reach, so those pages stay shared. (Server workers
+    # also freeze what they import themselves: common.serve.settle.)
     os.register_at_fork(before=gc.freeze)
     _tuned = True
     return True

@@ -30,12 +30,16 @@ from typing import Any
 
 from common.entrypoint import TARGETS, function_source
 
-# (processes, threads) per function. Small requests are CPU-bound Python: a process per core,
-# and a few threads each so one waiting on PostgreSQL leaves the core to another. An upload
-# spends its time in ffmpeg and in I/O: one process runs several at once with the least memory.
+# (processes, threads) per function, chosen by alternating wrk runs on 2 cores. Small requests are
+# Python bound by the GIL: one process keeps a core busy, two threads overlap the wait for
+# PostgreSQL, and the other core serves PostgreSQL, nginx and the other functions. A second
+# process did not add throughput: the router's keepalive connections settle unevenly on the
+# processes (21 and 11 of 32 seen), so one of them still saturates while the other idles.
+# More threads only contend for the GIL. An upload spends its time in ffmpeg and in I/O: one
+# process runs several at once with the least memory.
 SERVER_DEFAULTS: Mapping[str, tuple[int, int]] = {
-    "create_user": (2, 4),
-    "get_record": (2, 4),
+    "create_user": (1, 2),
+    "get_record": (1, 2),
     "upload_record": (1, 8),
 }
 # Connections waiting to be accepted; the router keeps a few dozen open to each function.
