@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from common.serve import SERVER_DEFAULTS, ServeError, ServerConfig
+from common.serve import SERVER_DEFAULTS, ServerConfig
+from common.settings import SettingsError
 
 
 def test_defaults_follow_the_function() -> None:
@@ -40,5 +41,5 @@ def test_platform_variables_win() -> None:
     ],
 )
 def test_bad_settings_are_refused_with_the_reason(env: dict[str, str], message: str) -> None:
-    with pytest.raises(ServeError, match=message):
+    with pytest.raises(SettingsError, match=message):
         ServerConfig.from_env(env)

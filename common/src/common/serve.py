@@ -21,7 +21,6 @@ as it arrives (``wsgi.input`` reads from the socket on demand), so:
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.entrypoint import TARGETS, function_source
+from common.settings import SettingsError, int_setting
 
 # (processes, threads) per function, chosen by alternating wrk runs on 2 cores. Small requests are
 # Python bound by the GIL: one process keeps a core busy, two threads overlap the wait for
@@ -48,10 +48,6 @@ BACKLOG = 1024
 KILL_TIMEOUT_SECONDS = 30
 
 
-class ServeError(ValueError):
-    """The environment does not describe a function this server can run."""
-
-
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     target: str
@@ -65,30 +61,19 @@ class ServerConfig:
     def from_env(cls, env: Mapping[str, str]) -> ServerConfig:
         target = env.get("FUNCTION_TARGET", "")
         if target not in TARGETS:
-            raise ServeError(f"FUNCTION_TARGET must be one of {', '.join(TARGETS)}, got {target!r}")
+            raise SettingsError(
+                f"FUNCTION_TARGET must be one of {', '.join(TARGETS)}, got {target!r}"
+            )
         source = function_source(target, env)
         workers, threads = SERVER_DEFAULTS[target]
         return cls(
             target=target,
             source=source,
             host=env.get("HOST", "") or "0.0.0.0",
-            port=_positive(env, "PORT", 8080),
-            workers=_positive(env, "WORKERS", workers),
-            threads=_positive(env, "THREADS", threads),
+            port=int_setting(env, "PORT", 8080, minimum=1),
+            workers=int_setting(env, "WORKERS", workers, minimum=1),
+            threads=int_setting(env, "THREADS", threads, minimum=1),
         )
-
-
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ServeError(f"{name} must be an integer, got {raw!r}") from exc
-    if value < 1:
-        raise ServeError(f"{name} must be at least 1, got {value}")
-    return value
 
 
 def load_app(source_and_target: str) -> Callable[..., Any]:
@@ -142,9 +127,8 @@ def build_server(config: ServerConfig) -> Any:
 def main() -> None:
     try:
         config = ServerConfig.from_env(os.environ)
-    except ServeError as exc:
+    except SettingsError as exc:
         sys.exit(str(exc))
-    logging.getLogger(__name__).debug("serving %s", config)
     build_server(config).serve(target_loader=load_app)
 
 

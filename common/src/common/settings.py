@@ -64,7 +64,7 @@ class Settings:
         e = os.environ if env is None else env
         settings = cls(
             database_url=normalise_database_url(e.get("DATABASE_URL", DEFAULT_DATABASE_URL)),
-            db_pool_size=_int(e, "DB_POOL_SIZE", 10, minimum=1),
+            db_pool_size=int_setting(e, "DB_POOL_SIZE", 10, minimum=1),
             db_connect_timeout_seconds=_float(e, "DB_CONNECT_TIMEOUT_SECONDS", 5.0),
             s3_endpoint_url=_optional_url(e, "S3_ENDPOINT_URL"),
             s3_public_endpoint_url=_optional_url(e, "S3_PUBLIC_ENDPOINT_URL"),
@@ -73,18 +73,18 @@ class Settings:
             aws_secret_access_key=e.get("AWS_SECRET_ACCESS_KEY") or None,
             aws_session_token=e.get("AWS_SESSION_TOKEN") or None,
             s3_bucket=e.get("S3_BUCKET", "records") or "records",
-            s3_part_size_bytes=_int(e, "S3_PART_SIZE_BYTES", 8 * MIB, minimum=5 * MIB),
+            s3_part_size_bytes=int_setting(e, "S3_PART_SIZE_BYTES", 8 * MIB, minimum=5 * MIB),
             s3_timeout_seconds=_float(e, "S3_TIMEOUT_SECONDS", 10.0),
-            max_upload_bytes=_int(e, "MAX_UPLOAD_BYTES", 256 * MIB, minimum=1024),
-            mp3_bitrate_kbps=_int(e, "MP3_BITRATE_KBPS", 192, minimum=32),
+            max_upload_bytes=int_setting(e, "MAX_UPLOAD_BYTES", 256 * MIB, minimum=1024),
+            mp3_bitrate_kbps=int_setting(e, "MP3_BITRATE_KBPS", 192, minimum=32),
             convert_timeout_seconds=_float(e, "CONVERT_TIMEOUT_SECONDS", 600.0),
             ffmpeg_binary=e.get("FFMPEG_BINARY", "") or _discover_ffmpeg(),
             download_mode=_download_mode(e.get("DOWNLOAD_MODE", "stream")),
-            presign_expires_seconds=_int(e, "PRESIGN_EXPIRES_SECONDS", 300, minimum=1),
+            presign_expires_seconds=int_setting(e, "PRESIGN_EXPIRES_SECONDS", 300, minimum=1),
             public_base_url=_optional_url(e, "PUBLIC_BASE_URL"),
-            retry_after_seconds=_int(e, "RETRY_AFTER_SECONDS", 5, minimum=1),
+            retry_after_seconds=int_setting(e, "RETRY_AFTER_SECONDS", 5, minimum=1),
             log_level=(e.get("LOG_LEVEL", "INFO") or "INFO").upper(),
-            max_direct_upload_bytes=_int(
+            max_direct_upload_bytes=int_setting(
                 e, "MAX_DIRECT_UPLOAD_BYTES", 4 * 1024 * MIB, minimum=1024
             ),
             google_cloud_project=e.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
@@ -142,7 +142,8 @@ def _discover_ffmpeg() -> str:
     return found if isinstance(found, str) and found else "ffmpeg"
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+def int_setting(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    """The integer ``env[name]`` (``default`` when unset or empty), refused below ``minimum``."""
     raw = env.get(name, "")
     if raw == "":
         return default
