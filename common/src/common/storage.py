@@ -194,7 +194,11 @@ class Storage:
         return ObjectStream(response["Body"], int(response["ContentLength"]))
 
     def presigned_get(self, key: str, *, expires: int, filename_header: str) -> str:
-        return self.presign_client.generate_presigned_url(
+        """A presigned GET of ``key`` on the public endpoint (for clients)."""
+        return self._sign_get(self.presign_client, key, expires, filename_header)
+
+    def _sign_get(self, client: S3Client, key: str, expires: int, filename_header: str) -> str:
+        return client.generate_presigned_url(
             "get_object",
             Params={
                 "Bucket": self.bucket,
@@ -218,17 +222,7 @@ class Storage:
         cached = self._router_urls.get(cache_key, now)
         if cached is not None:
             return cached
-        url = self.client.generate_presigned_url(
-            "get_object",
-            Params={
-                "Bucket": self.bucket,
-                "Key": key,
-                "ResponseContentType": MP3_CONTENT_TYPE,
-                "ResponseContentDisposition": filename_header,
-            },
-            ExpiresIn=expires,
-        )
-        parts = urlsplit(url)
+        parts = urlsplit(self._sign_get(self.client, key, expires, filename_header))
         path = f"{parts.path}?{parts.query}"
         self._router_urls.put(cache_key, path, now + expires / 2)
         return path
