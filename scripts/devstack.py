@@ -127,19 +127,11 @@ class Ports:
         )
 
 
-def _port_listened(port: int) -> bool:
-    """Whether a server listens on 127.0.0.1:port (connections in TIME_WAIT do not count)."""
+def _port_free(port: int, *, despite_time_wait: bool = False) -> bool:
+    """Whether 127.0.0.1:port can be bound; ``despite_time_wait``: only a listener counts."""
     with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-        return False
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
+        if despite_time_wait:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -397,7 +389,7 @@ class NativeStack:
     def start_function(self, name: str, env: Mapping[str, str] | None = None) -> None:
         """The function as its container runs it (common.serve), on its own port."""
         port = getattr(self.ports, name)
-        if _port_listened(port):
+        if not _port_free(port, despite_time_wait=True):
             # granian binds with SO_REUSEPORT: a leftover server would silently share the port.
             raise StackError(f"port {port} for {name} is in use (a stack still running?)")
         self._spawn(
