@@ -71,20 +71,9 @@ RUN set -eux; \
         xz-utils libmp3lame-dev
 WORKDIR /build
 RUN apt-get source ffmpeg && mv ffmpeg-*/ src
-WORKDIR /build/src
-RUN ./configure \
-        --prefix=/opt/ffmpeg --enable-static --disable-shared --extra-ldflags=-static \
-        --disable-everything --disable-autodetect --disable-doc --disable-debug \
-        --disable-network --disable-ffplay --disable-ffprobe --disable-avdevice \
-        --disable-swscale --disable-postproc \
-        --enable-swresample --enable-libmp3lame --enable-encoder=libmp3lame \
-        --enable-decoder=pcm_u8,pcm_s16le,pcm_s24le,pcm_s32le,pcm_f32le,pcm_f64le \
-        --enable-demuxer=wav --enable-muxer=mp3 --enable-protocol=pipe \
-        --enable-filter=abuffer,abuffersink,aformat,anull,aresample,atrim \
-    && make -j"$(nproc)" ffmpeg \
-    && strip ffmpeg \
-    && ./ffmpeg -hide_banner -encoders | grep -q libmp3lame \
-    && install -D -m 0755 ffmpeg /opt/ffmpeg/bin/ffmpeg
+# The same build script as the native stack's (make tools): one list of what ffmpeg keeps.
+COPY infra/ffmpeg/build.sh /build/
+RUN sh /build/build.sh /build/src /opt/ffmpeg
 
 # ---------------------------------------------------------------- runtime, shared by all three
 FROM base AS runtime

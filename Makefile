@@ -13,7 +13,7 @@ install: ## create .venv from the lock file (installs uv with pip if it is missi
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
 
-tools: install ## install ffmpeg and nginx if missing (apt-get as root on Debian)
+tools: install ## install ffmpeg and nginx if missing, build the minimal ffmpeg (root on Debian)
 	$(PYTHON) scripts/devstack.py --install-tools
 
 lint: install ## ruff (lint + format check) and mypy --strict

@@ -49,6 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import minimal_ffmpeg  # noqa: E402
 from devstack import FUNCTIONS, NativeStack, Ports, StackError  # noqa: E402
 
 MIB = 1024 * 1024
@@ -903,7 +904,7 @@ def machine_description() -> list[str]:
         f"Python {platform.python_version()}; functions-framework {pkg('functions-framework')}, "
         f"granian {pkg('granian')}, SQLAlchemy {pkg('sqlalchemy')}, pg8000 {pkg('pg8000')}, "
         f"boto3 {pkg('boto3')}",
-        f"{_version(['ffmpeg', '-version'])}; {_version(['nginx', '-v'])}; "
+        f"bare baseline: {_version(['ffmpeg', '-version'])}; {_version(['nginx', '-v'])}; "
         f"{_version(['postgres', '--version'])}; SeaweedFS {_version([weed, 'version'])}; "
         f"{_version(['wrk', '-v'])}",
     ]
@@ -917,6 +918,12 @@ def server_settings(stack: NativeStack) -> str:
     for name in FUNCTIONS:
         config = ServerConfig.from_env(stack.function_env(name))
         parts.append(f"{name} WORKERS={config.workers} THREADS={config.threads}")
+    ffmpeg = stack.function_env("upload_record").get("FFMPEG_BINARY")
+    if ffmpeg and Path(ffmpeg).resolve() == minimal_ffmpeg.BINARY.resolve():
+        shown = f"{minimal_ffmpeg.BINARY.relative_to(ROOT)} (the image's minimal static build)"
+    else:
+        shown = f"{ffmpeg or shutil.which('ffmpeg') or 'ffmpeg'} (not the minimal build)"
+    parts.append(f"upload_record's ffmpeg: {shown}")
     return "; ".join(parts)
 
 

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import minimal_ffmpeg
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "infra" / "nginx" / "router.conf.template"
 STATIC_DIR = ROOT / "api"  # openapi.yaml and the docs page, served by the router
@@ -79,6 +81,12 @@ def ensure_system_tools() -> None:
         f"missing {', '.join(missing)}; install with: sudo {' '.join(command)} "
         "(or your platform's packages for ffmpeg and nginx)"
     )
+
+
+def install_tools() -> None:
+    """make tools: ffmpeg and nginx, then the image's minimal ffmpeg for upload_record."""
+    ensure_system_tools()
+    minimal_ffmpeg.ensure(log)
 
 
 def weed_binary() -> str:
@@ -215,6 +223,9 @@ class NativeStack:
             # The router serves downloads itself (get_record checks, nginx fetches and caches).
             "DOWNLOAD_MODE": "accel",
         }
+        # The image's ffmpeg when make tools could build it (FFMPEG_BINARY, if set, wins).
+        if (ffmpeg := minimal_ffmpeg.built()) is not None:
+            env["FFMPEG_BINARY"] = str(ffmpeg)
         if self.workers is not None:
             env["WORKERS"] = str(self.workers)
         if self.threads is not None:
@@ -528,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", str(ROOT / ".data")))
     parser.add_argument(
-        "--install-tools", action="store_true", help="only install ffmpeg and nginx if missing"
+        "--install-tools",
+        action="store_true",
+        help="only install ffmpeg and nginx if missing and build the minimal ffmpeg",
     )
     parser.add_argument(
         "--free-ports", action="store_true", help="pick free ports for everything (tests)"
@@ -536,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.install_tools:
         try:
-            ensure_system_tools()
+            install_tools()
         except StackError as exc:
             log(f"error: {exc}")
             return 1

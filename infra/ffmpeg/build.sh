@@ -1,0 +1,29 @@
+#!/bin/sh
+# Build the service's ffmpeg: static, with only what the conversion uses (WAV demuxer, PCM
+# decoders, libmp3lame, the MP3 muxer, the pipe protocol and the filters ffmpeg's audio path
+# needs). About 2.5 MB, no shared libraries: where Debian's ffmpeg maps about 44 MiB of them
+# into every conversion, this one runs in about 3 MiB, at the same speed.
+#
+# Used by both the image (Dockerfile, stage "ffmpeg") and the native stack (scripts/devstack.py
+# --install-tools, which keeps the result in .tools/ffmpeg/). It needs a C compiler, make, nasm,
+# pkg-config and libmp3lame's static library (Debian: gcc libc6-dev make nasm pkg-config
+# libmp3lame-dev).
+#
+# usage: build.sh SOURCE_DIR PREFIX   (installs PREFIX/bin/ffmpeg)
+set -eu
+src=$1
+prefix=$2
+cd "$src"
+./configure \
+    --prefix="$prefix" --enable-static --disable-shared --extra-ldflags=-static \
+    --disable-everything --disable-autodetect --disable-doc --disable-debug \
+    --disable-network --disable-ffplay --disable-ffprobe --disable-avdevice \
+    --disable-swscale --disable-postproc \
+    --enable-swresample --enable-libmp3lame --enable-encoder=libmp3lame \
+    --enable-decoder=pcm_u8,pcm_s16le,pcm_s24le,pcm_s32le,pcm_f32le,pcm_f64le \
+    --enable-demuxer=wav --enable-muxer=mp3 --enable-protocol=pipe \
+    --enable-filter=abuffer,abuffersink,aformat,anull,aresample,atrim
+make -j"$(nproc)" ffmpeg
+strip ffmpeg
+./ffmpeg -hide_banner -encoders | grep -q libmp3lame
+install -D -m 0755 ffmpeg "$prefix/bin/ffmpeg"
