@@ -112,26 +112,33 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        # SeaweedFS also binds each port + 10000 for gRPC: pick bases whose +10000 is free too.
-        def pair() -> int:
+        # SeaweedFS also binds each port + 10000 for gRPC: pick bases whose +10000 is free too,
+        # and never one another port of this stack (or its +10000) already took: none of them
+        # is bound yet, so only this bookkeeping keeps two servers off one port.
+        taken: set[int] = set()
+
+        def pick(grpc: bool = False) -> int:
             for _ in range(100):
                 port = free_port()
-                if port < 55535 and _port_free(port + 10000):
-                    return port
-            raise StackError("no free port pair found")
+                wanted = {port, port + 10000} if grpc else {port}
+                if wanted & taken or (grpc and (port >= 55535 or not _port_free(port + 10000))):
+                    continue
+                taken.update(wanted)
+                return port
+            raise StackError("no free port found")
 
         return cls(
-            router=free_port(),
-            create_user=free_port(),
-            upload_record=free_port(),
-            get_record=free_port(),
-            postgres=free_port(),
-            s3=pair(),
-            weed_master=pair(),
-            weed_volume=pair(),
-            weed_filer=pair(),
-            weed_webdav=free_port(),
-            weed_admin=pair(),
+            s3=pick(grpc=True),
+            weed_master=pick(grpc=True),
+            weed_volume=pick(grpc=True),
+            weed_filer=pick(grpc=True),
+            weed_admin=pick(grpc=True),
+            router=pick(),
+            create_user=pick(),
+            upload_record=pick(),
+            get_record=pick(),
+            postgres=pick(),
+            weed_webdav=pick(),
         )
 
 
