@@ -30,15 +30,19 @@ from typing import Any
 from common.entrypoint import TARGETS, function_source
 from common.settings import SettingsError, int_setting
 
-# (processes, threads) per function, chosen by alternating wrk runs on 2 cores. Small requests are
-# Python bound by the GIL: one process keeps a core busy, two threads overlap the wait for
-# PostgreSQL, and the other core serves PostgreSQL, nginx and the other functions. A second
-# process did not add throughput: the router's keepalive connections settle unevenly on the
-# processes (21 and 11 of 32 seen), so one of them still saturates while the other idles.
-# More threads only contend for the GIL. An upload spends its time in ffmpeg and in I/O: one
-# process runs several at once with the least memory.
+# (processes, threads) per function, chosen by alternating wrk runs on 2 cores. A small request
+# is Python bound by the GIL: one process tops out near one core (1,650-1,900 POST /users a
+# second on an AMD EPYC 2-core machine) while PostgreSQL, nginx and the client leave part of the
+# other idle. create_user runs two processes: 2,000-2,300/s there at the same p99. granian's
+# processes each accept on their own SO_REUSEPORT socket, so the kernel spreads the router's
+# connections by their addresses (15/17 of 32 seen; 21/11 on another machine), and the router
+# renews its upstream connections every few seconds (keepalive_time) so that an uneven split
+# does not last. get_record stays at one: its downloads are bound by nginx and the client
+# copying the MP3s. Two threads overlap a process's wait for PostgreSQL; more only contend for
+# the GIL. An upload spends its time in ffmpeg and in I/O: one process runs several at once
+# with the least memory.
 SERVER_DEFAULTS: Mapping[str, tuple[int, int]] = {
-    "create_user": (1, 2),
+    "create_user": (2, 2),
     "get_record": (1, 2),
     "upload_record": (1, 8),
 }
