@@ -10,7 +10,7 @@ server settings), then measures, with warm-up and counted rounds:
    while it converts a small and a 1 GiB WAV (streamed from a generator, never on disk);
 3. throughput: two uploads at once against one;
 4. small requests: POST /users and a 1 MB GET /record with wrk (32 connections, bounded in
-   time and requests, 127.0.0.1 only);
+   time and requests, 127.0.0.1 only; five rounds of each, figures are medians of rounds);
 5. stalls: the slowest POST /users and GET /record while a 10-minute WAV converts;
 6. image size and cold start: the compose stack's own measurement script, when present.
 
@@ -81,6 +81,7 @@ class Plan:
     rounds: int  # counted rounds of each measurement
     throughput_rounds: int  # figure 3's rounds (each: one upload, then two at once)
     warmups: int
+    wrk_rounds: int  # counted wrk runs of each small-request load (figure 4)
     wrk_seconds: float
     wrk_max_requests: int  # per run: wrk stops at this many responses
     connections: int
@@ -96,6 +97,7 @@ class Plan:
             rounds=3,
             throughput_rounds=5,
             warmups=1,
+            wrk_rounds=5,
             wrk_seconds=10.0,
             wrk_max_requests=100_000,
             connections=32,
@@ -112,6 +114,7 @@ class Plan:
             rounds=1,
             throughput_rounds=1,
             warmups=0,
+            wrk_rounds=1,
             wrk_seconds=1.0,
             wrk_max_requests=2_000,
             connections=8,
@@ -727,13 +730,18 @@ class Bench:
                 run_wrk(self.wrk, script, url, plan, min(3.0, plan.wrk_seconds), env)
             results = []
             with self.cpu.measure(self.noise, name):
-                for _ in range(plan.rounds):
+                for _ in range(plan.wrk_rounds):
                     results.append(run_wrk(self.wrk, script, url, plan, plan.wrk_seconds, env))
-            results.sort(key=lambda r: r.rps)
-            mid = results[len(results) // 2]
+            # Each figure is the median over the rounds: one round's p99 is set by its worst
+            # few hundred responses, and a single stall of the machine's disk (PostgreSQL's
+            # commit waits for its fsync) lifts it for the whole round (README, Performance).
+            rps = statistics.median(r.rps for r in results)
+            p99 = statistics.median(r.p99_ms for r in results)
+            p99s = [r.p99_ms for r in results]
+            p99_range = f"rounds {min(p99s):.0f} to {max(p99s):.0f} ms"
             errors = sum(r.errors for r in results)
             self.details.append(
-                f"{name}: " + "; ".join(
+                f"{name} (in the order run): " + "; ".join(
                     f"{r.rps:.0f}/s p50 {r.p50_ms:.1f} ms p99 {r.p99_ms:.1f} ms "
                     f"max {r.max_ms:.0f} ms ({r.requests} requests, {r.errors} errors)"
                     for r in results
@@ -742,32 +750,32 @@ class Bench:
             if name == "create_user":
                 self.rows.append(
                     Row(
-                        f"4a. POST /users, {plan.connections} connections (median round)",
-                        f"{mid.rps:.0f}/s",
+                        f"4a. POST /users, {plan.connections} connections (median of rounds)",
+                        f"{rps:.0f}/s",
                         "≥ 1500/s",
-                        mid.rps / 1500,
-                        mid.rps >= 1500 and errors == 0,
+                        rps / 1500,
+                        rps >= 1500 and errors == 0,
                         f"{errors} errors" if errors else "",
                     )
                 )
                 self.rows.append(
                     Row(
-                        "4b. POST /users p99 latency (same round)",
-                        f"{mid.p99_ms:.1f} ms",
+                        "4b. POST /users p99 latency (median of rounds)",
+                        f"{p99:.1f} ms ({p99_range})",
                         "< 50 ms",
-                        mid.p99_ms / 50,
-                        mid.p99_ms < 50,
+                        p99 / 50,
+                        p99 < 50,
                     )
                 )
             else:
                 self.rows.append(
                     Row(
                         f"4c. GET /record of {plan.download_bytes / 1e6:g} MB, "
-                        f"{plan.connections} connections (one record, repeated)",
-                        f"{mid.rps:.0f}/s (p99 {mid.p99_ms:.0f} ms)",
+                        f"{plan.connections} connections (one record, repeated; median of rounds)",
+                        f"{rps:.0f}/s (p99 {p99:.0f} ms)",
                         "≥ 500/s",
-                        mid.rps / 500,
-                        mid.rps >= 500 and errors == 0,
+                        rps / 500,
+                        rps >= 500 and errors == 0,
                         f"{errors} errors" if errors else "",
                     )
                 )
