@@ -535,6 +535,19 @@ class Bench:
             raise RuntimeError(f"POST /records answered {status}")
         return float(seconds)
 
+    def settle_disk(self) -> None:
+        """Write back what the previous step left dirty before the next one starts.
+
+        The memory step stores the MP3 of a 1 GiB WAV; the kernel writes such data back over
+        the next half minute, and on this machine's disk that makes PostgreSQL's commit fsyncs
+        stall for up to a few hundred ms: the following step would measure the previous one's
+        write-back, not itself.
+        """
+        start = time.monotonic()
+        os.sync()
+        if (took := time.monotonic() - start) > 0.5:
+            log(f"waited {took:.1f} s for the previous step's data to reach the disk")
+
     # --- measurements ------------------------------------------------------------------------
     def run(self) -> None:
         plan = self.plan
@@ -550,14 +563,19 @@ class Bench:
 
         steps = self.steps
         if "latency" in steps:
+            self.settle_disk()
             self.measure_latency(user, wav)
         if "throughput" in steps:
+            self.settle_disk()
             self.measure_throughput(user, wav)
         if "memory" in steps:
+            self.settle_disk()
             self.measure_memory(user)
         if steps & {"small", "stalls"}:
+            self.settle_disk()
             self.measure_small_requests(user)  # uploads the record both download
         if "stalls" in steps:
+            self.settle_disk()
             self.measure_stalls(user, wav)
         if "images" in steps:
             self.measure_images()
