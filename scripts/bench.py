@@ -561,23 +561,19 @@ class Bench:
         wav_size = write_wav(wav, plan.wav_seconds)
         log(f"{wav_size / MIB:.0f} MiB WAV ({plan.wav_seconds:g} s) written for the upload runs")
 
-        steps = self.steps
-        if "latency" in steps:
-            self.settle_disk()
-            self.measure_latency(user, wav)
-        if "throughput" in steps:
-            self.settle_disk()
-            self.measure_throughput(user, wav)
-        if "memory" in steps:
-            self.settle_disk()
-            self.measure_memory(user)
-        if steps & {"small", "stalls"}:
-            self.settle_disk()
-            self.measure_small_requests(user)  # uploads the record both download
-        if "stalls" in steps:
-            self.settle_disk()
-            self.measure_stalls(user, wav)
-        if "images" in steps:
+        measurements: list[tuple[set[str], Callable[[], None]]] = [
+            ({"latency"}, lambda: self.measure_latency(user, wav)),
+            ({"throughput"}, lambda: self.measure_throughput(user, wav)),
+            ({"memory"}, lambda: self.measure_memory(user)),
+            # uploads the record that both small and stalls download
+            ({"small", "stalls"}, lambda: self.measure_small_requests(user)),
+            ({"stalls"}, lambda: self.measure_stalls(user, wav)),
+        ]
+        for wanted, measure in measurements:
+            if self.steps & wanted:
+                self.settle_disk()
+                measure()
+        if "images" in self.steps:
             self.measure_images()
         self.noise.load_end = os.getloadavg()[0]
 
@@ -754,8 +750,8 @@ class Bench:
             # few hundred responses, and a single stall of the machine's disk (PostgreSQL's
             # commit waits for its fsync) lifts it for the whole round (README, Performance).
             rps = statistics.median(r.rps for r in results)
-            p99 = statistics.median(r.p99_ms for r in results)
             p99s = [r.p99_ms for r in results]
+            p99 = statistics.median(p99s)
             p99_range = f"rounds {min(p99s):.0f} to {max(p99s):.0f} ms"
             errors = sum(r.errors for r in results)
             self.details.append(
