@@ -89,7 +89,7 @@ EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-I", "-S", "-c", "import os, socket; s = socket.create_connection(('127.0.0.1', int(os.environ.get('PORT', '8080'))), 2); s.settimeout(3); s.sendall(b'GET /healthz HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n'); raise SystemExit(0 if s.recv(64).split(b' ')[1:2] == [b'200'] else 1)"]
 USER 10001:10001
-CMD ["python", "-m", "common.entrypoint"]
+CMD ["python", "-m", "common.platform.entrypoint"]
 
 FROM runtime AS function-create_user
 FROM runtime AS function-get_record

@@ -34,7 +34,7 @@ test-reliability: install tools ## fault injection and load on a stack of their 
 	$(UV) run --frozen pytest -m reliability
 
 sweep: install ## remove record objects without rows and stale multipart uploads (SWEEP_GRACE_SECONDS)
-	$(UV) run --frozen python -m common.sweep
+	$(UV) run --frozen python -m common.ops.sweep
 
 audit: install ## known vulnerabilities in the locked dependencies (pip-audit; security/audit-allowlist.txt)
 	$(PYTHON) scripts/audit.py

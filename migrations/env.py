@@ -1,4 +1,4 @@
-"""Alembic environment: the URL from DATABASE_URL, the target schema from common.models."""
+"""Alembic environment: the URL from DATABASE_URL, the target schema from common.adapters.models."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 from logging.config import fileConfig
 
 from alembic import context
-from common.models import Base
+from common.adapters.models import Base
 from common.settings import DEFAULT_DATABASE_URL, normalise_database_url
 from sqlalchemy import create_engine, pool
 

@@ -933,8 +933,8 @@ def machine_description() -> list[str]:
 
 
 def server_settings(stack: NativeStack) -> str:
-    """Each function's processes and threads, as common.serve resolves them."""
-    from common.serve import ServerConfig
+    """Each function's processes and threads, as common.platform.serve resolves them."""
+    from common.platform.serve import ServerConfig
 
     parts = []
     for name in FUNCTIONS:

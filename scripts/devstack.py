@@ -401,25 +401,25 @@ class NativeStack:
         )  # fmt: skip
         self._wait_port(p.s3, "seaweedfs", 60)
         subprocess.run(
-            [sys.executable, "-m", "common.bucket"], check=True, cwd=ROOT, env=self.app_env()
+            [sys.executable, "-m", "common.ops.bucket"], check=True, cwd=ROOT, env=self.app_env()
         )
 
     def start_function(self, name: str, env: Mapping[str, str] | None = None) -> None:
-        """The function as its container runs it (common.serve), on its own port."""
+        """The function as its container runs it (common.platform.serve), on its own port."""
         port = getattr(self.ports, name)
         if not _port_free(port, despite_time_wait=True):
             # granian binds with SO_REUSEPORT: a leftover server would silently share the port.
             raise StackError(f"port {port} for {name} is in use (a stack still running?)")
         self._spawn(
             name,
-            [sys.executable, "-m", "common.serve"],
+            [sys.executable, "-m", "common.platform.serve"],
             env={**self.function_env(name), **(env or {})},
         )
 
     def function_env(self, name: str) -> dict[str, str]:
-        """app_env plus what common.serve reads: the target, its source, where to listen.
+        """app_env plus what common.platform.serve reads: the target, its source, where to listen.
 
-        WORKERS and THREADS come from app_env when set, else common.serve's per-function
+        WORKERS and THREADS come from app_env when set, else common.platform.serve's per-function
         defaults (SERVER_DEFAULTS) apply, as in the containers.
         """
         env = self.app_env()

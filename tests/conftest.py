@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from common.runtime import Services  # noqa: E402
+from common.platform.runtime import Services  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from devstack import NativeStack, Ports  # noqa: E402
 

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
-from common.runtime import Services
+from common.platform.runtime import Services
 from common.settings import Settings
 from devstack import NativeStack
 

@@ -15,8 +15,8 @@ import urllib.request
 
 import flask
 import pytest
-from common.db import Database
-from common.logs import JsonFormatter, trace_fields
+from common.adapters.db import Database
+from common.platform.logs import JsonFormatter, trace_fields
 from common.settings import Settings, SettingsError, normalise_database_url
 from conftest import ROOT
 from devstack import NativeStack, free_port
@@ -141,7 +141,7 @@ def test_postgres_over_its_unix_socket(stack: NativeStack) -> None:
 
 @pytest.mark.integration
 def test_container_entrypoint_serves_on_port_and_starts_fast(stack: NativeStack) -> None:
-    """`python -m common.entrypoint` (the image's ENTRYPOINT) as Cloud Run runs it."""
+    """`python -m common.platform.entrypoint` (the image's ENTRYPOINT) as Cloud Run runs it."""
     port = free_port()
     env = {
         **stack.app_env(),
@@ -154,7 +154,7 @@ def test_container_entrypoint_serves_on_port_and_starts_fast(stack: NativeStack)
     env.pop("AWS_LAMBDA_RUNTIME_API", None)
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.entrypoint"],
+        [sys.executable, "-m", "common.platform.entrypoint"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,

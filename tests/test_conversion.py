@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import wavgen
-from common.conversion import (
+from common.domain.conversion import (
     convert_wav_stream,
     ffmpeg_command,
     mp3_sample_rate,
     parse_mp3_frame_header,
 )
+from common.domain.wav import InvalidWav, NotAWav, UnsupportedWav, parse_header
 from common.errors import ClientDisconnected, RequestTimeout, UndecodableAudio
-from common.wav import InvalidWav, NotAWav, UnsupportedWav, parse_header
 
 FFMPEG = shutil.which("ffmpeg") or "ffmpeg"
 

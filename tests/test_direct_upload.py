@@ -17,13 +17,13 @@ import pytest
 import requests
 import wavgen
 from botocore.exceptions import ClientError
+from common.domain import uploads as direct_upload
 from common.errors import DependencyUnavailable, PayloadTooLarge
-from common.runtime import Services
+from common.ops import bucket
+from common.platform.runtime import Services
 from conftest import Client
 from devstack import NativeStack, free_port
 from stack_clients import build_services
-
-from common import bucket, direct_upload
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

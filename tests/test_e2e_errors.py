@@ -203,7 +203,7 @@ def function_factory(stack: NativeStack) -> Iterator[StartFunction]:
         log = (stack.logs / f"extra-{name}-{port}.log").open("wb")
         function_env = {**stack.function_env(name), "PORT": str(port), **env}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "common.serve"],
+            [sys.executable, "-m", "common.platform.serve"],
             env=function_env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         started.append(proc)
@@ -262,7 +262,7 @@ def test_storage_outage_is_503_and_leaves_no_row(
     body = assert_problem(response, 503)
     assert response.headers["Retry-After"].isdigit()
     assert "object store" in str(body["detail"])
-    from common.db import Database
+    from common.adapters.db import Database
     from common.settings import Settings
     from sqlalchemy import text
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 import wavgen
-from common.runtime import Services
+from common.platform.runtime import Services
 from conftest import Client
 from devstack import NativeStack
 from probe import probe_mp3

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-from common.auth import bearer_token, hash_token, new_token, token_matches
+from common.domain.records import mp3_filename, object_key
+from common.domain.tokens import hash_token, new_token, token_matches
 from common.errors import DependencyUnavailable, MethodNotAllowed, NotFound, Unauthorized
-from common.http import content_disposition
-from common.records import mp3_filename, object_key
+from common.http.auth import bearer_token
+from common.http.responses import content_disposition
 
 
 def test_problem_document_has_the_rfc9457_members() -> None:

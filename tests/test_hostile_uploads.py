@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from common.conversion import ffmpeg_command, parse_mp3_frame_header
+from common.domain.conversion import ffmpeg_command, parse_mp3_frame_header
+from common.domain.wav import SampleFormat, WavHeader
 from common.settings import Settings
-from common.wav import SampleFormat, WavHeader
 from conftest import Client
 from devstack import NativeStack
 from hypothesis import HealthCheck, given, settings

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import yaml
+from common.domain import uploads as direct_upload
+from common.ops import bucket
 from conftest import ROOT
 from devstack import FUNCTIONS, render_template
-
-from common import bucket, direct_upload
 
 AWS_TEMPLATE = ROOT / "infra" / "aws" / "template.yaml"
 GCP = ROOT / "infra" / "gcp"

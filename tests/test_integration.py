@@ -7,11 +7,11 @@ import uuid
 import pytest
 import requests
 import wavgen
+from common.adapters.storage import ObjectMissing
+from common.domain.records import create_record, find_record
+from common.domain.users import authenticate, create_user
 from common.errors import NotFound, Unauthorized
-from common.records import create_record, find_record
-from common.runtime import Services
-from common.storage import ObjectMissing
-from common.users import authenticate, create_user
+from common.platform.runtime import Services
 
 pytestmark = pytest.mark.integration
 MIB = 1024 * 1024

@@ -18,15 +18,14 @@ from typing import Any
 import pytest
 import requests
 import wavgen
-from common.aws_lambda import LambdaHandler, make_handler
-from common.runtime import Services, set_services
+from common.platform import entrypoint
+from common.platform.aws_lambda import LambdaHandler, make_handler
+from common.platform.runtime import Services, set_services
 from common.settings import DownloadMode
 from conftest import ROOT, Client
 from devstack import NativeStack
 from lambda_events import event, multipart, parse_response
 from stack_clients import build_services
-
-from common import entrypoint
 
 pytestmark = pytest.mark.integration
 
@@ -327,9 +326,9 @@ def test_health_check_through_lambda(invoke: Any) -> None:
 def test_entrypoint_chooses_lambda_mode_only_on_lambda() -> None:
     base = {"FUNCTION_TARGET": "upload_record", "PORT": "9090"}
     served = entrypoint.command(base)
-    assert served[1:] == ["-m", "common.serve"]  # reads FUNCTION_TARGET and PORT itself
+    assert served[1:] == ["-m", "common.platform.serve"]  # reads FUNCTION_TARGET and PORT itself
     on_lambda = entrypoint.command({**base, "AWS_LAMBDA_RUNTIME_API": "127.0.0.1:9001"})
-    assert on_lambda[1:] == ["-m", "awslambdaric", "common.aws_lambda.handler"]
+    assert on_lambda[1:] == ["-m", "awslambdaric", "common.platform.aws_lambda.handler"]
     with pytest.raises(SystemExit):
         entrypoint.command({"AWS_LAMBDA_RUNTIME_API": "127.0.0.1:9001"})
 
@@ -408,7 +407,7 @@ def test_runtime_interface_client_serves_function_url_event(stack: NativeStack) 
         "AWS_LAMBDA_LOG_STREAM_NAME": "stream",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.entrypoint"],
+        [sys.executable, "-m", "common.platform.entrypoint"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,

@@ -10,7 +10,7 @@ from pathlib import Path
 import minimal_ffmpeg
 import pytest
 import wavgen
-from common.conversion import convert_wav_stream
+from common.domain.conversion import convert_wav_stream
 from devstack import NativeStack
 
 

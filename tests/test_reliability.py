@@ -24,12 +24,12 @@ from typing import Any
 import pg8000.native
 import pytest
 import requests
-from common.db import Database
-from common.models import Record, User
-from common.runtime import Services
+from common.adapters.db import Database
+from common.adapters.models import Record, User
+from common.adapters.storage import Storage
+from common.ops.sweep import sweep
+from common.platform.runtime import Services
 from common.settings import Settings
-from common.storage import Storage
-from common.sweep import sweep
 from conftest import running_stack
 from devstack import DB_NAME, DB_USER, NativeStack
 from sqlalchemy import create_engine, func, select

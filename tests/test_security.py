@@ -6,8 +6,8 @@ import hashlib
 import uuid
 
 import pytest
-from common.models import Record, User
-from common.runtime import Services
+from common.adapters.models import Record, User
+from common.platform.runtime import Services
 from conftest import Client
 from devstack import NativeStack
 from wavgen import wav

@@ -1,9 +1,9 @@
-"""common.serve: the server settings each function container starts with."""
+"""common.platform.serve: the server settings each function container starts with."""
 
 from __future__ import annotations
 
 import pytest
-from common.serve import SERVER_DEFAULTS, ServerConfig
+from common.platform.serve import SERVER_DEFAULTS, ServerConfig
 from common.settings import SettingsError
 
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import boto3
 import pytest
 from botocore.exceptions import EndpointConnectionError
+from common.adapters.storage import ObjectMissing, Storage
 from common.errors import DependencyUnavailable
-from common.storage import ObjectMissing, Storage
 from moto import mock_aws
 
 PART = 5 * 1024 * 1024

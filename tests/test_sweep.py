@@ -1,4 +1,4 @@
-"""``common.sweep`` against the real Postgres and SeaweedFS of the session stack."""
+"""``common.ops.sweep`` against the real Postgres and SeaweedFS of the session stack."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from common.records import object_key
-from common.runtime import Services
-from common.sweep import sweep
+from common.domain.records import object_key
+from common.ops.sweep import sweep
+from common.platform.runtime import Services
 from conftest import ROOT, Client
 from devstack import NativeStack
 from wavgen import wav
@@ -67,7 +67,7 @@ def test_sweep_removes_orphans_and_stale_uploads_and_keeps_records(
 
 def test_sweep_command_runs_against_the_stack(stack: NativeStack) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "common.sweep", "--grace-seconds", "3600"],
+        [sys.executable, "-m", "common.ops.sweep", "--grace-seconds", "3600"],
         cwd=ROOT,
         env=stack.app_env(),
         capture_output=True,

@@ -1,4 +1,4 @@
-"""Unit tests of the streaming multipart reader (common.upload_form)."""
+"""Unit tests of the streaming multipart reader (common.http.request_body)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from common.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from common.upload_form import RequestBody, read_upload
+from common.http.request_body import RequestBody, read_upload
 
 BOUNDARY = "----boundary42"
 

@@ -1,4 +1,4 @@
-"""Unit tests of the RIFF/WAVE header gate (common.wav)."""
+"""Unit tests of the RIFF/WAVE header gate (common.domain.wav)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import struct
 
 import pytest
 import wavgen
-from common.wav import (
+from common.domain.wav import (
     MAX_HEADER_BYTES,
     InvalidWav,
     NotAWav,

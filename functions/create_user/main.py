@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import flask
 import functions_framework
-from common.http import (
+from common.domain.users import create_user as create_user_in_db
+from common.http.request_body import read_fields
+from common.http.responses import (
     function_handler,
     health_response,
     is_health_check,
     json_response,
-    read_fields,
     require_method,
 )
-from common.runtime import get_services
-from common.users import create_user as create_user_in_db
+from common.platform.runtime import get_services
 
 
 @functions_framework.http

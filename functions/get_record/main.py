@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import flask
 import functions_framework
-from common.downloads import download_response
-from common.http import function_handler, health_response, is_health_check, require_method
-from common.records import find_record
-from common.runtime import get_services
+from common.domain.records import find_record
+from common.http.downloads import download_response
+from common.http.responses import function_handler, health_response, is_health_check, require_method
+from common.platform.runtime import get_services
 
 
 @functions_framework.http

@@ -2,23 +2,25 @@
 
 * POST /records (user, token, WAV file): the WAV in the request body, converted as it arrives.
 * POST /records/uploads: a presigned POST to send a large WAV straight to the bucket.
-* POST /records/uploads/<id>/complete: convert that uploaded WAV (see common.direct_upload).
+* POST /records/uploads/<id>/complete: convert that uploaded WAV (see common.domain.uploads).
 """
 
 from __future__ import annotations
 
 import flask
 import functions_framework
-from common.auth import bearer_token
-from common.direct_upload import (
+from common.domain.records import create_record
+from common.domain.uploads import (
     UPLOADS_PATH,
-    authenticated_user,
     complete_upload,
     completion_target,
     start_upload,
 )
-from common.http import (
-    check_content_length,
+from common.domain.users import authenticate
+from common.http.auth import authenticated_user, bearer_token
+from common.http.record_response import record_created_response
+from common.http.request_body import RequestBody, check_content_length, read_upload
+from common.http.responses import (
     function_handler,
     health_response,
     is_health_check,
@@ -26,11 +28,7 @@ from common.http import (
     public_base_url,
     require_method,
 )
-from common.record_response import record_created_response
-from common.records import create_record
-from common.runtime import Services, get_services
-from common.upload_form import RequestBody, read_upload
-from common.users import authenticate
+from common.platform.runtime import Services, get_services
 
 
 @functions_framework.http

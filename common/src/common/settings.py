@@ -35,6 +35,7 @@ class SettingsError(ValueError):
 class Settings:
     database_url: str
     db_pool_size: int
+    db_pool_overflow: int
     db_connect_timeout_seconds: float
     s3_endpoint_url: str | None
     s3_public_endpoint_url: str | None
@@ -65,6 +66,7 @@ class Settings:
         settings = cls(
             database_url=normalise_database_url(e.get("DATABASE_URL", DEFAULT_DATABASE_URL)),
             db_pool_size=int_setting(e, "DB_POOL_SIZE", 10, minimum=1),
+            db_pool_overflow=int_setting(e, "DB_POOL_OVERFLOW", 0),
             db_connect_timeout_seconds=_float(e, "DB_CONNECT_TIMEOUT_SECONDS", 5.0),
             s3_endpoint_url=_optional_url(e, "S3_ENDPOINT_URL"),
             s3_public_endpoint_url=_optional_url(e, "S3_PUBLIC_ENDPOINT_URL"),

@@ -16,7 +16,7 @@ for long recordings, so a large WAV takes two authenticated calls instead:
    upload id is simply "not found" (404), indistinguishable from one that never existed.
 
 The size is checked again at completion (413) for stores that would not enforce the policy.
-Abandoned uploads expire by the bucket lifecycle rule on ``uploads/`` (:mod:`common.bucket`).
+Abandoned uploads expire by the bucket lifecycle rule on ``uploads/`` (:mod:`common.ops.bucket`).
 A completion repeated after success finds nothing (404): the WAV is gone by then.
 """
 
@@ -31,24 +31,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote
 
-import flask
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common.auth import bearer_token
-from common.db import Database
+from common.adapters.db import Database
+from common.adapters.models import FILENAME_MAX_LENGTH
+from common.adapters.storage import ObjectMissing, Storage
+from common.domain.records import NewRecord, create_record
 from common.errors import (
     DependencyUnavailable,
-    InvalidField,
     NotFound,
     PayloadTooLarge,
     ServiceError,
 )
-from common.http import read_fields
-from common.models import FILENAME_MAX_LENGTH
-from common.records import NewRecord, create_record
 from common.settings import Settings
-from common.storage import ObjectMissing, Storage
-from common.users import authenticate
 
 log = logging.getLogger(__name__)
 
@@ -178,28 +173,6 @@ def complete_upload(
         extra={"upload_id": str(upload_id), "record_id": str(record.id), "wav_bytes": size},
     )
     return record
-
-
-def request_credentials(request: flask.Request) -> tuple[str | None, str | None, dict[str, Any]]:
-    """(user id, token, body fields) of a direct-upload call.
-
-    The body is optional: a small JSON object or form (``user``, ``token``, ``filename``).
-    The user may also come from the query string and the token from a Bearer header.
-    """
-    fields: dict[str, Any] = {}
-    if request.content_length or request.headers.get("Transfer-Encoding"):
-        fields = read_fields(request)
-    for name in ("user", "token", "filename"):
-        if name in fields and fields[name] is not None and not isinstance(fields[name], str):
-            raise InvalidField(f"'{name}' must be a string.")
-    user = fields.get("user") or request.args.get("user")
-    token = bearer_token(request.headers.get("Authorization")) or fields.get("token")
-    return user, token, fields
-
-
-def authenticated_user(db: Database, request: flask.Request) -> tuple[uuid.UUID, dict[str, Any]]:
-    user, token, fields = request_credentials(request)
-    return authenticate(db, user, token), fields
 
 
 def _clean_filename(raw: str | None) -> str | None:

@@ -42,7 +42,7 @@ def tune_malloc() -> bool:
     # A forked process shares its parent's imported modules until it writes to them; a
     # garbage collection writes to every object it visits. Objects that exist at fork time
     # are moved out of the collector's reach, so those pages stay shared. (Server workers
-    # also freeze what they import themselves: common.serve.settle.)
+    # also freeze what they import themselves: common.platform.serve.settle.)
     os.register_at_fork(before=gc.freeze)
     _tuned = True
     return True

@@ -1,8 +1,8 @@
-"""Bucket setup, run once before the functions start: ``python -m common.bucket``.
+"""Bucket setup, run once before the functions start: ``python -m common.ops.bucket``.
 
 Creates the bucket if it is missing and installs the lifecycle rules: one removes multipart
 uploads a crashed conversion left incomplete, the other expires direct uploads
-(``uploads/``, see :mod:`common.direct_upload`) that were never completed. Safe to run again.
+(``uploads/``, see :mod:`common.domain.uploads`) that were never completed. Safe to run again.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import time
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common.logs import configure_logging
+from common.adapters.storage import make_s3_client
+from common.platform.logs import configure_logging
 from common.settings import get_settings
-from common.storage import make_s3_client
 
-log = logging.getLogger("common.bucket")
+log = logging.getLogger("common.ops.bucket")
 
 ABORT_INCOMPLETE_AFTER_DAYS = 1
-PENDING_UPLOAD_PREFIX = "uploads/"  # common.direct_upload.PENDING_PREFIX
+PENDING_UPLOAD_PREFIX = "uploads/"  # common.domain.uploads.PENDING_PREFIX
 EXPIRE_PENDING_UPLOADS_AFTER_DAYS = 1
 
 

@@ -13,22 +13,18 @@ import re
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote
 
 import flask
 from werkzeug.exceptions import HTTPException
 
 from common.errors import (
     PROBLEM_CONTENT_TYPE,
-    BadRequest,
     InternalError,
-    InvalidField,
     MethodNotAllowed,
-    PayloadTooLarge,
     ServiceError,
-    UnsupportedMediaType,
 )
-from common.runtime import Services
+from common.platform.runtime import Services
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,12 +108,6 @@ def require_method(request: flask.Request, *allowed: str) -> None:
         raise MethodNotAllowed(request.method, allowed)
 
 
-def check_content_length(request: flask.Request, limit: int) -> None:
-    """Refuse a declared body over ``limit`` before reading any of it."""
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
-
-
 def is_health_check(request: flask.Request) -> bool:
     return request.path.rstrip("/").endswith(HEALTH_PATH) and request.method in ("GET", "HEAD")
 
@@ -151,26 +141,3 @@ def content_disposition(filename: str) -> str:
     fallback = filename.encode("ascii", "replace").decode("ascii").replace('"', "_")
     fallback = "".join(ch if ch.isprintable() else "_" for ch in fallback).replace("?", "_")
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
-
-
-def read_fields(request: flask.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
-    """A small JSON object or urlencoded form body as a dict (create_user's input)."""
-    check_content_length(request, max_bytes)
-    mimetype = request.mimetype
-    raw = request.stream.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"The request body is larger than {max_bytes} bytes.")
-    if mimetype == "application/x-www-form-urlencoded":
-        try:
-            return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
-        except UnicodeDecodeError as exc:
-            raise BadRequest("The form body is not valid UTF-8.") from exc
-    if mimetype not in ("application/json", "") and not mimetype.endswith("+json"):
-        raise UnsupportedMediaType('Send a JSON body such as {"name": "Alice"}.')
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadRequest("The request body is not valid JSON.") from exc
-    if not isinstance(body, dict):
-        raise InvalidField('The request body must be a JSON object such as {"name": "Alice"}.')
-    return body

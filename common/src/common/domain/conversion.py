@@ -1,7 +1,7 @@
 """Streaming WAV -> MP3 conversion through ffmpeg's pipes.
 
 The WAV arrives as an iterator of byte chunks (straight from the request body); its header is
-checked by :mod:`common.wav` before ffmpeg starts; ffmpeg runs with the WAV demuxer forced,
+checked by :mod:`common.domain.wav` before ffmpeg starts; ffmpeg runs with the WAV demuxer forced,
 only the ``pipe`` protocol allowed and a deadline; the MP3 leaves through a sink (the object
 store's multipart writer) as ffmpeg produces it. Memory stays at a few pipe buffers whatever
 the input size: neither the WAV nor the MP3 is ever held whole.
@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Protocol
 
+from common.domain.wav import WavHeader, parse_header
 from common.errors import RequestTimeout, UndecodableAudio
-from common.wav import WavHeader, parse_header
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,13 @@ its sans-IO decoder is used directly instead.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
+from urllib.parse import parse_qsl
 
+import flask
 from werkzeug.exceptions import ClientDisconnected as WerkzeugDisconnected
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
@@ -154,3 +157,32 @@ def _file_chunks(events: _Events) -> Iterator[bytes]:
             break
     while not isinstance(events.next(), Epilogue):
         pass
+
+
+def check_content_length(request: flask.Request, limit: int) -> None:
+    """Refuse a declared body over ``limit`` before reading any of it."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
+
+
+def read_fields(request: flask.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+    """A small JSON object or urlencoded form body as a dict (create_user's input)."""
+    check_content_length(request, max_bytes)
+    mimetype = request.mimetype
+    raw = request.stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"The request body is larger than {max_bytes} bytes.")
+    if mimetype == "application/x-www-form-urlencoded":
+        try:
+            return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
+        except UnicodeDecodeError as exc:
+            raise BadRequest("The form body is not valid UTF-8.") from exc
+    if mimetype not in ("application/json", "") and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType('Send a JSON body such as {"name": "Alice"}.')
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest("The request body is not valid JSON.") from exc
+    if not isinstance(body, dict):
+        raise InvalidField('The request body must be a JSON object such as {"name": "Alice"}.')
+    return body

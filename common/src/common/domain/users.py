@@ -6,10 +6,10 @@ import unicodedata
 import uuid
 from dataclasses import dataclass
 
-from common.auth import hash_token, new_token, token_matches
-from common.db import Database
+from common.adapters.db import Database, sql
+from common.adapters.models import NAME_MAX_LENGTH
+from common.domain.tokens import hash_token, new_token, token_matches
 from common.errors import InvalidField, Unauthorized
-from common.models import NAME_MAX_LENGTH
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +32,11 @@ def validate_name(raw: object) -> str:
     return name
 
 
-_INSERT_USER = (
-    "INSERT INTO users (id, name, token_hash) VALUES ($1, $2, $3) "
+_INSERT_USER = sql(
+    "INSERT INTO users (id, name, token_hash) VALUES (:id, :name, :token_hash) "
     "ON CONFLICT (id) DO NOTHING"  # a retried insert that had landed: the row is ours
 )
-_SELECT_TOKEN_HASH = "SELECT token_hash FROM users WHERE id = $1"  # noqa: S105 - a query
+_SELECT_TOKEN_HASH = sql("SELECT token_hash FROM users WHERE id = :id")
 
 
 def create_user(db: Database, raw_name: object) -> NewUser:
@@ -44,7 +44,7 @@ def create_user(db: Database, raw_name: object) -> NewUser:
     token = new_token()
     user_id = uuid.uuid4()
     # One autocommitted INSERT (one round trip): the hot path of POST /users.
-    db.execute(_INSERT_USER, (user_id, name, hash_token(token)))
+    db.execute(_INSERT_USER, {"id": user_id, "name": name, "token_hash": hash_token(token)})
     return NewUser(id=user_id, name=name, token=token)
 
 
@@ -62,7 +62,7 @@ def authenticate(db: Database, raw_user_id: str | None, token: str | None) -> uu
     user_id = parse_uuid(raw_user_id, "user")
     if not token:
         raise Unauthorized("An access token is required (form field 'token' or a Bearer header).")
-    rows = db.execute(_SELECT_TOKEN_HASH, (user_id,))
+    rows = db.execute(_SELECT_TOKEN_HASH, {"id": user_id})
     stored_hash = bytes(rows[0][0]) if rows else None
     if not token_matches(token, stored_hash):
         raise Unauthorized("The user id and access token do not match.")

@@ -26,13 +26,3 @@ def token_matches(token: str, stored_hash: bytes | None) -> bool:
     return hmac.compare_digest(hash_token(token), stored_hash or _DUMMY_HASH) and (
         stored_hash is not None
     )
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, if there is one."""
-    if not authorization:
-        return None
-    scheme, _, value = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    return value.strip()

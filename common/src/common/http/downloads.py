@@ -16,11 +16,11 @@ import logging
 
 import flask
 
+from common.adapters.models import Record
+from common.adapters.storage import MP3_CONTENT_TYPE, ObjectMissing, Storage
 from common.errors import NotFound, RangeNotSatisfiable
-from common.http import content_disposition
-from common.models import Record
+from common.http.responses import content_disposition
 from common.settings import DownloadMode, Settings
-from common.storage import MP3_CONTENT_TYPE, ObjectMissing, Storage
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import flask
 
-from common.http import json_response, public_base_url
-from common.records import NewRecord
+from common.domain.records import NewRecord
+from common.http.responses import json_response, public_base_url
 from common.settings import Settings
 
 

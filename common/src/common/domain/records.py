@@ -10,13 +10,16 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from common.conversion import convert_wav_stream
-from common.db import Database
+from sqlalchemy import bindparam, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from common.adapters.db import Database
+from common.adapters.models import FILENAME_MAX_LENGTH, Record
+from common.adapters.storage import Storage
+from common.domain.conversion import convert_wav_stream
+from common.domain.users import parse_uuid
 from common.errors import NotFound
-from common.models import FILENAME_MAX_LENGTH, Record
 from common.settings import Settings
-from common.storage import Storage
-from common.users import parse_uuid
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +30,10 @@ _RECORD_COLUMNS = (
     "id", "user_id", "object_key", "filename", "size_bytes", "etag", "duration_seconds",
     "bitrate_kbps", "sample_rate", "channels",
 )  # fmt: skip
-_INSERT_RECORD = (
-    "INSERT INTO records (id, user_id, object_key, filename, size_bytes, etag, "
-    "duration_seconds, bitrate_kbps, sample_rate, channels) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-    "ON CONFLICT (id) DO NOTHING"  # a retried insert that had landed: the row is ours
-)
-_SELECT_RECORD = (
-    "SELECT id, user_id, object_key, filename, size_bytes, etag, duration_seconds, "
-    "bitrate_kbps, sample_rate, channels FROM records WHERE id = $1"
+# A retried insert that had landed finds its own row: nothing happens.
+_INSERT_RECORD = pg_insert(Record).on_conflict_do_nothing(index_elements=["id"])
+_SELECT_RECORD = select(*(Record.__table__.c[c] for c in _RECORD_COLUMNS)).where(
+    Record.id == bindparam("id")
 )
 
 
@@ -102,7 +100,7 @@ def create_record(
             sample_rate=result.sample_rate,
             channels=result.channels,
         )
-        db.execute(_INSERT_RECORD, tuple(getattr(record, c) for c in _RECORD_COLUMNS))
+        db.execute(_INSERT_RECORD, {c: getattr(record, c) for c in _RECORD_COLUMNS})
     except BaseException:
         writer.abort()  # no row without its object, and no object without its row
         raise
@@ -123,7 +121,8 @@ def find_record(db: Database, raw_id: str | None, raw_user: str | None) -> Recor
     """The record ``raw_id`` of user ``raw_user``; NotFound for anyone else's or none."""
     record_id = parse_uuid(raw_id, "id")
     user_id = parse_uuid(raw_user, "user")
-    rows = db.execute(_SELECT_RECORD, (record_id,))
-    if not rows or rows[0][1] != user_id:
+    rows = db.execute(_SELECT_RECORD, {"id": record_id})
+    found = rows[0]._asdict() if rows else None
+    if found is None or found["user_id"] != user_id:
         raise NotFound("No record with this id exists for this user.")
-    return Record(**dict(zip(_RECORD_COLUMNS, rows[0], strict=True)))
+    return Record(**found)

@@ -1,15 +1,16 @@
 """AWS Lambda mode: the same function handlers behind Lambda's Runtime Interface Client.
 
-The container's entry point (:mod:`common.entrypoint`) runs
-``python -m awslambdaric common.aws_lambda.handler`` when Lambda's ``AWS_LAMBDA_RUNTIME_API``
-is set. :func:`handler` receives Function URL and API Gateway HTTP API (payload format 2.0)
-events and hands them to the very Flask app functions-framework builds for ``FUNCTION_TARGET``
+The container's entry point (:mod:`common.platform.entrypoint`) runs
+``python -m awslambdaric common.platform.aws_lambda.handler`` when Lambda's
+``AWS_LAMBDA_RUNTIME_API`` is set. :func:`handler` receives Function URL and API Gateway
+HTTP API (payload format 2.0) events and hands them to the very Flask app functions-framework
+builds for ``FUNCTION_TARGET``
 (``functions_framework.create_app``), translated by apig-wsgi: base64 request bodies are
 decoded, query strings and headers pass as WSGI sees them, and responses come back with
 ``isBase64Encoded`` for binary content (the MP3) and plain text for JSON and problem+json.
 
 Lambda caps a request and a response at 6 MB: large WAVs go through the direct upload
-(:mod:`common.direct_upload`) and downloads run with ``DOWNLOAD_MODE=redirect``.
+(:mod:`common.domain.uploads`) and downloads run with ``DOWNLOAD_MODE=redirect``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 from apig_wsgi import make_lambda_handler
 
-from common.entrypoint import function_source, function_target
+from common.platform.entrypoint import function_source, function_target
+from common.platform.memory import tune_malloc
 
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
@@ -47,6 +49,7 @@ def _prepare_during_init() -> None:
     """On Lambda, build the app while the runtime initialises (full CPU, before any event)."""
     global _handler
     if os.environ.get("AWS_LAMBDA_RUNTIME_API") and os.environ.get("FUNCTION_TARGET"):
+        tune_malloc()
         _handler = handler_from_env()
 
 

@@ -1,4 +1,4 @@
-"""The HTTP server of a function: ``python -m common.serve`` (what the containers run).
+"""The HTTP server of a function: ``python -m common.platform.serve`` (what the containers run).
 
 functions-framework builds the function's WSGI app (``functions_framework.create_app``: the
 same seam its own CLI, the Lambda adapter and the tests use); granian serves it. Granian
@@ -27,7 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.entrypoint import TARGETS, function_source
+from common.platform.entrypoint import TARGETS, function_source
+from common.platform.memory import tune_malloc
 from common.settings import SettingsError, int_setting
 
 # (processes, threads) per function, chosen by alternating wrk runs on 2 cores. A small request
@@ -85,6 +86,8 @@ def load_app(source_and_target: str) -> Callable[..., Any]:
     source, _, target = source_and_target.rpartition("::")
     import functions_framework
 
+    tune_malloc()  # per worker process (idempotent): before its buffers and threads exist
+
     app: Callable[..., Any] = functions_framework.create_app(target, source)  # type: ignore[no-untyped-call]
     settle()
     return app
@@ -98,7 +101,7 @@ def settle() -> None:
     garbage collector's reach: a full collection over them took about 40 ms, a stall of every
     request in the process, which set the slowest small requests (make bench, figures 4b, 5).
     """
-    from common.runtime import get_services
+    from common.platform.runtime import get_services
 
     get_services()
     gc.collect()
@@ -133,6 +136,7 @@ def main() -> None:
         config = ServerConfig.from_env(os.environ)
     except SettingsError as exc:
         sys.exit(str(exc))
+    tune_malloc()
     build_server(config).serve(target_loader=load_app)
 
 

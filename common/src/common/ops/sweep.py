@@ -1,4 +1,4 @@
-"""Cleanup of what a crash left behind: ``python -m common.sweep`` (``make sweep``).
+"""Cleanup of what a crash left behind: ``python -m common.ops.sweep`` (``make sweep``).
 
 An upload stores its MP3 first and its row second, and aborts the object when anything
 fails; only a process killed between the two steps (or in the middle of a multipart upload)
@@ -9,7 +9,7 @@ can leave something behind. This sweep removes
 
 when they are older than a grace period (``SWEEP_GRACE_SECONDS``, default one hour: longer
 than any upload can take, so an upload in flight is never touched). The bucket's lifecycle
-rule (``common.bucket``) aborts stale multipart uploads too, on stores that support it.
+rule (``common.ops.bucket``) aborts stale multipart uploads too, on stores that support it.
 Safe to run at any time and repeatedly, e.g. from cron or a scheduled job.
 """
 
@@ -25,13 +25,13 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
-from common.db import Database
-from common.logs import configure_logging
-from common.models import Record
-from common.runtime import Services
+from common.adapters.db import Database
+from common.adapters.models import Record
+from common.platform.logs import configure_logging
+from common.platform.runtime import Services
 from common.settings import get_settings
 
-log = logging.getLogger("common.sweep")
+log = logging.getLogger("common.ops.sweep")
 
 DEFAULT_GRACE_SECONDS = 3600
 RECORD_KEY = re.compile(r"^users/[0-9a-f-]{36}/records/[0-9a-f-]{36}\.mp3$")

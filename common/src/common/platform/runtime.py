@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from common.db import Database
-from common.logs import configure_logging
+from common.adapters.db import Database
+from common.adapters.storage import Storage
+from common.platform.logs import configure_logging
 from common.settings import Settings, get_settings
-from common.storage import Storage
 
 
 @dataclass(frozen=True, slots=True)

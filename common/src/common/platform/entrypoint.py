@@ -1,14 +1,14 @@
-"""Container entry point: ``python -m common.entrypoint``.
+"""Container entry point: ``python -m common.platform.entrypoint``.
 
 Serves the function named by ``FUNCTION_TARGET`` (create_user, upload_record or get_record)
 from ``FUNCTION_SOURCE`` (default ``<app>/functions/<target>/main.py``). One image serves
 every platform:
 
 * on AWS Lambda (``AWS_LAMBDA_RUNTIME_API`` is set by the Lambda service) it runs the Runtime
-  Interface Client, ``python -m awslambdaric common.aws_lambda.handler``, which takes
-  Function URL / HTTP API events (see :mod:`common.aws_lambda`);
+  Interface Client, ``python -m awslambdaric common.platform.aws_lambda.handler``, which takes
+  Function URL / HTTP API events (see :mod:`common.platform.aws_lambda`);
 * everywhere else (Cloud Run, compose, a plain ``docker run``) it serves the functions-framework
-  app on ``$PORT`` (default 8080) with :mod:`common.serve`.
+  app on ``$PORT`` (default 8080) with :mod:`common.platform.serve`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 TARGETS = ("create_user", "upload_record", "get_record")
 APP_DIR = Path(os.environ.get("APP_DIR", "/app"))
-LAMBDA_HANDLER = "common.aws_lambda.handler"
+LAMBDA_HANDLER = "common.platform.aws_lambda.handler"
 
 
 def function_target(env: Mapping[str, str]) -> str:
@@ -39,7 +39,7 @@ def command(env: Mapping[str, str]) -> list[str]:
     function_target(env)  # refuse to start without a valid target, on every platform
     if env.get("AWS_LAMBDA_RUNTIME_API"):
         return [sys.executable, "-m", "awslambdaric", LAMBDA_HANDLER]
-    return [sys.executable, "-m", "common.serve"]
+    return [sys.executable, "-m", "common.platform.serve"]
 
 
 def main() -> None:

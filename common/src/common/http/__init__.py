@@ -1,0 +1,1 @@
+"""The HTTP edge: request parsing, authentication, problem responses, downloads."""

@@ -1,0 +1,1 @@
+"""Where the functions run: the server, the container entry point, Lambda, logging, memory."""
