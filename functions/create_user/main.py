@@ -21,7 +21,7 @@ from common.platform.runtime import get_services
 def create_user(request: flask.Request) -> flask.Response:
     services = get_services()
     if is_health_check(request):
-        return health_response(services)
+        return health_response(services.db, services.storage)
     require_method(request, "POST")
     fields = read_fields(request)
     user = create_user_in_db(services.db, fields.get("name"))

@@ -15,7 +15,7 @@ from common.platform.runtime import get_services
 def get_record(request: flask.Request) -> flask.Response:
     services = get_services()
     if is_health_check(request):
-        return health_response(services)
+        return health_response(services.db, services.storage)
     require_method(request, "GET", "HEAD")
     record = find_record(services.db, request.args.get("id"), request.args.get("user"))
     return download_response(request, services.storage, services.settings, record)

@@ -36,7 +36,7 @@ from common.platform.runtime import Services, get_services
 def upload_record(request: flask.Request) -> flask.Response:
     services = get_services()
     if is_health_check(request):
-        return health_response(services)
+        return health_response(services.db, services.storage)
     require_method(request, "POST")
     if request.path.rstrip("/") == UPLOADS_PATH:
         return presign_upload(request, services)

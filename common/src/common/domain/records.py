@@ -17,6 +17,7 @@ from common.adapters.db import Database
 from common.adapters.models import FILENAME_MAX_LENGTH, Record
 from common.adapters.storage import Storage
 from common.domain.conversion import convert_wav_stream
+from common.domain.encoding import EncodingOptions
 from common.domain.users import parse_uuid
 from common.errors import NotFound
 from common.settings import Settings
@@ -71,12 +72,17 @@ def create_record(
     user_id: uuid.UUID,
     audio: Iterator[bytes],
     filename: str | None,
+    options: EncodingOptions | None = None,
+    record_id: uuid.UUID | None = None,
 ) -> NewRecord:
     """Convert ``audio`` (a WAV, streamed) for an authenticated user and store the MP3.
 
-    Either both the object and its row exist afterwards, or neither does.
+    Either both the object and its row exist afterwards, or neither does. ``record_id`` is
+    given by a caller that must land on the same record when it runs again (a retried job);
+    otherwise a new one is drawn.
     """
-    record_id = uuid.uuid4()
+    options = options or EncodingOptions()
+    record_id = record_id or uuid.uuid4()
     key = object_key(user_id, record_id)
     writer = storage.open_writer(key)
     try:

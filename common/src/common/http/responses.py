@@ -18,13 +18,14 @@ from urllib.parse import quote
 import flask
 from werkzeug.exceptions import HTTPException
 
+from common.adapters.db import Database
+from common.adapters.storage import Storage
 from common.errors import (
     PROBLEM_CONTENT_TYPE,
     InternalError,
     MethodNotAllowed,
     ServiceError,
 )
-from common.platform.runtime import Services
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,10 @@ def is_health_check(request: flask.Request) -> bool:
     return request.path.rstrip("/").endswith(HEALTH_PATH) and request.method in ("GET", "HEAD")
 
 
-def health_response(services: Services) -> flask.Response:
+def health_response(db: Database, storage: Storage) -> flask.Response:
     """200 when the database and the bucket answer, else the 503 problem of the one that doesn't."""
-    services.db.check()
-    services.storage.check()
+    db.check()
+    storage.check()
     return json_response({"status": "ok"})
 
 
