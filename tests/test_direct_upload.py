@@ -22,7 +22,8 @@ from common.errors import DependencyUnavailable, PayloadTooLarge
 from common.ops import bucket
 from common.platform.runtime import Services
 from conftest import Client
-from devstack import NativeStack, free_port
+from devstack import NativeStack
+from stack import free_port
 from stack_clients import build_services
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]

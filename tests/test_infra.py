@@ -20,7 +20,8 @@ import yaml
 from common.domain import uploads as direct_upload
 from common.ops import bucket
 from conftest import ROOT
-from devstack import FUNCTIONS, render_template
+from devstack import FUNCTIONS
+from render_template import render_template
 
 AWS_TEMPLATE = ROOT / "infra" / "aws" / "template.yaml"
 GCP = ROOT / "infra" / "gcp"
