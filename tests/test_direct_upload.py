@@ -255,7 +255,6 @@ def test_presigned_for_the_public_endpoint(stack: NativeStack) -> None:
 
 
 def test_bucket_lifecycle_expires_abandoned_uploads(store: Services) -> None:
-    assert bucket.PENDING_UPLOAD_PREFIX == direct_upload.PENDING_PREFIX
     rules = store.storage.client.get_bucket_lifecycle_configuration(Bucket=store.storage.bucket)[
         "Rules"
     ]
