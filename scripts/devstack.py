@@ -153,9 +153,9 @@ class NativeStack:
     def database_socket_url(self) -> str | None:
         """The same database over its unix socket, which the functions use.
 
-        A query over loopback TCP runs the kernel's whole TCP path twice (about a sixth of a
-        small request's cost, measured with make bench); a unix socket skips it. None when
-        the stack uses another database, or the socket's path is too long for the kernel.
+        A query over loopback TCP runs the kernel's whole TCP path twice; a unix socket skips
+        it. None when the stack uses another database, or the socket's path is too long for
+        the kernel.
         """
         if self.database_url is not None:
             return None
