@@ -32,52 +32,29 @@ def duration(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    smoke: bool
-    wav_seconds: float  # the "10-minute WAV"
-    memory_small: int  # bytes of audio for the memory comparison
-    memory_large: int
-    rounds: int  # counted rounds of each measurement
-    throughput_rounds: int  # figure 3's rounds (each: one upload, then two at once)
-    warmups: int
-    wrk_rounds: int  # counted wrk runs of each small-request load (figure 4)
-    wrk_seconds: float
-    wrk_max_requests: int  # per run: wrk stops at this many responses
-    connections: int
-    download_bytes: int
+    """Sizes and rounds; the defaults are the full run's."""
 
-    @classmethod
-    def full(cls) -> Plan:
-        return cls(
-            smoke=False,
-            wav_seconds=600.0,
-            memory_small=128 * MIB,
-            memory_large=1024 * MIB,
-            rounds=3,
-            throughput_rounds=5,
-            warmups=1,
-            wrk_rounds=5,
-            wrk_seconds=10.0,
-            wrk_max_requests=100_000,
-            connections=32,
-            download_bytes=1_000_000,
-        )
+    smoke: bool = False
+    wav_seconds: float = 600.0  # the "10-minute WAV"
+    memory_small: int = 128 * MIB  # bytes of audio for the memory comparison
+    memory_large: int = 1024 * MIB
+    rounds: int = 3  # counted rounds of each measurement
+    throughput_rounds: int = 5  # figure 3's rounds (each: one upload, then two at once)
+    warmups: int = 1
+    wrk_rounds: int = 5  # counted wrk runs of each small-request load (figure 4)
+    wrk_seconds: float = 10.0
+    wrk_max_requests: int = 100_000  # per run: wrk stops at this many responses
+    connections: int = 32
+    download_bytes: int = 1_000_000
 
     @classmethod
     def tiny(cls) -> Plan:
+        """``--smoke``: every step in a few seconds; proves the command runs, nothing more."""
         return cls(
-            smoke=True,
-            wav_seconds=4.0,
-            memory_small=2 * MIB,
-            memory_large=6 * MIB,
-            rounds=1,
-            throughput_rounds=1,
-            warmups=0,
-            wrk_rounds=1,
-            wrk_seconds=1.0,
-            wrk_max_requests=2_000,
-            connections=8,
-            download_bytes=100_000,
-        )
+            smoke=True, wav_seconds=4.0, memory_small=2 * MIB, memory_large=6 * MIB, rounds=1,
+            throughput_rounds=1, warmups=0, wrk_rounds=1, wrk_seconds=1.0,
+            wrk_max_requests=2_000, connections=8, download_bytes=100_000,
+        )  # fmt: skip
 
 
 @dataclass

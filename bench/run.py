@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = frozenset(x.strip() for x in args.only.split(",") if x.strip()) or frozenset(STEPS)
     if unknown := steps - set(STEPS):
         parser.error(f"unknown step(s) {', '.join(sorted(unknown))}; choose from {STEPS}")
-    plan = Plan.tiny() if args.smoke else Plan.full()
+    plan = Plan.tiny() if args.smoke else Plan()
     partial = steps != frozenset(STEPS)
     out = Path(args.out) if args.out else (None if plan.smoke or partial else RESULTS)
     deadline = time.monotonic() + args.wait_quiet
