@@ -19,7 +19,7 @@ tools: install ## install ffmpeg and nginx if missing, build the minimal ffmpeg 
 lint: install ## ruff (lint + format check) and mypy --strict
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
-	$(UV) run --frozen mypy common/src functions scripts migrations tests
+	$(UV) run --frozen mypy common/src functions scripts migrations tests bench
 
 test: lint tools test-tools ## lint, then every test tier (unit, integration, end to end)
 	$(UV) run --frozen pytest
@@ -64,10 +64,10 @@ image-report: install ## each function image's size and docker-run-to-first-200 
 	$(PYTHON) scripts/image_report.py --project $${COMPOSE_PROJECT_NAME:-record-service}
 
 bench: install tools ## performance figures on the native stack (minutes); writes bench/results.md
-	$(PYTHON) scripts/bench.py $(if $(SMOKE),--smoke,)
+	$(PYTHON) -m bench $(if $(SMOKE),--smoke,)
 
 bench-smoke: install tools ## the benchmark with tiny sizes (under a minute): proves it still runs
-	$(PYTHON) scripts/bench.py --smoke
+	$(PYTHON) -m bench --smoke
 
 deploy-aws: install ## build, push to ECR, deploy infra/aws/template.yaml, migrate (README: Deploy to AWS Lambda)
 	bash scripts/deploy_aws.sh

@@ -42,10 +42,7 @@ G=(gcloud --project "$PROJECT_ID" --quiet)
 DRY=${DRY_RUN:-}
 
 render() {  # render 'VARS' < template: ${NAME} for the names in VARS, from the environment
-    python3 -c 'import os, re, sys
-names = set(re.findall(r"\$\{(\w+)\}", sys.argv[1]))
-sys.stdout.write(re.sub(r"\$\{(\w+)\}",
-    lambda m: os.environ.get(m[1], "") if m[1] in names else m[0], sys.stdin.read()))' "$1"
+    python3 scripts/render_template.py "$1"
 }
 run() {
     if [[ "$DRY" == 1 ]]; then printf '+ %s\n' "$*"; else "$@"; fi

@@ -19,8 +19,9 @@ from common.adapters.db import Database
 from common.platform.logs import JsonFormatter, trace_fields
 from common.settings import Settings, SettingsError, normalise_database_url
 from conftest import ROOT
-from devstack import NativeStack, free_port
+from devstack import NativeStack
 from sqlalchemy.engine import make_url
+from stack import free_port
 
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
 PROJECT = "records-prod"

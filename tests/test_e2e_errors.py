@@ -15,7 +15,8 @@ import pytest
 import requests
 import wavgen
 from conftest import Client
-from devstack import NativeStack, free_port
+from devstack import NativeStack
+from stack import free_port, free_ports, make_data_dir
 
 pytestmark = pytest.mark.e2e
 PROBLEM = "application/problem+json"
@@ -303,11 +304,8 @@ def test_malformed_download_queries_are_422(client: Client, query: str) -> None:
 
 def test_persistence_across_a_restart_of_the_stack(tmp_path: Path) -> None:
     """Everything created before a restart of the native stack is still there after it."""
-    from conftest import make_data_dir
-    from devstack import Ports
-
     data = make_data_dir("records-restart-")
-    first = NativeStack(data, ports=Ports.free())
+    first = NativeStack(data, ports=free_ports())
     first.start(timeout=120)
     try:
         with requests.Session() as session:

@@ -20,7 +20,8 @@ import yaml
 from common.domain import uploads as direct_upload
 from common.ops import bucket
 from conftest import ROOT
-from devstack import FUNCTIONS, render_template
+from devstack import FUNCTIONS
+from render_template import render_template
 
 AWS_TEMPLATE = ROOT / "infra" / "aws" / "template.yaml"
 GCP = ROOT / "infra" / "gcp"
@@ -163,12 +164,42 @@ def test_http_api_routes_every_path_to_its_function() -> None:
     assert invoked_by_api == set(functions.values())
 
 
-def test_bucket_lifecycle_expires_pending_uploads() -> None:
+def _cloudformation_rule(rule: Any) -> dict[str, Any]:
+    """One rule of common.ops.bucket.LIFECYCLE_RULES as CloudFormation spells it."""
+    out: dict[str, Any] = {"Id": rule["ID"], "Status": rule["Status"]}
+    out["Prefix"] = rule["Filter"]["Prefix"]
+    if "AbortIncompleteMultipartUpload" in rule:
+        out["AbortIncompleteMultipartUpload"] = rule["AbortIncompleteMultipartUpload"]
+    if "Expiration" in rule:
+        out["ExpirationInDays"] = rule["Expiration"]["Days"]
+    return out
+
+
+def _gcs_rule(rule: Any) -> dict[str, Any]:
+    """The same rule as a Cloud Storage lifecycle rule (gcloud's JSON)."""
+    if "AbortIncompleteMultipartUpload" in rule:
+        action = "AbortIncompleteMultipartUpload"
+        age = rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"]
+    else:
+        action, age = "Delete", rule["Expiration"]["Days"]
+    condition: dict[str, Any] = {"age": age}
+    if rule["Filter"]["Prefix"]:
+        condition["matchesPrefix"] = [rule["Filter"]["Prefix"]]
+    return {"action": {"type": action}, "condition": condition}
+
+
+def _unordered(rules: list[dict[str, Any]]) -> list[str]:
+    return sorted(json.dumps(r, sort_keys=True) for r in rules)
+
+
+def test_bucket_lifecycle_is_the_one_in_common() -> None:
     (bucket_resource,) = _resources("AWS::S3::Bucket").values()
     rules = bucket_resource["Properties"]["LifecycleConfiguration"]["Rules"]
+    assert _unordered(rules) == _unordered(
+        [_cloudformation_rule(r) for r in bucket.LIFECYCLE_RULES]
+    )
     expire = [r for r in rules if r.get("Prefix") == direct_upload.PENDING_PREFIX]
     assert expire and expire[0]["ExpirationInDays"] == bucket.EXPIRE_PENDING_UPLOADS_AFTER_DAYS
-    assert any("AbortIncompleteMultipartUpload" in r for r in rules)
     cors = bucket_resource["Properties"]["CorsConfiguration"]["CorsRules"][0]
     assert "POST" in cors["AllowedMethods"]  # browsers post direct uploads to the bucket
 
@@ -277,10 +308,7 @@ def test_url_map_routes_every_path_to_its_service() -> None:
 
 def test_gcs_lifecycle_and_cors() -> None:
     lifecycle = json.loads((GCP / "bucket-lifecycle.json").read_text())["rule"]
-    delete = [r for r in lifecycle if r["action"]["type"] == "Delete"]
-    assert delete[0]["condition"]["matchesPrefix"] == [direct_upload.PENDING_PREFIX]
-    assert delete[0]["condition"]["age"] == bucket.EXPIRE_PENDING_UPLOADS_AFTER_DAYS
-    assert {r["action"]["type"] for r in lifecycle} == {"Delete", "AbortIncompleteMultipartUpload"}
+    assert _unordered(lifecycle) == _unordered([_gcs_rule(r) for r in bucket.LIFECYCLE_RULES])
     cors = json.loads((GCP / "bucket-cors.json").read_text())
     assert "POST" in cors[0]["method"]
 

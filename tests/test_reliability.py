@@ -34,6 +34,7 @@ from conftest import running_stack
 from devstack import DB_NAME, DB_USER, NativeStack
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
+from stack import ScratchStack
 from test_hostile_uploads import ffmpeg_descendants
 from wavgen import fmt_chunk, wav
 
@@ -43,7 +44,7 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def fault_stack() -> Iterator[NativeStack]:
+def fault_stack() -> Iterator[ScratchStack]:
     extra_env = {
         "S3_PART_SIZE_BYTES": str(5 * MIB),  # the smallest part: multipart sooner
         "RETRY_AFTER_SECONDS": "2",
@@ -368,7 +369,7 @@ def test_stalled_clients_are_dropped_and_do_not_block_others(
 
 
 def test_slow_drip_upload_hits_the_conversion_deadline(
-    fault_stack: NativeStack, fault_services: Services
+    fault_stack: ScratchStack, fault_services: Services
 ) -> None:
     fault_stack.restart_function("upload_record", {"CONVERT_TIMEOUT_SECONDS": "4"})
     try:

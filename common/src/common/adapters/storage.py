@@ -76,7 +76,7 @@ _session: boto3.session.Session | None = None
 
 
 def _boto_session() -> boto3.session.Session:
-    """One session per process: its clients share the loaded S3 model (~12 MiB each else)."""
+    """One session per process: its clients share one loaded S3 model instead of one each."""
     global _session
     with _session_lock:
         if _session is None:
@@ -213,9 +213,8 @@ class Storage:
         """The path and query of a presigned GET on the store's own (internal) endpoint.
 
         For the router, which fetches the object itself (DOWNLOAD_MODE=accel). Signing costs
-        about 0.4 ms of botocore, more than the rest of a download request, so a URL is reused
-        for the first half of its validity: the router uses it at once, and the object under
-        a key never changes.
+        more than the rest of a download request, so a URL is reused for the first half of its
+        validity: the router uses it at once, and the object under a key never changes.
         """
         cache_key = (key, filename_header)
         now = time.monotonic()

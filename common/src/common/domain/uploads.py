@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 PENDING_PREFIX = "uploads/"
 WAV_CONTENT_TYPE = "audio/wav"
+# The form field that carries the WAV: in POST /records and in the presigned POST to the bucket.
 FILE_FIELD = "file"
 FILENAME_META = "filename"
 UPLOADS_PATH = "/records/uploads"

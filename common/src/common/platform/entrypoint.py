@@ -18,15 +18,18 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from common.settings import SettingsError
+
 TARGETS = ("create_user", "upload_record", "get_record")
 APP_DIR = Path(os.environ.get("APP_DIR", "/app"))
 LAMBDA_HANDLER = "common.platform.aws_lambda.handler"
 
 
 def function_target(env: Mapping[str, str]) -> str:
+    """The function this process serves; every way of starting one checks it here."""
     target = env.get("FUNCTION_TARGET", "")
     if target not in TARGETS:
-        sys.exit(f"FUNCTION_TARGET must be one of {', '.join(TARGETS)}, got {target!r}")
+        raise SettingsError(f"FUNCTION_TARGET must be one of {', '.join(TARGETS)}, got {target!r}")
     return target
 
 
@@ -36,7 +39,10 @@ def function_source(target: str, env: Mapping[str, str]) -> str:
 
 def command(env: Mapping[str, str]) -> list[str]:
     """The argv this container runs, chosen by the platform it finds itself on."""
-    function_target(env)  # refuse to start without a valid target, on every platform
+    try:
+        function_target(env)  # refuse to start without a valid target, on every platform
+    except SettingsError as exc:
+        sys.exit(str(exc))
     if env.get("AWS_LAMBDA_RUNTIME_API"):
         return [sys.executable, "-m", "awslambdaric", LAMBDA_HANDLER]
     return [sys.executable, "-m", "common.platform.serve"]
