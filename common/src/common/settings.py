@@ -58,6 +58,8 @@ class Settings:
     log_level: str
     max_direct_upload_bytes: int = 4 * 1024 * MIB
     google_cloud_project: str | None = None
+    # AWS Secrets Manager secret with the database login (JSON: username, password ...).
+    database_secret_arn: str | None = None
     # get_record keeps recently served MP3s in memory (per process); 0 turns it off.
 
     @classmethod
@@ -90,6 +92,7 @@ class Settings:
                 e, "MAX_DIRECT_UPLOAD_BYTES", 4 * 1024 * MIB, minimum=1024
             ),
             google_cloud_project=e.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
+            database_secret_arn=e.get("DATABASE_SECRET_ARN", "").strip() or None,
         )
         if settings.mp3_bitrate_kbps not in MP3_BITRATES:
             raise SettingsError(
