@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.platform.entrypoint import TARGETS, function_source
+from common.platform.entrypoint import TARGETS, check_target, function_source
 from common.platform.memory import tune_malloc
 from common.settings import SettingsError, int_setting
 
@@ -64,11 +64,7 @@ class ServerConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServerConfig:
-        target = env.get("FUNCTION_TARGET", "")
-        if target not in TARGETS:
-            raise SettingsError(
-                f"FUNCTION_TARGET must be one of {', '.join(TARGETS)}, got {target!r}"
-            )
+        target = check_target(env, TARGETS)
         source = function_source(target, env)
         workers, threads = SERVER_DEFAULTS[target]
         return cls(
