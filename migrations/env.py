@@ -9,7 +9,7 @@ import os
 from logging.config import fileConfig
 
 from alembic import context
-from common.adapters.db import use_credentials
+from common.adapters.db import tls_connect_args, use_credentials
 from common.adapters.models import Base
 from common.adapters.secrets import SecretCredentials
 from common.settings import DEFAULT_DATABASE_URL, normalise_database_url
@@ -33,7 +33,8 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = create_engine(_url(), poolclass=pool.NullPool)
+    tls = tls_connect_args(os.environ.get("DB_TLS", "off").strip().lower() or "off")
+    engine = create_engine(_url(), poolclass=pool.NullPool, connect_args=tls)
     secret_arn = os.environ.get("DATABASE_SECRET_ARN", "").strip()
     if secret_arn:
         use_credentials(engine, SecretCredentials(secret_arn))

@@ -12,6 +12,7 @@ each is compiled once and then found in the engine's compiled cache.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,12 +49,26 @@ def make_engine(settings: Settings, credentials: SecretCredentials | None = None
         max_overflow=settings.db_pool_overflow,
         pool_timeout=settings.db_connect_timeout_seconds,
         pool_recycle=1800,
-        connect_args={"timeout": settings.db_connect_timeout_seconds},
+        connect_args={
+            "timeout": settings.db_connect_timeout_seconds,
+            **tls_connect_args(settings.db_tls),
+        },
     )
     _ping_idle_connections(engine)
     if credentials is not None:
         use_credentials(engine, credentials)
     return engine
+
+
+def tls_connect_args(mode: str) -> dict[str, Any]:
+    """pg8000's ssl_context for DB_TLS (RDS for PostgreSQL 15+ refuses plain connections)."""
+    if mode == "off":
+        return {}
+    context = ssl.create_default_context()
+    if mode == "require":  # encrypted; the server's certificate is not checked
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return {"ssl_context": context}
 
 
 def credentials_from_settings(settings: Settings) -> SecretCredentials | None:
