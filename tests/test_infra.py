@@ -99,7 +99,7 @@ def cfn_lint(path: Path) -> subprocess.CompletedProcess[str]:
             "--format",
             "parseable",
             str(path),
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=240,
@@ -488,7 +488,7 @@ def _functions_by_target() -> dict[str, dict[str, Any]]:
 
 def test_no_password_in_any_function_environment_or_parameter() -> None:
     template = load_template()
-    for name, param in template["Parameters"].items():
+    for name in template["Parameters"]:
         assert "password" not in name.lower() and "Url" not in name, name
     for target, props in _functions_by_target().items():
         env = props["Environment"]["Variables"]
