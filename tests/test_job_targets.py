@@ -7,6 +7,7 @@ same targets through the container's entry point.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +48,14 @@ def stack_environment(stack: NativeStack, monkeypatch: pytest.MonkeyPatch) -> It
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(entrypoint, "APP_DIR", Path(ROOT))
     get_settings.cache_clear()
+    loggers = [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    enabled = [lg for lg in loggers if not lg.disabled]
     yield
     get_settings.cache_clear()
+    for logger in enabled:  # alembic's fileConfig disables the loggers it does not name
+        logger.disabled = False
 
 
 @pytest.mark.integration
