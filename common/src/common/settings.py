@@ -17,6 +17,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 DEFAULT_DATABASE_URL = "postgresql+pg8000://records:records@127.0.0.1:55432/records"
 MIB = 1024 * 1024
 
+DB_TLS_MODES = ("off", "require", "verify")
+
 # Bitrates that MPEG-1 Layer III can carry in CBR (kbit/s).
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 
@@ -58,6 +60,10 @@ class Settings:
     log_level: str
     max_direct_upload_bytes: int = 4 * 1024 * MIB
     google_cloud_project: str | None = None
+    # AWS Secrets Manager secret with the database login (JSON: username, password ...).
+    database_secret_arn: str | None = None
+    # TLS to the database: off, require (encrypted, not verified) or verify (system CAs).
+    db_tls: str = "off"
     # get_record keeps recently served MP3s in memory (per process); 0 turns it off.
 
     @classmethod
@@ -90,7 +96,11 @@ class Settings:
                 e, "MAX_DIRECT_UPLOAD_BYTES", 4 * 1024 * MIB, minimum=1024
             ),
             google_cloud_project=e.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
+            database_secret_arn=e.get("DATABASE_SECRET_ARN", "").strip() or None,
+            db_tls=(e.get("DB_TLS", "off").strip().lower() or "off"),
         )
+        if settings.db_tls not in DB_TLS_MODES:
+            raise SettingsError(f"DB_TLS must be one of {', '.join(DB_TLS_MODES)}")
         if settings.mp3_bitrate_kbps not in MP3_BITRATES:
             raise SettingsError(
                 f"MP3_BITRATE_KBPS must be one of {', '.join(map(str, MP3_BITRATES))}"

@@ -193,13 +193,27 @@ class Storage:
                 )
         return ObjectStream(response["Body"], int(response["ContentLength"]))
 
-    def presigned_get(self, key: str, *, expires: int, filename_header: str) -> str:
-        """A presigned GET of ``key`` on the public endpoint (for clients)."""
-        return self._sign_get(self.presign_client, key, expires, filename_header)
+    def presigned_get(
+        self, key: str, *, expires: int, filename_header: str, method: str = "GET"
+    ) -> str:
+        """A presigned GET (or HEAD) of ``key`` on the public endpoint (for clients).
 
-    def _sign_get(self, client: S3Client, key: str, expires: int, filename_header: str) -> str:
+        SigV4 signs the HTTP method: a URL presigned for GET answers a HEAD with 403, so a
+        HEAD request is redirected to a URL presigned for HEAD (``head_object``).
+        """
+        operation = "head_object" if method == "HEAD" else "get_object"
+        return self._sign_get(self.presign_client, key, expires, filename_header, operation)
+
+    def _sign_get(
+        self,
+        client: S3Client,
+        key: str,
+        expires: int,
+        filename_header: str,
+        operation: str = "get_object",
+    ) -> str:
         return client.generate_presigned_url(
-            "get_object",
+            operation,
             Params={
                 "Bucket": self.bucket,
                 "Key": key,

@@ -11,6 +11,15 @@ decoded, query strings and headers pass as WSGI sees them, and responses come ba
 
 Lambda caps a request and a response at 6 MB: large WAVs go through the direct upload
 (:mod:`common.domain.uploads`) and downloads run with ``DOWNLOAD_MODE=redirect``.
+
+With a job target (``FUNCTION_TARGET=sweep`` or ``migrate``, see
+:data:`common.platform.entrypoint.JOBS`) the handler runs that job in-process for any event
+(EventBridge Scheduler's, or the deploy script's ``aws lambda invoke``) and answers
+``{"target": ..., "status": "done"}``; a failing job raises, so Lambda reports a FunctionError.
+
+Secrets that are not rotated while a process runs (``IDEMPOTENCY_SECRET``) are given as the
+ARN of a Secrets Manager secret (``IDEMPOTENCY_SECRET_ARN``) and read into the process's
+environment at start (:func:`export_secrets`), never stored in the function's configuration.
 """
 
 from __future__ import annotations
@@ -22,8 +31,12 @@ from typing import Any
 
 from apig_wsgi import make_lambda_handler
 
-from common.platform.entrypoint import function_source, function_target
+from common.adapters.secrets import read_secret_string
+from common.platform.entrypoint import JOBS, function_source, function_target
 from common.platform.memory import tune_malloc
+
+# Variables whose value is read at start from the Secrets Manager secret named by <NAME>_ARN.
+SECRET_VARIABLES = ("IDEMPOTENCY_SECRET",)
 
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
@@ -39,9 +52,39 @@ def make_handler(target: str, source: str) -> LambdaHandler:
     return make_lambda_handler(app, binary_support=True)
 
 
+def make_job_handler(target: str) -> LambdaHandler:
+    """A handler that runs the one-shot job ``target`` for each event it gets."""
+
+    def run(_event: dict[str, Any], _context: Any) -> dict[str, Any]:
+        if target == "sweep":
+            from common.ops.sweep import main as sweep_main
+
+            sweep_main([])
+        else:
+            from alembic import command
+            from alembic.config import Config
+
+            from common.platform.entrypoint import APP_DIR
+
+            command.upgrade(Config(str(APP_DIR / "alembic.ini")), "head")
+        return {"target": target, "status": "done"}
+
+    return run
+
+
+def export_secrets(env: dict[str, str] | os._Environ[str]) -> None:
+    """Put each secret of SECRET_VARIABLES that has an ``_ARN`` twin into ``env``."""
+    for name in SECRET_VARIABLES:
+        arn = env.get(f"{name}_ARN", "").strip()
+        if arn and not env.get(name):
+            env[name] = read_secret_string(arn)
+
+
 def handler_from_env(env: Mapping[str, str] | None = None) -> LambdaHandler:
     e = os.environ if env is None else env
     target = function_target(e)
+    if target in JOBS:
+        return make_job_handler(target)
     return make_handler(target, function_source(target, e))
 
 
@@ -50,6 +93,7 @@ def _prepare_during_init() -> None:
     global _handler
     if os.environ.get("AWS_LAMBDA_RUNTIME_API") and os.environ.get("FUNCTION_TARGET"):
         tune_malloc()
+        export_secrets(os.environ)
         _handler = handler_from_env()
 
 
@@ -59,6 +103,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     if _handler is None:
         with _lock:
             if _handler is None:
+                export_secrets(os.environ)
                 _handler = handler_from_env()
     return _handler(event, context)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.platform.entrypoint import function_source, function_target
+from common.platform.entrypoint import TARGETS, check_target, function_source
 from common.platform.memory import tune_malloc
 from common.settings import SettingsError, int_setting
 
@@ -54,7 +54,7 @@ class ServerConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServerConfig:
-        target = function_target(env)
+        target = check_target(env, TARGETS)
         source = function_source(target, env)
         workers, threads = SERVER_DEFAULTS[target]
         return cls(
