@@ -5,7 +5,6 @@ every environment variable against the settings the code reads, and the deploy s
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import re
@@ -336,23 +335,33 @@ def test_url_map_routes_every_path_to_its_service() -> None:
     (host_rule,) = url_map["hostRules"]
     (matcher,) = [m for m in url_map["pathMatchers"] if m["name"] == host_rule["pathMatcher"]]
 
-    def backend_for(path: str) -> str:
-        # The URL map semantics: exact paths, or a prefix ending in /*; the longest wins.
-        best, best_len = matcher["defaultService"], -1
-        for rule in matcher["pathRules"]:
-            for pattern in rule["paths"]:
-                assert pattern.startswith("/") and "*" not in pattern[:-1], pattern
-                hit = fnmatch.fnmatchcase(path, pattern) if pattern.endswith("/*") else (
-                    path == pattern)  # fmt: skip
-                if hit and len(pattern) > best_len:
-                    best, best_len = rule["service"], len(pattern)
-        service: str = best
-        return service
+    def matches(rule: dict[str, Any], method: str, path: str) -> bool:
+        if "fullPathMatch" in rule and path != rule["fullPathMatch"]:
+            return False
+        if "prefixMatch" in rule and not path.startswith(rule["prefixMatch"]):
+            return False
+        for header in rule.get("headerMatches", []):
+            assert header["headerName"] == ":method", header
+            if method != header["exactMatch"]:
+                return False
+        return True
 
-    for (_method, path), function in ROUTES.items():
-        backend = backend_for(path)
+    def backend_for(method: str, path: str) -> str:
+        # The URL map semantics: route rules in priority order, the first match wins.
+        for route in sorted(matcher["routeRules"], key=lambda r: r["priority"]):
+            if any(matches(rule, method, path) for rule in route["matchRules"]):
+                service: str = route["service"]
+                return service
+        default: str = matcher["defaultService"]
+        return default
+
+    assert "pathRules" not in matcher  # a path matcher has either pathRules or routeRules
+    for (method, path), function in {**ROUTES, **BRIEF_ROUTES}.items():
+        backend = backend_for(method, path)
         assert backend.startswith(prefix), backend
-        assert services[backend.removeprefix(prefix)] == function, path
+        assert services[backend.removeprefix(prefix)] == function, (method, path)
+    # The job push endpoint is never routed to the service that runs jobs.
+    assert services[backend_for("POST", "/_tasks/convert").removeprefix(prefix)] == "get_record"
 
 
 def test_gcs_lifecycle_and_cors() -> None:
