@@ -15,6 +15,13 @@ from functools import lru_cache
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_DATABASE_URL = "postgresql+pg8000://records:records@127.0.0.1:55432/records"
+# The local stacks' server secret (idempotency replies, list cursors). A cloud deployment
+# (Lambda, Cloud Run) refuses to start with it: there IDEMPOTENCY_SECRET comes from the
+# platform's secret store.
+DEV_IDEMPOTENCY_SECRET = "dev-only-idempotency-secret-not-for-production"  # noqa: S105
+IDEMPOTENCY_SECRET_MIN_LENGTH = 32
+# Variables the platforms set: a process that sees one runs in a cloud, not on a laptop.
+CLOUD_MARKERS = ("AWS_LAMBDA_FUNCTION_NAME", "K_SERVICE")
 MIB = 1024 * 1024
 
 # Bitrates that MPEG-1 Layer III can carry in CBR (kbit/s).
@@ -58,6 +65,13 @@ class Settings:
     log_level: str
     max_direct_upload_bytes: int = 4 * 1024 * MIB
     google_cloud_project: str | None = None
+    # Keys the stored idempotent replies (with each raw Idempotency-Key) and the list cursors.
+    idempotency_secret: str = field(default=DEV_IDEMPOTENCY_SECRET, repr=False)
+    # A running idempotent request renews its claim; one not renewed this long is taken over.
+    idempotency_lease_seconds: int = 60
+    # DELETE /users/<id> removes objects for at most this long, then leaves the rest to the
+    # sweep (the rows, and with them the token, are gone before the first object).
+    erase_deadline_seconds: float = 20.0
     # get_record keeps recently served MP3s in memory (per process); 0 turns it off.
 
     @classmethod
@@ -90,6 +104,9 @@ class Settings:
                 e, "MAX_DIRECT_UPLOAD_BYTES", 4 * 1024 * MIB, minimum=1024
             ),
             google_cloud_project=e.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
+            idempotency_secret=_idempotency_secret(e),
+            idempotency_lease_seconds=int_setting(e, "IDEMPOTENCY_LEASE_SECONDS", 60, minimum=5),
+            erase_deadline_seconds=_float(e, "ERASE_DEADLINE_SECONDS", 20.0),
         )
         if settings.mp3_bitrate_kbps not in MP3_BITRATES:
             raise SettingsError(
@@ -179,6 +196,21 @@ def _optional_url(env: Mapping[str, str], name: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise SettingsError(f"{name} must be an http(s) URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def _idempotency_secret(env: Mapping[str, str]) -> str:
+    raw = env.get("IDEMPOTENCY_SECRET", "")
+    if not raw:
+        if any(env.get(name) for name in CLOUD_MARKERS):
+            raise SettingsError(
+                "IDEMPOTENCY_SECRET must be set on Lambda and Cloud Run (from the secret store)"
+            )
+        return DEV_IDEMPOTENCY_SECRET
+    if len(raw) < IDEMPOTENCY_SECRET_MIN_LENGTH:
+        raise SettingsError(
+            f"IDEMPOTENCY_SECRET must be at least {IDEMPOTENCY_SECRET_MIN_LENGTH} characters"
+        )
+    return raw
 
 
 def _download_mode(raw: str) -> DownloadMode:
