@@ -135,12 +135,16 @@ class NativeStack:
         path = self.data_dir / "credentials.json"
         if path.exists():
             stored: dict[str, str] = json.loads(path.read_text())
-            return stored
-        creds = {
-            "db_password": secrets.token_urlsafe(18),
-            "s3_access_key": "records-" + secrets.token_hex(6),
-            "s3_secret_key": secrets.token_urlsafe(30),
-        }
+            if "idempotency_secret" in stored:
+                return stored
+            creds = stored  # a data dir from before the secret existed: add it
+        else:
+            creds = {
+                "db_password": secrets.token_urlsafe(18),
+                "s3_access_key": "records-" + secrets.token_hex(6),
+                "s3_secret_key": secrets.token_urlsafe(30),
+            }
+        creds["idempotency_secret"] = secrets.token_urlsafe(32)
         path.write_text(json.dumps(creds))
         path.chmod(0o600)
         return creds
@@ -178,6 +182,7 @@ class NativeStack:
             "AWS_ACCESS_KEY_ID": creds["s3_access_key"],
             "AWS_SECRET_ACCESS_KEY": creds["s3_secret_key"],
             "AWS_DEFAULT_REGION": "us-east-1",
+            "IDEMPOTENCY_SECRET": creds["idempotency_secret"],
             "PYTHONUNBUFFERED": "1",
             # The router serves downloads itself (get_record checks, nginx fetches and caches).
             "DOWNLOAD_MODE": "accel",
@@ -193,7 +198,8 @@ class NativeStack:
             "MAX_UPLOAD_BYTES", "MP3_BITRATE_KBPS", "DOWNLOAD_MODE", "PRESIGN_EXPIRES_SECONDS",
             "PUBLIC_BASE_URL", "CONVERT_TIMEOUT_SECONDS", "LOG_LEVEL", "DB_POOL_SIZE",
             "S3_PART_SIZE_BYTES", "RETRY_AFTER_SECONDS", "FFMPEG_BINARY",
-            "RATE_LIMIT_RPS", "RATE_LIMIT_BURST",
+            "RATE_LIMIT_RPS", "RATE_LIMIT_BURST", "IDEMPOTENCY_LEASE_SECONDS",
+            "ERASE_DEADLINE_SECONDS",
         )  # fmt: skip
         env.update({k: os.environ[k] for k in passthrough if os.environ.get(k)})
         env.update(self.extra_env)

@@ -50,7 +50,7 @@ PLATFORM_VARIABLES = {
 # Declared by the deployments for the settings issues 11 and 12 add (BRIEF.md, "Jobs"): drop
 # this set once their settings.py is merged and the names are found there.
 PENDING_VARIABLES = {
-    "IDEMPOTENCY_SECRET", "JOB_QUEUE", "JOB_QUEUE_URL", "CLOUD_TASKS_QUEUE", "TASKS_TARGET_URL",
+    "JOB_QUEUE", "JOB_QUEUE_URL", "CLOUD_TASKS_QUEUE", "TASKS_TARGET_URL",
     "TASKS_SERVICE_ACCOUNT", "TASKS_AUDIENCE",
 }  # fmt: skip
 

@@ -427,3 +427,81 @@ def test_runtime_interface_client_serves_function_url_event(stack: NativeStack) 
     body = response.json()
     assert body["name"] == "Lin"
     assert set(body) == {"id", "name", "token"}
+
+
+# --- the record lifecycle (docs/lifecycle.md) as Lambda events --------------------------------
+
+
+def test_list_delete_rotate_and_erase_as_http_api_events(
+    invoke: Any, client: Client, stack: NativeStack
+) -> None:
+    user = client.create_user("Lambda")
+    auth = {"authorization": f"Bearer {user['token']}"}
+    records = [client.upload(user, wavgen.wav(seconds=0.2)).json() for _ in range(2)]
+    listed = invoke(
+        "get_record", event("http_api_get_records.json", query={"user": user["id"], "limit": "1"},
+                            headers=auth),
+    )  # fmt: skip
+    assert listed.status == 200, listed.body
+    page = listed.json()
+    assert [r["id"] for r in page["records"]] == [records[1]["id"]]
+    assert page["records"][0]["url"].startswith(f"https://{HTTP_API_HOST}/record?id=")
+    assert page["next_cursor"]
+    forged = invoke(
+        "get_record",
+        event("http_api_get_records.json", query={"user": user["id"], "cursor": "x.y"},
+              headers=auth),
+    )  # fmt: skip
+    assert forged.status == 422
+
+    target = records[0]
+    query = {"id": target["id"], "user": user["id"]}
+    deleted = invoke("upload_record", event("http_api_delete_record.json", query=query,
+                                            headers=auth))  # fmt: skip
+    assert deleted.status == 204, deleted.body
+    again = invoke("upload_record", event("http_api_delete_record.json", query=query,
+                                          headers=auth))  # fmt: skip
+    assert again.status == 404
+    # Gone at once for every download mode a Lambda runs in (stream here, redirect below).
+    for name in ("function_url_get_query.json", "http_api_get_query.json"):
+        assert invoke("get_record", event(name, query=query)).status == 404
+    redirect = build_services(stack, download_mode=DownloadMode.REDIRECT)
+    set_services(redirect)
+    try:
+        assert invoke("get_record", event("http_api_get_query.json", query=query)).status == 404
+        kept = {"id": records[1]["id"], "user": user["id"]}
+        assert invoke("get_record", event("http_api_get_query.json", query=kept)).status == 307
+    finally:
+        set_services(None)
+    set_services(build_services(stack, download_mode=DownloadMode.STREAM))
+
+    path = f"/users/{user['id']}/token"
+    rotated = invoke(
+        "create_user",
+        event("http_api_post_rotate_token.json", path=path,
+              path_parameters={"user_id": user["id"]}, headers=auth),
+    )  # fmt: skip
+    assert rotated.status == 200, rotated.body
+    replayed = invoke(
+        "create_user",
+        event("http_api_post_rotate_token.json", path=path,
+              path_parameters={"user_id": user["id"]}, headers=auth),
+    )  # fmt: skip
+    assert replayed.status == 200 and replayed.json() == rotated.json()
+    assert replayed.headers["idempotent-replayed"] == "true"
+    new_auth = {"authorization": f"Bearer {rotated.json()['token']}"}
+    stale = invoke("get_record", event("http_api_get_records.json",
+                                       query={"user": user["id"]}, headers=auth))  # fmt: skip
+    assert stale.status == 401
+
+    erase = event("http_api_delete_user.json", path=f"/users/{user['id']}",
+                  path_parameters={"user_id": user["id"]}, headers=new_auth)  # fmt: skip
+    assert invoke("create_user", erase).status == 204
+    assert invoke("create_user", erase).status == 401
+    kept_url = client.session.get(records[1]["url"], timeout=30)
+    assert kept_url.status_code == 404
+    bad = event(
+        "http_api_delete_user.json", path="/users/nope", path_parameters={"user_id": "nope"},
+        headers=new_auth,
+    )  # fmt: skip
+    assert invoke("create_user", bad).status == 422

@@ -3,13 +3,18 @@
 * POST /records (user, token, WAV file): the WAV in the request body, converted as it arrives.
 * POST /records/uploads: a presigned POST to send a large WAV straight to the bucket.
 * POST /records/uploads/<id>/complete: convert that uploaded WAV (see common.domain.uploads).
+* DELETE /record?id=<record>&user=<user>: delete a record (row, then object) -> 204.
+
+The POSTs take an Idempotency-Key (common.http.idempotency).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import flask
 import functions_framework
-from common.domain.records import create_record
+from common.domain.records import create_record, delete_record
 from common.domain.uploads import (
     UPLOADS_PATH,
     complete_upload,
@@ -18,6 +23,7 @@ from common.domain.uploads import (
 )
 from common.domain.users import authenticate
 from common.http.auth import authenticated_user, bearer_token
+from common.http.idempotency import idempotent, idempotent_upload
 from common.http.record_response import record_created_response
 from common.http.request_body import RequestBody, check_content_length, read_upload
 from common.http.responses import (
@@ -28,6 +34,7 @@ from common.http.responses import (
     public_base_url,
     require_method,
 )
+from common.http.routes import COMPLETE_ROUTE, RECORD_PATH, RECORDS_PATH, same_path
 from common.platform.runtime import Services, get_services
 
 
@@ -37,8 +44,11 @@ def upload_record(request: flask.Request) -> flask.Response:
     services = get_services()
     if is_health_check(request):
         return health_response(services.db, services.storage)
+    if same_path(request.path, RECORD_PATH):
+        require_method(request, "DELETE")
+        return remove(request, services)
     require_method(request, "POST")
-    if request.path.rstrip("/") == UPLOADS_PATH:
+    if same_path(request.path, UPLOADS_PATH):
         return presign_upload(request, services)
     upload_id = completion_target(request.path)
     if upload_id is not None:
@@ -51,29 +61,57 @@ def upload_record(request: flask.Request) -> flask.Response:
     user_id = authenticate(
         services.db, upload.fields.get("user") or request.args.get("user"), token
     )
-    record = create_record(
-        services.db,
-        services.storage,
-        settings,
-        user_id=user_id,
-        audio=upload.chunks,
-        filename=upload.filename,
-    )
-    return record_created_response(request, settings, record)
+
+    def run(audio: Iterator[bytes]) -> flask.Response:
+        record = create_record(
+            services.db,
+            services.storage,
+            settings,
+            user_id=user_id,
+            audio=audio,
+            filename=upload.filename,
+        )
+        return record_created_response(request, settings, record)
+
+    fields = {**upload.fields, "filename": upload.filename, "content_type": request.mimetype}
+    return idempotent_upload(
+        request, services.db, settings, caller=user_id, route=RECORDS_PATH,
+        fields=fields, audio=upload.chunks, run=run,
+    )  # fmt: skip
 
 
 def presign_upload(request: flask.Request, services: Services) -> flask.Response:
     user_id, fields = authenticated_user(services.db, request)
-    upload = start_upload(
-        services.storage, services.settings, user_id=user_id, filename=fields.get("filename")
-    )
-    body = upload.to_json(public_base_url(request, services.settings))
-    return json_response(body, status=201, headers={"Cache-Control": "no-store"})
+
+    def run() -> flask.Response:
+        upload = start_upload(
+            services.storage, services.settings, user_id=user_id, filename=fields.get("filename")
+        )
+        body = upload.to_json(public_base_url(request, services.settings))
+        return json_response(body, status=201, headers={"Cache-Control": "no-store"})
+
+    return idempotent(
+        request, services.db, services.settings, caller=user_id, route=UPLOADS_PATH,
+        fields=fields, run=run,
+    )  # fmt: skip
 
 
 def complete(request: flask.Request, services: Services, upload_id: str) -> flask.Response:
+    user_id, fields = authenticated_user(services.db, request)
+    return idempotent(
+        request, services.db, services.settings, caller=user_id, route=COMPLETE_ROUTE,
+        fields=fields, run=lambda: record_created_response(
+            request,
+            services.settings,
+            complete_upload(
+                services.db, services.storage, services.settings,
+                user_id=user_id, raw_upload_id=upload_id,
+            ),
+        ),
+    )  # fmt: skip
+
+
+def remove(request: flask.Request, services: Services) -> flask.Response:
     user_id, _ = authenticated_user(services.db, request)
-    record = complete_upload(
-        services.db, services.storage, services.settings, user_id=user_id, raw_upload_id=upload_id
-    )
-    return record_created_response(request, services.settings, record)
+    delete_record(services.db, services.storage, user_id=user_id, raw_id=request.args.get("id"))
+    return flask.Response(status=204)

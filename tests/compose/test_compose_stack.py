@@ -3,7 +3,8 @@
 1. build every image from ./Dockerfile and ``up --build --wait``; the images meet their
    size and start-up targets;
 2. the end-to-end path through the router on the published port, in both download modes,
-   and a direct upload from the host to the published storage port;
+   a direct upload from the host to the published storage port, and the record lifecycle
+   (list, delete, rotate, erase);
 3. ``down`` (volumes kept) + ``up``: users, records and MP3s are all still there; then
    ``restart postgres`` alone: the same;
 4. ``up --scale upload_record=3``: uploads spread over the three replicas (their logs say
@@ -250,6 +251,51 @@ def test_direct_upload_to_the_published_storage_port(compose: Compose) -> None:
             "token": user["token"],
         }
     )
+
+
+def test_lifecycle_list_delete_rotate_erase_through_the_router(compose: Compose) -> None:
+    """docs/lifecycle.md on the compose stack: its own users, so the records kept for the
+    down/up checks below are not touched."""
+    base = compose.base_url
+    user = create_user(base, "compose lifecycle")
+    auth = {"Authorization": f"Bearer {user['token']}"}
+    made = [upload(base, user, wavgen.wav(seconds=0.3), f"l{i}.wav") for i in range(3)]
+    listing = requests.get(
+        f"{base}/records", params={"user": user["id"], "limit": "2"}, headers=auth, timeout=30
+    )
+    assert listing.status_code == 200, listing.text
+    page = listing.json()
+    assert [r["id"] for r in page["records"]] == [made[2]["id"], made[1]["id"]]
+    rest = requests.get(
+        f"{base}/records", params={"user": user["id"], "cursor": page["next_cursor"]},
+        headers=auth, timeout=30,
+    ).json()  # fmt: skip
+    assert [r["id"] for r in rest["records"]] == [made[0]["id"]] and rest["next_cursor"] is None
+    download(made[0]["url"])  # in the router's cache now
+    gone = requests.delete(
+        f"{base}/record", params={"id": made[0]["id"], "user": user["id"]}, headers=auth,
+        timeout=30,
+    )  # fmt: skip
+    assert gone.status_code == 204, gone.text
+    assert requests.get(made[0]["url"], timeout=30).status_code == 404
+    key = "compose-" + hashlib.sha256(user["id"].encode()).hexdigest()[:20]
+    rotate_url = f"{base}/users/{user['id']}/token"
+    rotated = requests.post(rotate_url, headers={**auth, "Idempotency-Key": key}, timeout=30)
+    assert rotated.status_code == 200, rotated.text
+    replay = requests.post(rotate_url, headers={**auth, "Idempotency-Key": key}, timeout=30)
+    assert replay.json() == rotated.json()
+    old_list = requests.get(f"{base}/records", params={"user": user["id"]}, headers=auth,
+                            timeout=30)  # fmt: skip
+    assert old_list.status_code == 401
+    new_auth = {"Authorization": f"Bearer {rotated.json()['token']}"}
+    erased = requests.delete(f"{base}/users/{user['id']}", headers=new_auth, timeout=60)
+    assert erased.status_code == 204, erased.text
+    for record in made[1:]:
+        assert requests.get(record["url"], timeout=30).status_code == 404
+    assert requests.get(
+        f"{base}/records", params={"user": user["id"]}, headers=new_auth, timeout=30
+    ).status_code == 401  # fmt: skip
+    assert requests.post(f"{base}/_tasks/convert", json={}, timeout=30).status_code == 404
 
 
 def test_down_and_up_keeps_users_records_and_mp3s(compose: Compose) -> None:

@@ -66,6 +66,17 @@ class NotFound(ServiceError):
     title = "Not Found"
 
 
+class Conflict(ServiceError):
+    """The same request is still being answered elsewhere: repeat it after Retry-After."""
+
+    status = 409
+    slug = "in-progress"
+    title = "Conflict"
+
+    def __init__(self, detail: str, *, retry_after: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
 class MethodNotAllowed(ServiceError):
     status = 405
     slug = "method-not-allowed"
@@ -117,6 +128,16 @@ class UnprocessableContent(ServiceError):
 class InvalidField(UnprocessableContent):
     slug = "invalid-field"
     title = "Invalid Field"
+
+
+class IdempotencyKeyReused(UnprocessableContent):
+    slug = "idempotency-key-reused"
+    title = "Idempotency Key Reused"
+
+
+class InvalidCursor(UnprocessableContent):
+    slug = "invalid-cursor"
+    title = "Invalid Cursor"
 
 
 class UndecodableAudio(UnprocessableContent):

@@ -15,6 +15,13 @@ from functools import lru_cache
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_DATABASE_URL = "postgresql+pg8000://records:records@127.0.0.1:55432/records"
+# The local stacks' server secret (idempotency replies, list cursors). A cloud deployment
+# (Lambda, Cloud Run) refuses to start with it: there IDEMPOTENCY_SECRET comes from the
+# platform's secret store.
+DEV_IDEMPOTENCY_SECRET = "dev-only-idempotency-secret-not-for-production"  # noqa: S105
+IDEMPOTENCY_SECRET_MIN_LENGTH = 32
+# Variables the platforms set: a process that sees one runs in a cloud, not on a laptop.
+CLOUD_MARKERS = ("AWS_LAMBDA_FUNCTION_NAME", "K_SERVICE")
 MIB = 1024 * 1024
 
 DB_TLS_MODES = ("off", "require", "verify")
@@ -64,6 +71,13 @@ class Settings:
     database_secret_arn: str | None = None
     # TLS to the database: off, require (encrypted, not verified) or verify (system CAs).
     db_tls: str = "off"
+    # Keys the stored idempotent replies (with each raw Idempotency-Key) and the list cursors.
+    idempotency_secret: str = field(default=DEV_IDEMPOTENCY_SECRET, repr=False)
+    # A running idempotent request renews its claim; one not renewed this long is taken over.
+    idempotency_lease_seconds: int = 60
+    # DELETE /users/<id> removes objects for at most this long, then leaves the rest to the
+    # sweep (the rows, and with them the token, are gone before the first object).
+    erase_deadline_seconds: float = 20.0
     # get_record keeps recently served MP3s in memory (per process); 0 turns it off.
 
     @classmethod
@@ -98,6 +112,9 @@ class Settings:
             google_cloud_project=e.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
             database_secret_arn=e.get("DATABASE_SECRET_ARN", "").strip() or None,
             db_tls=(e.get("DB_TLS", "off").strip().lower() or "off"),
+            idempotency_secret=_idempotency_secret(e),
+            idempotency_lease_seconds=int_setting(e, "IDEMPOTENCY_LEASE_SECONDS", 60, minimum=5),
+            erase_deadline_seconds=_float(e, "ERASE_DEADLINE_SECONDS", 20.0),
         )
         if settings.db_tls not in DB_TLS_MODES:
             raise SettingsError(f"DB_TLS must be one of {', '.join(DB_TLS_MODES)}")
@@ -189,6 +206,21 @@ def _optional_url(env: Mapping[str, str], name: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise SettingsError(f"{name} must be an http(s) URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def _idempotency_secret(env: Mapping[str, str]) -> str:
+    raw = env.get("IDEMPOTENCY_SECRET", "")
+    if not raw:
+        if any(env.get(name) for name in CLOUD_MARKERS):
+            raise SettingsError(
+                "IDEMPOTENCY_SECRET must be set on Lambda and Cloud Run (from the secret store)"
+            )
+        return DEV_IDEMPOTENCY_SECRET
+    if len(raw) < IDEMPOTENCY_SECRET_MIN_LENGTH:
+        raise SettingsError(
+            f"IDEMPOTENCY_SECRET must be at least {IDEMPOTENCY_SECRET_MIN_LENGTH} characters"
+        )
+    return raw
 
 
 def _download_mode(raw: str) -> DownloadMode:

@@ -10,11 +10,13 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     LargeBinary,
     SmallInteger,
     String,
     Uuid,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -51,4 +53,37 @@ class Record(Base):
     bitrate_kbps: Mapped[int] = mapped_column(SmallInteger)
     sample_rate: Mapped[int] = mapped_column(BigInteger)
     channels: Mapped[int] = mapped_column(SmallInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    # GET /records?user=: newest first, keyset on (created_at, id).
+    __table_args__ = (
+        Index("ix_records_user_created_id", "user_id", text("created_at DESC"), text("id DESC")),
+    )
+
+
+class IdempotencyKey(Base):
+    """One Idempotency-Key of one caller: its claim while running, its reply once done."""
+
+    __tablename__ = "idempotency_keys"
+
+    key_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    fingerprint: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    state: Mapped[str] = mapped_column(String(10))
+    owner: Mapped[uuid.UUID] = mapped_column(Uuid)
+    lease_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    response_status: Mapped[int | None] = mapped_column(SmallInteger)
+    response: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class Erasure(Base):
+    """A user erased whose objects may not all be deleted yet (the sweep finishes them)."""
+
+    __tablename__ = "erasures"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MP3_CONTENT_TYPE = "audio/mpeg"
 DOWNLOAD_CHUNK = 256 * 1024
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+# Keys per DeleteObjects call (and per listing page): the S3 API's maximum.
+DELETE_BATCH = 1000
 # Signed router URLs kept per process (a few hundred bytes each).
 ROUTER_URLS_KEPT = 4096
 
@@ -243,6 +245,34 @@ class Storage:
     def delete(self, key: str) -> None:
         with self.translate_errors():
             self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def list_keys(self, prefix: str) -> Iterator[list[str]]:
+        """The keys under ``prefix``, a page (at most 1000) at a time."""
+        with self.translate_errors():
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": DELETE_BATCH}
+            )
+            for page in pages:
+                keys = [obj["Key"] for obj in page.get("Contents", [])]
+                if keys:
+                    yield keys
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete ``keys`` with DeleteObjects, 1000 per call (S3's, GCS's and SeaweedFS's cap).
+
+        A key that is already gone counts as deleted; any other per-key error is an outage.
+        """
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            with self.translate_errors():
+                response = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+                )
+            errors = [e for e in response.get("Errors", []) if e.get("Code") not in _MISSING_CODES]
+            if errors:
+                log.error("object store refused deletes: %s", errors[:3])
+                raise DependencyUnavailable("object store", self.retry_after)
 
     def check(self) -> None:
         with self.translate_errors():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -9,17 +12,18 @@ import unicodedata
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from common.adapters.db import Database
+from common.adapters.db import Database, sql
 from common.adapters.models import FILENAME_MAX_LENGTH, Record
-from common.adapters.storage import Storage
+from common.adapters.storage import ObjectMissing, Storage
 from common.domain.conversion import convert_wav_stream
 from common.domain.encoding import EncodingOptions
 from common.domain.users import parse_uuid
-from common.errors import NotFound
+from common.errors import InvalidCursor, InvalidField, NotFound, ServiceError
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,8 +54,11 @@ class NewRecord:
     filename: str
 
 
+RECORD_PREFIX = "users/"  # every object of a user's records is under users/<user>/
+
+
 def object_key(user_id: uuid.UUID, record_id: uuid.UUID) -> str:
-    return f"users/{user_id}/records/{record_id}.mp3"
+    return f"{RECORD_PREFIX}{user_id}/records/{record_id}.mp3"
 
 
 def mp3_filename(uploaded: str | None, record_id: uuid.UUID) -> str:
@@ -132,3 +139,142 @@ def find_record(db: Database, raw_id: str | None, raw_user: str | None) -> Recor
     if found is None or found["user_id"] != user_id:
         raise NotFound("No record with this id exists for this user.")
     return Record(**found)
+
+
+# Listing: newest first, keyset on (created_at, id) — never OFFSET, which skips or repeats
+# rows while others are inserted or deleted. The index ix_records_user_created_id serves it.
+LIST_LIMIT_DEFAULT = 20
+LIST_LIMIT_MAX = 100
+_LIST_FIRST = sql(
+    "SELECT id, user_id, filename, size_bytes, duration_seconds, bitrate_kbps, sample_rate, "
+    "channels, created_at FROM records WHERE user_id = :user "
+    "ORDER BY created_at DESC, id DESC LIMIT :limit"
+)
+_LIST_AFTER = sql(
+    "SELECT id, user_id, filename, size_bytes, duration_seconds, bitrate_kbps, sample_rate, "
+    "channels, created_at FROM records WHERE user_id = :user "
+    "AND (created_at, id) < (:created_at, :id) ORDER BY created_at DESC, id DESC LIMIT :limit"
+)
+_DELETE_RECORD = sql("DELETE FROM records WHERE id = :id AND user_id = :user RETURNING object_key")
+_CURSOR_MAC_BYTES = 16
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class ListedRecord:
+    record: NewRecord
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPage:
+    records: list[ListedRecord]
+    next_cursor: str | None
+
+
+def parse_limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return LIST_LIMIT_DEFAULT
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= LIST_LIMIT_MAX:
+        raise InvalidField(f"'limit' must be an integer from 1 to {LIST_LIMIT_MAX}.")
+    return int(raw)
+
+
+def _cursor_mac(secret: str, payload: bytes) -> bytes:
+    key = hashlib.sha256(b"record-service list cursor v1\0" + secret.encode()).digest()
+    return hmac.new(key, payload, hashlib.sha256).digest()[:_CURSOR_MAC_BYTES]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def encode_cursor(
+    secret: str, user_id: uuid.UUID, created_at: datetime, record_id: uuid.UUID
+) -> str:
+    """An opaque, signed position: (user, created_at in microseconds, id)."""
+    micros = (created_at - _EPOCH) // _MICROSECOND
+    payload = f"{user_id}|{micros}|{record_id}".encode()
+    return f"{_b64(payload)}.{_b64(_cursor_mac(secret, payload))}"
+
+
+def decode_cursor(secret: str, user_id: uuid.UUID, cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The position in ``cursor``; InvalidCursor (422) if unparsable, forged or someone else's."""
+    try:
+        encoded, mac = cursor.split(".")
+        payload = _unb64(encoded)
+        if not hmac.compare_digest(_unb64(mac), _cursor_mac(secret, payload)):
+            raise ValueError("bad signature")
+        owner, micros, record_id = payload.decode("ascii").split("|")
+        if uuid.UUID(owner) != user_id:
+            raise ValueError("another user's cursor")
+        return _EPOCH + int(micros) * _MICROSECOND, uuid.UUID(record_id)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCursor(
+            "'cursor' is not one this service issued for this user: pass next_cursor as it is."
+        ) from exc
+
+
+def list_records(
+    db: Database,
+    settings: Settings,
+    *,
+    user_id: uuid.UUID,
+    limit: int,
+    cursor: str | None,
+) -> RecordPage:
+    """One page of ``user_id``'s records, newest first, and the cursor of the next one."""
+    params: dict[str, object] = {"user": user_id, "limit": limit + 1}
+    statement = _LIST_FIRST
+    if cursor:
+        params["created_at"], params["id"] = decode_cursor(
+            settings.idempotency_secret, user_id, cursor
+        )
+        statement = _LIST_AFTER
+    rows = db.execute(statement, params)
+    listed = [
+        ListedRecord(
+            NewRecord(
+                id=row.id,
+                user_id=row.user_id,
+                duration_seconds=row.duration_seconds,
+                size_bytes=row.size_bytes,
+                bitrate_kbps=row.bitrate_kbps,
+                sample_rate=row.sample_rate,
+                channels=row.channels,
+                filename=row.filename,
+            ),
+            row.created_at,
+        )
+        for row in rows[:limit]
+    ]
+    next_cursor = None
+    if len(rows) > limit:
+        last = listed[-1]
+        next_cursor = encode_cursor(
+            settings.idempotency_secret, user_id, last.created_at, last.record.id
+        )
+    return RecordPage(listed, next_cursor)
+
+
+def delete_record(
+    db: Database, storage: Storage, *, user_id: uuid.UUID, raw_id: str | None
+) -> None:
+    """Delete the row, then the object: a crash between leaves only an orphan object,
+    which ``make sweep`` removes; never a row without its object. NotFound for anyone else's.
+    """
+    record_id = parse_uuid(raw_id, "id")
+    rows = db.execute(_DELETE_RECORD, {"id": record_id, "user": user_id})
+    if not rows:
+        raise NotFound("No record with this id exists for this user.")
+    key = rows[0][0]
+    try:
+        storage.delete(key)
+    except (ServiceError, ObjectMissing) as exc:  # the row is gone: the sweep removes it
+        log.warning("could not delete the object of a deleted record: %s", exc)
+    log.info("record deleted", extra={"record_id": str(record_id)})

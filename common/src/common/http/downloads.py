@@ -45,7 +45,7 @@ def download_response(
         "ETag": f'"{record.etag}"',
         "Accept-Ranges": "bytes",
         "Content-Disposition": disposition,
-        "Cache-Control": "private, max-age=3600",
+        "Cache-Control": "private, no-cache",
     }
     if request.if_none_match and request.if_none_match.contains_weak(record.etag):
         return flask.Response(status=304, headers=headers)

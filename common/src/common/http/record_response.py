@@ -1,29 +1,50 @@
-"""The 201 answer for a stored record, shared by POST /records and the direct-upload completion."""
+"""A record as JSON: the 201 of POST /records and of the direct-upload completion, and the
+items of GET /records (the same fields, plus ``created_at``)."""
 
 from __future__ import annotations
 
+from datetime import UTC
+from typing import Any
+
 import flask
 
-from common.domain.records import NewRecord
+from common.domain.records import NewRecord, RecordPage
 from common.http.responses import json_response, public_base_url
 from common.settings import Settings
+
+
+def record_body(base_url: str, record: NewRecord) -> dict[str, Any]:
+    return {
+        "id": str(record.id),
+        "url": f"{base_url}/record?id={record.id}&user={record.user_id}",
+        "duration_seconds": record.duration_seconds,
+        "size_bytes": record.size_bytes,
+        "bitrate_kbps": record.bitrate_kbps,
+        "sample_rate": record.sample_rate,
+        "channels": record.channels,
+        "filename": record.filename,
+    }
 
 
 def record_created_response(
     request: flask.Request, settings: Settings, record: NewRecord
 ) -> flask.Response:
-    url = f"{public_base_url(request, settings)}/record?id={record.id}&user={record.user_id}"
-    return json_response(
+    body = record_body(public_base_url(request, settings), record)
+    return json_response(body, status=201, headers={"Location": body["url"]})
+
+
+def record_list_response(
+    request: flask.Request, settings: Settings, page: RecordPage
+) -> flask.Response:
+    base_url = public_base_url(request, settings)
+    records = [
         {
-            "id": str(record.id),
-            "url": url,
-            "duration_seconds": record.duration_seconds,
-            "size_bytes": record.size_bytes,
-            "bitrate_kbps": record.bitrate_kbps,
-            "sample_rate": record.sample_rate,
-            "channels": record.channels,
-            "filename": record.filename,
-        },
-        status=201,
-        headers={"Location": url},
+            **record_body(base_url, item.record),
+            "created_at": item.created_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        }
+        for item in page.records
+    ]
+    return json_response(
+        {"records": records, "next_cursor": page.next_cursor},
+        headers={"Cache-Control": "no-store"},
     )

@@ -10,6 +10,12 @@ can leave something behind. This sweep removes
 when they are older than a grace period (``SWEEP_GRACE_SECONDS``, default one hour: longer
 than any upload can take, so an upload in flight is never touched). The bucket's lifecycle
 rule (``common.ops.bucket``) aborts stale multipart uploads too, on stores that support it.
+It also finishes what requests leave to it:
+
+* user erasures (``DELETE /users/<id>``) whose objects were not all deleted within the
+  request (``common.domain.erasure``): their objects go, then their markers;
+* expired idempotency keys (older than 24 h; requests delete a few as they go).
+
 Safe to run at any time and repeatedly, e.g. from cron or a scheduled job.
 """
 
@@ -20,13 +26,15 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
 from common.adapters.db import Database
 from common.adapters.models import Record
+from common.domain.erasure import continue_erasures
+from common.domain.idempotency import purge_expired
 from common.platform.logs import configure_logging
 from common.platform.runtime import Services
 from common.settings import get_settings
@@ -43,6 +51,8 @@ _BATCH = 500
 class SweepResult:
     orphans_deleted: list[str]
     uploads_aborted: list[str]
+    erasures_finished: list[str] = field(default_factory=list)
+    idempotency_keys_purged: int = 0
 
 
 def _keys_with_rows(db: Database, keys: list[str]) -> set[str]:
@@ -59,6 +69,9 @@ def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None
     bucket = storage.bucket
     deleted: list[str] = []
     aborted: list[str] = []
+    # Erasures first: their objects are not orphans to wait a grace period for.
+    erased = continue_erasures(services.db, storage, services.settings, now=now)
+    purged = purge_expired(services.db)
     with storage.translate_errors():
         candidates: list[str] = []
         for page in client.get_paginator("list_objects_v2").paginate(
@@ -72,8 +85,10 @@ def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None
             batch = candidates[start : start + _BATCH]
             referenced = _keys_with_rows(services.db, batch)
             for key in batch:
-                if key not in referenced:
-                    client.delete_object(Bucket=bucket, Key=key)
+                orphans = [key for key in batch if key not in referenced]
+                if orphans:
+                    storage.delete_many(orphans)
+                for key in orphans:
                     deleted.append(key)
                     log.info("deleted orphan object", extra={"key": key})
         for uploads in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
@@ -84,7 +99,12 @@ def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None
                     )
                     aborted.append(upload["Key"])
                     log.info("aborted stale multipart upload", extra={"key": upload["Key"]})
-    return SweepResult(orphans_deleted=deleted, uploads_aborted=aborted)
+    return SweepResult(
+        orphans_deleted=deleted,
+        uploads_aborted=aborted,
+        erasures_finished=[str(user_id) for user_id in erased],
+        idempotency_keys_purged=purged,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         extra={
             "orphans_deleted": len(result.orphans_deleted),
             "uploads_aborted": len(result.uploads_aborted),
+            "erasures_finished": len(result.erasures_finished),
+            "idempotency_keys_purged": result.idempotency_keys_purged,
         },
     )
     return 0
