@@ -31,6 +31,15 @@ class SettingsError(ValueError):
     """A setting has a value the service cannot run with."""
 
 
+class JobQueueKind(StrEnum):
+    POSTGRES = "postgres"  # the uploads table itself (make dev, compose: python -m ...worker)
+    SQS = "sqs"  # AWS: an SQS queue whose event source mapping invokes upload_record
+    CLOUD_TASKS = "cloudtasks"  # Cloud Run: HTTP tasks pushed to upload_record's /_tasks/convert
+
+
+GOOGLE_OIDC_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str
@@ -58,7 +67,18 @@ class Settings:
     log_level: str
     max_direct_upload_bytes: int = 4 * 1024 * MIB
     google_cloud_project: str | None = None
-    # get_record keeps recently served MP3s in memory (per process); 0 turns it off.
+    # Conversion jobs of direct uploads (common.domain.jobs).
+    job_queue: JobQueueKind = JobQueueKind.POSTGRES
+    job_queue_url: str | None = None
+    cloud_tasks_queue: str | None = None
+    tasks_target_url: str | None = None
+    tasks_service_account: str | None = None
+    tasks_audience: str | None = None
+    tasks_certs_url: str = GOOGLE_OIDC_CERTS_URL
+    job_wait_max_seconds: int = 25
+    job_lease_seconds: int = 60
+    job_max_attempts: int = 3
+    job_timeout_seconds: float = 3300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -90,6 +110,17 @@ class Settings:
                 e, "MAX_DIRECT_UPLOAD_BYTES", 4 * 1024 * MIB, minimum=1024
             ),
             google_cloud_project=e.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
+            job_queue=_job_queue(e.get("JOB_QUEUE", "")),
+            job_queue_url=_optional_url(e, "JOB_QUEUE_URL"),
+            cloud_tasks_queue=e.get("CLOUD_TASKS_QUEUE", "").strip() or None,
+            tasks_target_url=_optional_url(e, "TASKS_TARGET_URL"),
+            tasks_service_account=e.get("TASKS_SERVICE_ACCOUNT", "").strip() or None,
+            tasks_audience=e.get("TASKS_AUDIENCE", "").strip() or None,
+            tasks_certs_url=_optional_url(e, "TASKS_CERTS_URL") or GOOGLE_OIDC_CERTS_URL,
+            job_wait_max_seconds=int_setting(e, "JOB_WAIT_MAX_SECONDS", 25),
+            job_lease_seconds=int_setting(e, "JOB_LEASE_SECONDS", 60, minimum=2),
+            job_max_attempts=int_setting(e, "JOB_MAX_ATTEMPTS", 3, minimum=1),
+            job_timeout_seconds=_float(e, "JOB_TIMEOUT_SECONDS", 3300.0),
         )
         if settings.mp3_bitrate_kbps not in MP3_BITRATES:
             raise SettingsError(
@@ -179,6 +210,15 @@ def _optional_url(env: Mapping[str, str], name: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise SettingsError(f"{name} must be an http(s) URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def _job_queue(raw: str) -> JobQueueKind:
+    try:
+        return JobQueueKind(raw.strip().lower() or "postgres")
+    except ValueError as exc:
+        raise SettingsError(
+            f"JOB_QUEUE must be 'postgres', 'sqs' or 'cloudtasks', got {raw!r}"
+        ) from exc
 
 
 def _download_mode(raw: str) -> DownloadMode:

@@ -11,10 +11,18 @@ decoded, query strings and headers pass as WSGI sees them, and responses come ba
 
 Lambda caps a request and a response at 6 MB: large WAVs go through the direct upload
 (:mod:`common.domain.uploads`) and downloads run with ``DOWNLOAD_MODE=redirect``.
+
+SQS events (``JOB_QUEUE=sqs``: the job queue's event source mapping, batch size 1,
+``ReportBatchItemFailures``) are conversion jobs, run by :func:`run_sqs_jobs` in the same
+function: a message whose job could not run now (an outage, or another delivery holding it)
+is reported in ``batchItemFailures``, so SQS delivers it again after the visibility timeout and
+moves it to the dead-letter queue after maxReceiveCount deliveries. Jobs that finished, failed
+for good or had nothing to do are acknowledged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -22,8 +30,13 @@ from typing import Any
 
 from apig_wsgi import make_lambda_handler
 
+from common.adapters.queue import parse_job_message
+from common.domain.jobs import Outcome, run_job
 from common.platform.entrypoint import function_source, function_target
 from common.platform.memory import tune_malloc
+from common.platform.runtime import get_services
+
+log = logging.getLogger(__name__)
 
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
@@ -53,9 +66,47 @@ def _prepare_during_init() -> None:
         _handler = handler_from_env()
 
 
+def is_sqs_event(event: Mapping[str, Any]) -> bool:
+    records = event.get("Records")
+    return (
+        isinstance(records, list)
+        and bool(records)
+        and all(isinstance(r, dict) and r.get("eventSource") == "aws:sqs" for r in records)
+    )
+
+
+def run_sqs_jobs(event: Mapping[str, Any]) -> dict[str, Any]:
+    """Run the conversion job of each SQS message; the ones to deliver again, as SQS reads them."""
+    services = get_services()
+    failures: list[dict[str, str]] = []
+    for message in event["Records"]:
+        message_id = str(message.get("messageId", ""))
+        extra = {
+            "message_id": message_id,
+            "receive_count": message.get("attributes", {}).get("ApproximateReceiveCount"),
+        }
+        try:
+            upload_id = parse_job_message(message.get("body") or "")
+        except ValueError:
+            log.error("not a job message; dropped", extra=extra)  # retrying cannot mend it
+            continue
+        try:
+            outcome = run_job(services.db, services.storage, services.settings, upload_id)
+        except Exception:
+            log.exception("job did not finish; SQS delivers it again", extra=extra)
+            failures.append({"itemIdentifier": message_id})
+            continue
+        log.info("job message handled", extra={**extra, "outcome": outcome.value})
+        if outcome is Outcome.BUSY:
+            failures.append({"itemIdentifier": message_id})
+    return {"batchItemFailures": failures}
+
+
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """The Lambda entry point: built once per execution environment, on the first event."""
     global _handler
+    if is_sqs_event(event):
+        return run_sqs_jobs(event)
     if _handler is None:
         with _lock:
             if _handler is None:
