@@ -238,7 +238,7 @@ class _Heartbeat(threading.Thread):
         self.total = max(total, 1)
         self.read = 0
         self.lost = False
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def counted(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
         for chunk in chunks:
@@ -249,7 +249,7 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         written, last = -1.0, time.monotonic()
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        while not self._stopping.wait(HEARTBEAT_SECONDS):
             progress = round(min(self.read / self.total, 0.99), 3)
             if progress == written and time.monotonic() - last < self.renew_every:
                 continue
@@ -268,7 +268,7 @@ class _Heartbeat(threading.Thread):
             written, last = progress, time.monotonic()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join()
 
