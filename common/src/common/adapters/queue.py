@@ -163,7 +163,7 @@ class CloudTasksQueue:
         if response.status != 200:
             log.error(
                 "Cloud Tasks refused the task",
-                extra={"status": response.status, "body": response.data[:500].decode("replace")},
+                extra={"status": response.status, "body": response.data[:500].decode("utf-8", "replace")},
             )
             raise DependencyUnavailable("job queue", retry_after)
 
