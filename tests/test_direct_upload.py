@@ -781,3 +781,13 @@ def test_300_mb_wav_with_flat_memory(stack: NativeStack, client: Client, store: 
     tail = client.session.get(record["url"], headers={"Range": "bytes=-1024"}, timeout=60)
     assert tail.status_code == 206
     assert tail.headers["Content-Range"].endswith(f"/{record['size_bytes']}")
+
+
+def test_router_never_routes_task_pushes(client: Client) -> None:
+    """/_tasks/convert is for Cloud Tasks on Cloud Run only; the router answers 404 for it."""
+    for method in ("POST", "GET"):
+        pushed = client.session.request(
+            method, f"{client.base_url}/_tasks/convert", json={"upload_id": str(uuid.uuid4())},
+            headers={"Authorization": "Bearer x"}, timeout=30,
+        )  # fmt: skip
+        assert pushed.status_code == 404, pushed.text
