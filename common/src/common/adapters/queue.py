@@ -161,9 +161,9 @@ class CloudTasksQueue:
         if response.status == 409:  # ALREADY_EXISTS: an earlier try of this enqueue landed
             return
         if response.status != 200:
+            detail = response.data[:500].decode("utf-8", "replace")
             log.error(
-                "Cloud Tasks refused the task",
-                extra={"status": response.status, "body": response.data[:500].decode("utf-8", "replace")},
+                "Cloud Tasks refused the task", extra={"status": response.status, "body": detail}
             )
             raise DependencyUnavailable("job queue", retry_after)
 
