@@ -1,4 +1,5 @@
-"""The native stack: PostgreSQL, SeaweedFS, the three functions and nginx, without Docker.
+"""The native stack: PostgreSQL, SeaweedFS, the three functions, the job worker and nginx, without
+Docker.
 
 ``make dev`` runs ``python scripts/devstack.py``: everything starts in the foreground, data
 lives under ``.data/`` (kept across restarts, ``make clean-data`` removes it), and Ctrl-C or
@@ -33,6 +34,8 @@ STATIC_DIR = ROOT / "api"  # openapi.yaml and the docs page, served by the route
 DEFAULT_RATE_LIMIT_RPS = "100"  # per client address, /users and /records
 DEFAULT_RATE_LIMIT_BURST = "300"
 FUNCTIONS = ("create_user", "upload_record", "get_record")
+# The PostgreSQL job queue's worker: upload_record's code and settings, no port of its own.
+WORKER = "upload_worker"
 SEAWEEDFS_VERSION = "4.48"  # the compose stack runs chrislusf/seaweedfs:4.48
 DB_USER = "records"
 DB_NAME = "records"
@@ -200,6 +203,8 @@ class NativeStack:
             "S3_PART_SIZE_BYTES", "RETRY_AFTER_SECONDS", "FFMPEG_BINARY",
             "RATE_LIMIT_RPS", "RATE_LIMIT_BURST", "IDEMPOTENCY_LEASE_SECONDS",
             "ERASE_DEADLINE_SECONDS",
+            "RATE_LIMIT_RPS", "RATE_LIMIT_BURST", "JOB_WAIT_MAX_SECONDS", "JOB_LEASE_SECONDS",
+            "JOB_MAX_ATTEMPTS", "JOB_TIMEOUT_SECONDS",
         )  # fmt: skip
         env.update({k: os.environ[k] for k in passthrough if os.environ.get(k)})
         env.update(self.extra_env)
@@ -229,6 +234,7 @@ class NativeStack:
             self.start_storage()
             for name in FUNCTIONS:
                 self.start_function(name)
+            self.start_worker()
             self.start_router()
             self.wait_healthy(timeout)
         except BaseException:
@@ -374,6 +380,20 @@ class NativeStack:
             env={**self.function_env(name), **(env or {})},
         )
 
+    def start_worker(self, env: Mapping[str, str] | None = None) -> None:
+        """``python -m common.platform.worker``, as the compose service upload_worker runs it."""
+        worker_env = {k: v for k, v in self.function_env("upload_record").items()
+                      if k not in ("HOST", "PORT")}  # fmt: skip
+        worker_env["WORKER_ALIVE_FILE"] = str(self.data_dir / "upload-worker.alive")
+        self._spawn(
+            WORKER, [sys.executable, "-m", "common.platform.worker"], {**worker_env, **(env or {})}
+        )
+
+    def restart_worker(self, env: Mapping[str, str] | None = None) -> None:
+        """Stop the worker (SIGTERM: it gives its job back) and start it with extra environment."""
+        self.stop_process(WORKER)
+        self.start_worker(env)
+
     def function_env(self, name: str) -> dict[str, str]:
         """app_env plus what common.platform.serve reads: the target, its source, where to listen.
 
@@ -489,7 +509,7 @@ class NativeStack:
             pass
 
     def stop(self) -> None:
-        order = ("nginx", *FUNCTIONS, "seaweedfs", "postgres")
+        order = ("nginx", *FUNCTIONS, WORKER, "seaweedfs", "postgres")
         for name in [*order, *[n for n in self.processes if n not in order]]:
             self.stop_process(name)
 

@@ -19,7 +19,7 @@ import wavgen
 from common.adapters.db import sql
 from common.domain import idempotency
 from common.domain.idempotency import Claim, Replay, Scope, StoredReply
-from common.errors import Conflict, IdempotencyKeyReused, InvalidField
+from common.errors import IdempotencyKeyReused, InvalidField, RequestInProgress
 from common.ops.sweep import sweep
 from common.platform.runtime import Services
 from conftest import Client
@@ -86,7 +86,7 @@ def test_claim_replay_mismatch_and_conflict(services: Services) -> None:
     scope = Scope("anonymous", "POST", f"/test/{uuid.uuid4()}")
     claim = _begin(services, scope, "key-1", b"a" * 32)
     assert isinstance(claim, Claim)
-    with pytest.raises(Conflict) as running:
+    with pytest.raises(RequestInProgress) as running:
         _begin(services, scope, "key-1", b"a" * 32, retry_after=7)
     assert running.value.headers["Retry-After"] == "7"
     with pytest.raises(IdempotencyKeyReused):
@@ -105,7 +105,7 @@ def test_a_dead_claims_lease_expires_and_a_retry_takes_over(services: Services) 
     dead = _begin(services, scope, "key", None, lease=5)
     assert isinstance(dead, Claim)
     dead._stop_heartbeat()  # the process 'died': nobody renews the lease
-    with pytest.raises(Conflict):
+    with pytest.raises(RequestInProgress):
         _begin(services, scope, "key", None)
     time.sleep(5.5)
     taker = _begin(services, scope, "key", None)
@@ -121,7 +121,7 @@ def test_a_live_claim_is_renewed_past_its_lease(services: Services) -> None:
     scope = Scope("anonymous", "POST", f"/test/{uuid.uuid4()}")
     claim = _begin(services, scope, "key", None, lease=5)
     time.sleep(7)  # longer than the lease: the heartbeat renewed it
-    with pytest.raises(Conflict):
+    with pytest.raises(RequestInProgress):
         _begin(services, scope, "key", None)
     claim.release()
     assert isinstance(_begin(services, scope, "key", None), Claim)

@@ -47,12 +47,6 @@ PLATFORM_VARIABLES = {
     "IDEMPOTENCY_SECRET_ARN",  # common.platform.aws_lambda.export_secrets
     "SWEEP_GRACE_SECONDS",  # common.ops.sweep
 }  # fmt: skip
-# Declared by the deployments for the settings issues 11 and 12 add (BRIEF.md, "Jobs"): drop
-# this set once their settings.py is merged and the names are found there.
-PENDING_VARIABLES = {
-    "JOB_QUEUE", "JOB_QUEUE_URL", "CLOUD_TASKS_QUEUE", "TASKS_TARGET_URL",
-    "TASKS_SERVICE_ACCOUNT", "TASKS_AUDIENCE",
-}  # fmt: skip
 
 
 def settings_variables() -> set[str]:
@@ -136,7 +130,7 @@ def test_three_image_functions_one_per_target() -> None:
         assert "Handler" not in props and "Runtime" not in props  # the image's entry point
         env = props["Environment"]["Variables"]
         targets[env["FUNCTION_TARGET"]] = name
-        unknown = set(env) - settings_variables() - PLATFORM_VARIABLES - PENDING_VARIABLES
+        unknown = set(env) - settings_variables() - PLATFORM_VARIABLES
         assert not unknown, f"{name} sets variables the code never reads: {unknown}"
         assert env["DATABASE_SECRET_ARN"] == {"Ref": "DatabaseSecretArn"}
     assert sorted(targets) == sorted([*FUNCTIONS, "sweep", "migrate"])
@@ -316,7 +310,7 @@ def test_cloud_run_service_structure(function: str) -> None:
     assert env["DB_POOL_SIZE"] == GCP_VALUES[f"DB_POOL_SIZE_{function.upper()}"]
     assert service["metadata"]["namespace"] == GCP_VALUES["PROJECT_ID"]
     assert "PORT" not in env  # Cloud Run sets it
-    unknown = set(env) - settings_variables() - PLATFORM_VARIABLES - PENDING_VARIABLES
+    unknown = set(env) - settings_variables() - PLATFORM_VARIABLES
     assert not unknown, unknown
     if function == "upload_record":
         # Direct uploads past Cloud Run's 32 MiB HTTP/1 request cap; long conversions.

@@ -26,6 +26,7 @@ import pytest
 import requests
 from common.adapters.db import Database
 from common.adapters.models import Record, User
+from common.adapters.queue import make_queue
 from common.adapters.storage import Storage
 from common.ops.sweep import sweep
 from common.platform.runtime import Services
@@ -62,7 +63,7 @@ def fault_services(fault_stack: NativeStack) -> Services:
     """The test's own view of the stack: no connection pool, so no state across outages."""
     settings = Settings.from_env(fault_stack.app_env())
     db = Database(create_engine(settings.database_url, poolclass=NullPool))
-    return Services(settings, db, Storage.from_settings(settings))
+    return Services(settings, db, Storage.from_settings(settings), make_queue(settings))
 
 
 def new_user(stack: NativeStack, name: str = "Faulty") -> dict[str, str]:

@@ -40,6 +40,15 @@ class SettingsError(ValueError):
     """A setting has a value the service cannot run with."""
 
 
+class JobQueueKind(StrEnum):
+    POSTGRES = "postgres"  # the uploads table itself (make dev, compose: python -m ...worker)
+    SQS = "sqs"  # AWS: an SQS queue whose event source mapping invokes upload_record
+    CLOUD_TASKS = "cloudtasks"  # Cloud Run: HTTP tasks pushed to upload_record's /_tasks/convert
+
+
+GOOGLE_OIDC_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str
@@ -79,6 +88,18 @@ class Settings:
     # sweep (the rows, and with them the token, are gone before the first object).
     erase_deadline_seconds: float = 20.0
     # get_record keeps recently served MP3s in memory (per process); 0 turns it off.
+    # Conversion jobs of direct uploads (common.domain.jobs).
+    job_queue: JobQueueKind = JobQueueKind.POSTGRES
+    job_queue_url: str | None = None
+    cloud_tasks_queue: str | None = None
+    tasks_target_url: str | None = None
+    tasks_service_account: str | None = None
+    tasks_audience: str | None = None
+    tasks_certs_url: str = GOOGLE_OIDC_CERTS_URL
+    job_wait_max_seconds: int = 25
+    job_lease_seconds: int = 60
+    job_max_attempts: int = 3
+    job_timeout_seconds: float = 3300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -115,6 +136,17 @@ class Settings:
             idempotency_secret=_idempotency_secret(e),
             idempotency_lease_seconds=int_setting(e, "IDEMPOTENCY_LEASE_SECONDS", 60, minimum=5),
             erase_deadline_seconds=_float(e, "ERASE_DEADLINE_SECONDS", 20.0),
+            job_queue=_job_queue(e.get("JOB_QUEUE", "")),
+            job_queue_url=_optional_url(e, "JOB_QUEUE_URL"),
+            cloud_tasks_queue=e.get("CLOUD_TASKS_QUEUE", "").strip() or None,
+            tasks_target_url=_optional_url(e, "TASKS_TARGET_URL"),
+            tasks_service_account=e.get("TASKS_SERVICE_ACCOUNT", "").strip() or None,
+            tasks_audience=e.get("TASKS_AUDIENCE", "").strip() or None,
+            tasks_certs_url=_optional_url(e, "TASKS_CERTS_URL") or GOOGLE_OIDC_CERTS_URL,
+            job_wait_max_seconds=int_setting(e, "JOB_WAIT_MAX_SECONDS", 25),
+            job_lease_seconds=int_setting(e, "JOB_LEASE_SECONDS", 60, minimum=2),
+            job_max_attempts=int_setting(e, "JOB_MAX_ATTEMPTS", 3, minimum=1),
+            job_timeout_seconds=_float(e, "JOB_TIMEOUT_SECONDS", 3300.0),
         )
         if settings.db_tls not in DB_TLS_MODES:
             raise SettingsError(f"DB_TLS must be one of {', '.join(DB_TLS_MODES)}")
@@ -221,6 +253,15 @@ def _idempotency_secret(env: Mapping[str, str]) -> str:
             f"IDEMPOTENCY_SECRET must be at least {IDEMPOTENCY_SECRET_MIN_LENGTH} characters"
         )
     return raw
+
+
+def _job_queue(raw: str) -> JobQueueKind:
+    try:
+        return JobQueueKind(raw.strip().lower() or "postgres")
+    except ValueError as exc:
+        raise SettingsError(
+            f"JOB_QUEUE must be 'postgres', 'sqs' or 'cloudtasks', got {raw!r}"
+        ) from exc
 
 
 def _download_mode(raw: str) -> DownloadMode:

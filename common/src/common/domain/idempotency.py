@@ -4,9 +4,10 @@ A client that sends ``Idempotency-Key: <up to 255 characters>`` with a POST may 
 lost answer, a timeout) and get the first answer back, stored for :data:`KEY_TTL`:
 
 * :func:`begin` claims the key for this request (a :class:`Claim`), or finds the first request's
-  answer (a :class:`Replay`), or refuses: :class:`~common.errors.Conflict` (409 + Retry-After)
-  while the first request still runs, :class:`~common.errors.IdempotencyKeyReused` (422) when
-  the key was used for a different request (another fingerprint).
+  answer (a :class:`Replay`), or refuses: :class:`~common.errors.RequestInProgress`
+  (409 + Retry-After) while the first request still runs,
+  :class:`~common.errors.IdempotencyKeyReused` (422) when the key was used for a different
+  request (another fingerprint).
 * A running claim holds a lease that a heartbeat thread renews; a claim whose process died
   stops being renewed, and once its lease has passed the next repeat takes it over.
 * :meth:`Claim.finish` stores the answer; :meth:`Claim.release` gives the key up (an outage, a
@@ -46,7 +47,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common.adapters.db import Database, sql
-from common.errors import Conflict, IdempotencyKeyReused, InvalidField
+from common.errors import IdempotencyKeyReused, InvalidField, RequestInProgress
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,7 @@ def begin(
             reply = unseal(bytes(sealed), secret=secret, key=key, hashed=hashed)
             return Replay(reply, stored_fp)
         break  # running, and still renewed (or just taken over by another repeat)
-    raise Conflict(
+    raise RequestInProgress(
         "A request with this Idempotency-Key is still running; repeat it later.",
         retry_after=retry_after,
     )

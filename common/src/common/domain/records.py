@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -36,7 +37,7 @@ _RECORD_COLUMNS = (
     "bitrate_kbps", "sample_rate", "channels",
 )  # fmt: skip
 # A retried insert that had landed finds its own row: nothing happens.
-_INSERT_RECORD = pg_insert(Record).on_conflict_do_nothing(index_elements=["id"])
+INSERT_RECORD = pg_insert(Record).on_conflict_do_nothing(index_elements=["id"])
 _SELECT_RECORD = select(*(Record.__table__.c[c] for c in _RECORD_COLUMNS)).where(
     Record.id == bindparam("id")
 )
@@ -71,6 +72,15 @@ def mp3_filename(uploaded: str | None, record_id: uuid.UUID) -> str:
     return stem[: FILENAME_MAX_LENGTH - 4] + ".mp3"
 
 
+@dataclass(frozen=True, slots=True)
+class StoredMp3:
+    """An MP3 written to the bucket, and the records row that must go with it."""
+
+    key: str
+    row: dict[str, Any]
+    record: NewRecord
+
+
 def create_record(
     db: Database,
     storage: Storage,
@@ -88,6 +98,37 @@ def create_record(
     given by a caller that must land on the same record when it runs again (a retried job);
     otherwise a new one is drawn.
     """
+    stored = store_mp3(
+        storage, settings, user_id=user_id, audio=audio, filename=filename,
+        options=options, record_id=record_id,
+    )  # fmt: skip
+    try:
+        db.execute(INSERT_RECORD, stored.row)
+    except BaseException:
+        _delete_quietly(storage, stored.key)  # no object without its row
+        raise
+    log.info(
+        "record stored",
+        extra={"record_id": str(stored.record.id), "bytes": stored.record.size_bytes},
+    )
+    return stored.record
+
+
+def store_mp3(
+    storage: Storage,
+    settings: Settings,
+    *,
+    user_id: uuid.UUID,
+    audio: Iterator[bytes],
+    filename: str | None,
+    options: EncodingOptions | None = None,
+    record_id: uuid.UUID | None = None,
+) -> StoredMp3:
+    """Convert ``audio`` into the object of record ``record_id``; the caller inserts its row.
+
+    Nothing is left in the bucket when this raises. A conversion job inserts the row
+    (:data:`INSERT_RECORD`) in the transaction that marks its upload done.
+    """
     options = options or EncodingOptions()
     record_id = record_id or uuid.uuid4()
     key = object_key(user_id, record_id)
@@ -101,44 +142,62 @@ def create_record(
             timeout_seconds=settings.convert_timeout_seconds,
         )
         stored = writer.complete()
-        record = Record(
-            id=record_id,
-            user_id=user_id,
-            object_key=key,
-            filename=mp3_filename(filename, record_id),
-            size_bytes=stored.size,
-            etag=stored.etag,
-            duration_seconds=result.duration_seconds,
-            bitrate_kbps=result.bitrate_kbps,
-            sample_rate=result.sample_rate,
-            channels=result.channels,
-        )
-        db.execute(_INSERT_RECORD, {c: getattr(record, c) for c in _RECORD_COLUMNS})
     except BaseException:
-        writer.abort()  # no row without its object, and no object without its row
+        writer.abort()  # no object without its row
         raise
-    log.info("record stored", extra={"record_id": str(record_id), "bytes": stored.size})
-    return NewRecord(
+    record = Record(
         id=record_id,
         user_id=user_id,
-        duration_seconds=result.duration_seconds,
+        object_key=key,
+        filename=mp3_filename(filename, record_id),
         size_bytes=stored.size,
+        etag=stored.etag,
+        duration_seconds=result.duration_seconds,
         bitrate_kbps=result.bitrate_kbps,
         sample_rate=result.sample_rate,
         channels=result.channels,
+    )
+    return StoredMp3(
+        key=key,
+        row={c: getattr(record, c) for c in _RECORD_COLUMNS},
+        record=new_record(record),
+    )
+
+
+def new_record(record: Record) -> NewRecord:
+    """The 201 body's fields of a stored record."""
+    return NewRecord(
+        id=record.id,
+        user_id=record.user_id,
+        duration_seconds=record.duration_seconds,
+        size_bytes=record.size_bytes,
+        bitrate_kbps=record.bitrate_kbps,
+        sample_rate=record.sample_rate,
+        channels=record.channels,
         filename=record.filename,
     )
+
+
+def get_record(db: Database, record_id: uuid.UUID) -> Record | None:
+    rows = db.execute(_SELECT_RECORD, {"id": record_id})
+    return Record(**rows[0]._asdict()) if rows else None
+
+
+def _delete_quietly(storage: Storage, key: str) -> None:
+    try:
+        storage.delete(key)
+    except Exception as exc:  # make sweep removes an object without a row
+        log.warning("could not delete %s: %s", key, exc)
 
 
 def find_record(db: Database, raw_id: str | None, raw_user: str | None) -> Record:
     """The record ``raw_id`` of user ``raw_user``; NotFound for anyone else's or none."""
     record_id = parse_uuid(raw_id, "id")
     user_id = parse_uuid(raw_user, "user")
-    rows = db.execute(_SELECT_RECORD, {"id": record_id})
-    found = rows[0]._asdict() if rows else None
-    if found is None or found["user_id"] != user_id:
+    found = get_record(db, record_id)
+    if found is None or found.user_id != user_id:
         raise NotFound("No record with this id exists for this user.")
-    return Record(**found)
+    return found
 
 
 # Listing: newest first, keyset on (created_at, id) — never OFFSET, which skips or repeats

@@ -1,4 +1,5 @@
-"""A record as JSON: the 201 of POST /records and of the direct-upload completion, and the
+"""A record as JSON: the 201 of POST /records and of a direct-upload completion that waited,
+the 200 of a completion repeated after its job is done, the record inside a job status, and the
 items of GET /records (the same fields, plus ``created_at``)."""
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ def record_body(base_url: str, record: NewRecord) -> dict[str, Any]:
 
 
 def record_created_response(
-    request: flask.Request, settings: Settings, record: NewRecord
+    request: flask.Request, settings: Settings, record: NewRecord, *, status: int = 201
 ) -> flask.Response:
     body = record_body(public_base_url(request, settings), record)
-    return json_response(body, status=201, headers={"Location": body["url"]})
+    return json_response(body, status=status, headers={"Location": body["url"]})
 
 
 def record_list_response(

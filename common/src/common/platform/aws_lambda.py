@@ -20,10 +20,18 @@ With a job target (``FUNCTION_TARGET=sweep`` or ``migrate``, see
 Secrets that are not rotated while a process runs (``IDEMPOTENCY_SECRET``) are given as the
 ARN of a Secrets Manager secret (``IDEMPOTENCY_SECRET_ARN``) and read into the process's
 environment at start (:func:`export_secrets`), never stored in the function's configuration.
+
+SQS events (``JOB_QUEUE=sqs``: the job queue's event source mapping, batch size 1,
+``ReportBatchItemFailures``) are conversion jobs, run by :func:`run_sqs_jobs` in the same
+function: a message whose job could not run now (an outage, or another delivery holding it)
+is reported in ``batchItemFailures``, so SQS delivers it again after the visibility timeout and
+moves it to the dead-letter queue after maxReceiveCount deliveries. Jobs that finished, failed
+for good or had nothing to do are acknowledged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -31,9 +39,14 @@ from typing import Any
 
 from apig_wsgi import make_lambda_handler
 
+from common.adapters.queue import parse_job_message
 from common.adapters.secrets import read_secret_string
+from common.domain.jobs import Outcome, run_job
 from common.platform.entrypoint import JOBS, function_source, function_target
 from common.platform.memory import tune_malloc
+from common.platform.runtime import get_services
+
+log = logging.getLogger(__name__)
 
 # Variables whose value is read at start from the Secrets Manager secret named by <NAME>_ARN.
 SECRET_VARIABLES = ("IDEMPOTENCY_SECRET",)
@@ -97,9 +110,47 @@ def _prepare_during_init() -> None:
         _handler = handler_from_env()
 
 
+def is_sqs_event(event: Mapping[str, Any]) -> bool:
+    records = event.get("Records")
+    return (
+        isinstance(records, list)
+        and bool(records)
+        and all(isinstance(r, dict) and r.get("eventSource") == "aws:sqs" for r in records)
+    )
+
+
+def run_sqs_jobs(event: Mapping[str, Any]) -> dict[str, Any]:
+    """Run the conversion job of each SQS message; the ones to deliver again, as SQS reads them."""
+    services = get_services()
+    failures: list[dict[str, str]] = []
+    for message in event["Records"]:
+        message_id = str(message.get("messageId", ""))
+        extra = {
+            "message_id": message_id,
+            "receive_count": message.get("attributes", {}).get("ApproximateReceiveCount"),
+        }
+        try:
+            upload_id = parse_job_message(message.get("body") or "")
+        except ValueError:
+            log.error("not a job message; dropped", extra=extra)  # retrying cannot mend it
+            continue
+        try:
+            outcome = run_job(services.db, services.storage, services.settings, upload_id)
+        except Exception:
+            log.exception("job did not finish; SQS delivers it again", extra=extra)
+            failures.append({"itemIdentifier": message_id})
+            continue
+        log.info("job message handled", extra={**extra, "outcome": outcome.value})
+        if outcome is Outcome.BUSY:
+            failures.append({"itemIdentifier": message_id})
+    return {"batchItemFailures": failures}
+
+
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """The Lambda entry point: built once per execution environment, on the first event."""
     global _handler
+    if is_sqs_event(event):
+        return run_sqs_jobs(event)
     if _handler is None:
         with _lock:
             if _handler is None:
