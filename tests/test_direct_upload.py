@@ -7,6 +7,7 @@ and a 300 MB WAV with the worker's memory measured.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import signal
@@ -14,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -440,7 +442,7 @@ def test_attempts_are_bounded(client: Client, store: Services) -> None:
     assert seen["status"] == "failed"
     assert seen["error"]["type"].endswith(":conversion-abandoned")
     stranded_url = f"{client.base_url}/records/uploads/{stranded}/complete"
-    assert complete(client, {"complete_url": stranded_url}, user).status_code == 500
+    assert complete(client, {"complete_url": stranded_url}, user).status_code == 422
 
 
 def test_store_refuses_a_file_over_the_policy_limit(stack: NativeStack, client: Client) -> None:
@@ -772,3 +774,49 @@ def test_router_never_routes_task_pushes(client: Client) -> None:
             headers={"Authorization": "Bearer x"}, timeout=30,
         )  # fmt: skip
         assert pushed.status_code == 404, pushed.text
+
+
+def test_sweep_sends_a_stalled_cloud_job_again(client: Client, store: Services) -> None:
+    """A job queued on SQS whose message never arrived: the sweep enqueues it once more, and
+    a job of the deployment's Postgres queue (the row is the message) is never re-sent."""
+    user = client.create_user("Lost message")
+    upload_id = uuid.UUID(queued_upload(client, store, user, wavgen.wav(seconds=0.2)))
+    queue = RecordingQueue()
+    on_sqs = dataclasses.replace(store.settings, job_queue=JobQueueKind.SQS)
+    now = datetime.now(UTC)
+    assert jobs.requeue_stalled(store.db, queue, on_sqs, cutoff=now - timedelta(hours=1)) == []
+    assert upload_id in jobs.requeue_stalled(store.db, queue, on_sqs, cutoff=now)
+    assert queue.sent.count(upload_id) == 1
+    assert jobs.requeue_stalled(store.db, queue, store.settings, cutoff=now) == []
+    # The second delivery converts it, as the first would have.
+    assert jobs.run_job(store.db, store.storage, on_sqs, upload_id) is jobs.Outcome.DONE
+    assert upload_id not in jobs.requeue_stalled(store.db, queue, on_sqs, cutoff=now)
+
+
+def test_job_of_a_user_erased_meanwhile_leaves_nothing(client: Client, store: Services) -> None:
+    """The user is erased after the job was queued: the job ends without a record, and
+    neither its MP3 nor its WAV stays in the bucket."""
+    user = client.create_user("Erased while queued")
+    upload_id = uuid.UUID(queued_upload(client, store, user, wavgen.wav(seconds=0.5)))
+    erased = client.session.delete(
+        f"{client.base_url}/users/{user['id']}",
+        headers={"Authorization": f"Bearer {user['token']}"},
+        timeout=60,
+    )
+    assert erased.status_code == 204, erased.text
+    outcome = jobs.run_job(store.db, store.storage, store.settings, upload_id)
+    assert outcome is jobs.Outcome.SKIPPED
+    assert records_of(store, user["id"]) == []
+    assert record_objects(store, user["id"]) == []
+    assert not pending_exists(store, user["id"], str(upload_id))
+
+
+def test_sweep_forgets_uploads_never_completed(client: Client, store: Services) -> None:
+    user = client.create_user("Never completed")
+    upload = presign(client, user).json()
+    send_to_bucket(upload, wavgen.wav(seconds=0.2))
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    assert jobs.forget_abandoned_uploads(store.db, store.storage, cutoff=later) >= 1
+    assert not pending_exists(store, user["id"], upload["id"])
+    gone = status(client, upload["id"], user)
+    assert gone.status_code == 404, gone.text

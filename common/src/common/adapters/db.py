@@ -204,3 +204,14 @@ _SELECT_ONE = sql("SELECT 1")
 def _connection_lost(exc: DependencyUnavailable) -> bool:
     cause = exc.__cause__
     return isinstance(cause, DBAPIError) and cause.connection_invalidated
+
+
+def is_foreign_key_violation(exc: BaseException) -> bool:
+    """SQLSTATE 23503: a row refers to one that is gone (its user was erased meanwhile).
+
+    pg8000 reports it as a ProgrammingError, not an IntegrityError: read the code itself.
+    """
+    if not isinstance(exc, DBAPIError):
+        return False
+    fields = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+    return isinstance(fields, dict) and fields.get("C") == "23503"

@@ -32,12 +32,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from botocore.exceptions import BotoCoreError
+from sqlalchemy.exc import DBAPIError
 
-from common.adapters.db import Database, sql
+from common.adapters.db import Database, is_foreign_key_violation, sql
+from common.adapters.queue import JobQueue
 from common.adapters.storage import ObjectMissing, ObjectStream, Storage
 from common.domain.encoding import EncodingOptions
 from common.domain.records import INSERT_RECORD, object_key, store_mp3
@@ -62,7 +65,7 @@ class LeaseLost(Exception):
     """Another worker took the job over (this one's lease had expired)."""
 
 
-class JobAbandoned(ServiceError):
+class JobAbandoned(UnprocessableContent):
     """The job was started too many times without finishing: it is not tried again."""
 
     slug = "conversion-abandoned"
@@ -104,6 +107,15 @@ _CLAIM_ONE = sql(
     "RETURNING id, user_id, object_key, filename, options, record_id, attempts, lease_token"
 )
 _STATUS = sql("SELECT status FROM uploads WHERE id = :id")
+# Jobs of a cloud queue still queued long after completion: their message was lost (the
+# process died between the UPDATE and the send) or dropped; sending one again is harmless.
+_STALLED = sql(
+    "SELECT id FROM uploads WHERE status = 'queued' AND queue = :queue AND queued_at < :cutoff"
+)
+# Direct uploads never completed, whose presigned form expired long ago.
+_ABANDONED_UPLOADS = sql(
+    "DELETE FROM uploads WHERE status = 'uploading' AND created_at < :cutoff RETURNING object_key"
+)
 _HEARTBEAT = sql(
     "UPDATE uploads SET progress = :progress, "
     "lease_until = now() + make_interval(secs => :lease) "
@@ -198,12 +210,43 @@ def run_claimed(db: Database, storage: Storage, settings: Settings, job: Claimed
     finally:
         heartbeat.stop()
         stream.close()
-    with db.transaction() as conn:  # the record and "done" land together, or neither does
-        conn.execute(INSERT_RECORD, stored.row)
-        conn.execute(_DONE, {"id": job.id})
+    try:
+        with db.transaction() as conn:  # the record and "done" land together, or neither does
+            conn.execute(INSERT_RECORD, stored.row)
+            conn.execute(_DONE, {"id": job.id})
+    except DBAPIError as exc:
+        if not is_foreign_key_violation(exc):
+            raise
+        # The user was erased meanwhile: their rows, this job's included, are gone.
+        log.info("conversion job of an erased user dropped", extra=extra)
+        _discard(storage, stored.key)
+        _discard(storage, job.object_key)
+        return Outcome.SKIPPED
     _discard(storage, job.object_key)
     log.info("conversion job done", extra={**extra, "mp3_bytes": stored.record.size_bytes})
     return Outcome.DONE
+
+
+def requeue_stalled(
+    db: Database, queue: JobQueue, settings: Settings, *, cutoff: datetime
+) -> list[uuid.UUID]:
+    """Send again the jobs of this deployment's cloud queue that are queued since ``cutoff``."""
+    if settings.job_queue is JobQueueKind.POSTGRES:
+        return []  # the row is the message: nothing can be lost
+    rows = db.execute(_STALLED, {"queue": settings.job_queue.value, "cutoff": cutoff})
+    for (upload_id,) in rows:
+        queue.enqueue(upload_id)
+        log.warning("stalled conversion job queued again", extra={"upload_id": str(upload_id)})
+    return [upload_id for (upload_id,) in rows]
+
+
+def forget_abandoned_uploads(db: Database, storage: Storage, *, cutoff: datetime) -> int:
+    """Remove direct uploads started before ``cutoff`` and never completed (rows and WAVs)."""
+    rows = db.execute(_ABANDONED_UPLOADS, {"cutoff": cutoff})
+    keys = [key for (key,) in rows]
+    if keys:
+        storage.delete_many(keys)
+    return len(keys)
 
 
 def abandoned(max_attempts: int) -> JobAbandoned:

@@ -18,13 +18,13 @@ from typing import Any
 from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from common.adapters.db import Database, sql
+from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.models import FILENAME_MAX_LENGTH, Record
 from common.adapters.storage import ObjectMissing, Storage
 from common.domain.conversion import convert_wav_stream
 from common.domain.encoding import EncodingOptions
 from common.domain.users import parse_uuid
-from common.errors import InvalidCursor, InvalidField, NotFound, ServiceError
+from common.errors import InvalidCursor, InvalidField, NotFound, ServiceError, Unauthorized
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,10 @@ def create_record(
     )  # fmt: skip
     try:
         db.execute(INSERT_RECORD, stored.row)
-    except BaseException:
+    except BaseException as exc:
         _delete_quietly(storage, stored.key)  # no object without its row
+        if is_foreign_key_violation(exc):  # the user was erased while the upload streamed
+            raise Unauthorized("The user was erased while this upload was converted.") from exc
         raise
     log.info(
         "record stored",
