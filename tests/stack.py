@@ -11,7 +11,8 @@ from __future__ import annotations
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +84,18 @@ class ScratchStack(NativeStack):
         self.stop_process(name)
         self.start_function(name, env)
         self.wait_healthy(60)
+
+    @contextmanager
+    def download_mode(self, mode: str) -> Iterator[str]:
+        """get_record in DOWNLOAD_MODE ``mode`` while the block runs (accel is the stack's own)."""
+        if mode == "accel":
+            yield mode
+            return
+        self.restart_function("get_record", {"DOWNLOAD_MODE": mode})
+        try:
+            yield mode
+        finally:
+            self.restart_function("get_record")
 
 
 if __name__ == "__main__":

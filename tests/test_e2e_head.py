@@ -26,15 +26,8 @@ COMPARED = ("Content-Length", "Content-Type", "ETag", "Accept-Ranges", "Cache-Co
 
 @pytest.fixture(params=["accel", "stream", "redirect"])
 def mode(request: pytest.FixtureRequest, stack: ScratchStack) -> Iterator[str]:
-    chosen: str = request.param
-    if chosen == "accel":  # the stack's own mode
-        yield chosen
-        return
-    stack.restart_function("get_record", {"DOWNLOAD_MODE": chosen})
-    try:
-        yield chosen
-    finally:
-        stack.restart_function("get_record")
+    with stack.download_mode(request.param) as mode:
+        yield mode
 
 
 def test_head_matches_get_in_every_mode(client: Client, mode: str) -> None:

@@ -230,15 +230,8 @@ def test_host_and_port_are_the_clients(client: Client, stack: NativeStack) -> No
 @pytest.fixture(params=["accel", "stream"])
 def download_mode(request: pytest.FixtureRequest, stack: ScratchStack) -> Iterator[str]:
     """get_record in each mode the router fronts: accel (the stack's default) and stream."""
-    mode: str = request.param
-    if mode == "accel":
+    with stack.download_mode(request.param) as mode:
         yield mode
-        return
-    stack.restart_function("get_record", {"DOWNLOAD_MODE": mode})
-    try:
-        yield mode
-    finally:
-        stack.restart_function("get_record")
 
 
 def test_download_features(client: Client, download_mode: str) -> None:

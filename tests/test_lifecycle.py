@@ -209,15 +209,8 @@ def test_list_pagination_never_skips_or_repeats_under_concurrent_writes(
 
 @pytest.fixture(params=["accel", "stream", "redirect"])
 def any_download_mode(request: pytest.FixtureRequest, stack: ScratchStack) -> Iterator[str]:
-    mode: str = request.param
-    if mode == "accel":
+    with stack.download_mode(request.param) as mode:
         yield mode
-        return
-    stack.restart_function("get_record", {"DOWNLOAD_MODE": mode})
-    try:
-        yield mode
-    finally:
-        stack.restart_function("get_record")
 
 
 def test_deleted_record_is_404_at_once_in_every_download_mode(
