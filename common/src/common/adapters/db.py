@@ -161,6 +161,9 @@ class Database:
                 log.error("database connection lost: %s", exc)
                 raise DependencyUnavailable("database", self.retry_after) from exc
             raise
+        except OSError as exc:  # a socket error the driver let through while connecting
+            log.error("database unreachable: %s", exc)
+            raise DependencyUnavailable("database", self.retry_after) from exc
 
     def execute(
         self, statement: Executable, params: Mapping[str, Any] | None = None

@@ -83,6 +83,9 @@ def serve(services: Services, *, once: bool = False) -> None:
         except ServiceError as exc:  # the database is down: keep trying
             log.warning("cannot poll the job queue: %s", exc.detail)
             worked = False
+        except Exception:  # a bug must not end the worker: log it and poll again
+            log.exception("polling the job queue failed")
+            worked = False
         if once:
             return
         if not worked:
