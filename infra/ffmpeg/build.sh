@@ -1,7 +1,8 @@
 #!/bin/sh
 # Build the service's ffmpeg: static, with only what the conversion uses (WAV demuxer, PCM
-# decoders, libmp3lame, the MP3 muxer, the pipe protocol and the filters ffmpeg's audio path
-# needs). About 2.5 MB, no shared libraries: where Debian's ffmpeg maps about 44 MiB of them
+# decoders, libmp3lame, the MP3 muxer with its ID3v2 writer, the pipe protocol for the WAV in,
+# the file protocol for the MP3 out (a seekable file, so the muxer can go back and write the
+# Xing/LAME length header), swresample and the filters ffmpeg's audio path needs). About 2.5 MB, no shared libraries: where Debian's ffmpeg maps about 44 MiB of them
 # into every conversion, this one runs in about 3 MiB, at the same speed.
 #
 # Used by both the image (Dockerfile, stage "ffmpeg") and the native stack (scripts/devstack.py
@@ -21,7 +22,7 @@ cd "$src"
     --disable-swscale --disable-postproc \
     --enable-swresample --enable-libmp3lame --enable-encoder=libmp3lame \
     --enable-decoder=pcm_u8,pcm_s16le,pcm_s24le,pcm_s32le,pcm_f32le,pcm_f64le \
-    --enable-demuxer=wav --enable-muxer=mp3 --enable-protocol=pipe \
+    --enable-demuxer=wav --enable-muxer=mp3 --enable-protocol=pipe,file \
     --enable-filter=abuffer,abuffersink,aformat,anull,aresample,atrim
 make -j"$(nproc)" ffmpeg
 strip ffmpeg
