@@ -38,3 +38,36 @@ def probe_mp3(data: bytes) -> Mp3Info:
         bit_rate=int(stream.get("bit_rate", 0)),
         duration=float(info["format"]["duration"]),
     )
+
+
+def audio_start(data: bytes) -> int:
+    """Where the first MPEG frame starts: after the ID3v2 tag, if there is one."""
+    if data[:3] != b"ID3":
+        return 0
+    size = 0
+    for byte in data[6:10]:
+        size = (size << 7) | (byte & 0x7F)
+    return 10 + size
+
+
+def decoded_samples(data: bytes, rate: int) -> int:
+    """Samples per channel of ``data`` decoded by ffmpeg at ``rate`` (mono s16)."""
+    with tempfile.NamedTemporaryFile(suffix=".mp3") as f:
+        f.write(data)
+        f.flush()
+        pcm = subprocess.run(
+            ["ffmpeg", "-v", "error", "-i", f.name, "-ac", "1", "-ar", str(rate),
+             "-f", "s16le", "-"],
+            capture_output=True,
+            check=True,
+        ).stdout  # fmt: skip
+    return len(pcm) // 2
+
+
+def ffprobe_warnings(data: bytes) -> str:
+    """What ffprobe says about ``data`` at its default log level (an estimate warns)."""
+    with tempfile.NamedTemporaryFile(suffix=".mp3") as f:
+        f.write(data)
+        f.flush()
+        done = subprocess.run(["ffprobe", "-hide_banner", f.name], capture_output=True, text=True)
+    return done.stderr

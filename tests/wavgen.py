@@ -94,3 +94,27 @@ def silence_wav(seconds: float, *, channels: int = 2, rate: int = 44100) -> Iter
         piece = block[: min(len(block), left)]
         left -= len(piece)
         yield piece
+
+
+def info_chunk(fields: dict[bytes, str]) -> bytes:
+    """A LIST/INFO chunk: sub-chunks such as INAM (title) holding NUL-terminated UTF-8."""
+    body = b"".join(chunk(key, value.encode("utf-8") + b"\0") for key, value in fields.items())
+    return chunk(b"LIST", b"INFO" + body)
+
+
+def id3_chunk(*, title: str, picture: bool = False, version: int = 3) -> bytes:
+    """An ``id3 `` chunk (as some editors write it): an ID3v2 tag made by mutagen, with a
+    UTF-16 title and, with ``picture``, the frames the service must not copy (APIC, PRIV, TSSE)."""
+    import io
+
+    from mutagen.id3 import APIC, ID3, PRIV, TIT2, TSSE
+
+    tag = ID3()
+    tag.add(TIT2(encoding=1, text=[title]))
+    if picture:
+        tag.add(APIC(encoding=3, mime="image/png", type=3, desc="cover", data=b"\x89PNG" * 64))
+        tag.add(PRIV(owner="com.example", data=b"secret"))
+        tag.add(TSSE(encoding=3, text=["SomeEditor 1.0"]))
+    buf = io.BytesIO()
+    tag.save(buf, v2_version=version, padding=lambda info: 0)
+    return chunk(b"id3 ", buf.getvalue())

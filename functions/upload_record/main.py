@@ -1,6 +1,7 @@
 """upload_record: the WAV uploads, each answered 201 with the MP3's download URL.
 
-* POST /records (user, token, WAV file): the WAV in the request body, converted as it arrives.
+* POST /records (user, token, encoding options and tags, WAV file): the WAV in the request
+  body, converted as it arrives.
 * POST /records/uploads: a presigned POST to send a large WAV straight to the bucket.
 * POST /records/uploads/<id>/complete: convert that uploaded WAV (see common.domain.uploads).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import flask
 import functions_framework
+from common.domain.encoding import EncodingOptions
 from common.domain.records import create_record
 from common.domain.uploads import (
     UPLOADS_PATH,
@@ -51,6 +53,8 @@ def upload_record(request: flask.Request) -> flask.Response:
     user_id = authenticate(
         services.db, upload.fields.get("user") or request.args.get("user"), token
     )
+    # Encoding options and tags: form fields before the file, or the query of a raw WAV body.
+    options = EncodingOptions.from_fields(upload.fields if upload.fields else request.args)
     record = create_record(
         services.db,
         services.storage,
@@ -58,12 +62,14 @@ def upload_record(request: flask.Request) -> flask.Response:
         user_id=user_id,
         audio=upload.chunks,
         filename=upload.filename,
+        options=options,
     )
     return record_created_response(request, settings, record)
 
 
 def presign_upload(request: flask.Request, services: Services) -> flask.Response:
     user_id, fields = authenticated_user(services.db, request)
+    EncodingOptions.from_fields(fields)  # refused (422) now, not when the job runs
     upload = start_upload(
         services.storage, services.settings, user_id=user_id, filename=fields.get("filename")
     )

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Uuid,
     func,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAME_MAX_LENGTH = 100
@@ -51,4 +52,8 @@ class Record(Base):
     bitrate_kbps: Mapped[int] = mapped_column(SmallInteger)
     sample_rate: Mapped[int] = mapped_column(BigInteger)
     channels: Mapped[int] = mapped_column(SmallInteger)
+    # LAME -V quality of a VBR record (bitrate_kbps is then its average); NULL for CBR.
+    vbr_quality: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
+    # The ID3v2.4 tags written into the MP3 (title, artist, album, date, comment); NULL: none.
+    tags: Mapped[dict[str, str] | None] = mapped_column(JSONB, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -7,8 +7,8 @@ import os
 import re
 import unicodedata
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -29,7 +29,7 @@ _UNSAFE_FILENAME = re.compile(r'[\\/:*?"<>|]+')
 # Single statements on the lean path (Database.execute): no ORM unit of work per request.
 _RECORD_COLUMNS = (
     "id", "user_id", "object_key", "filename", "size_bytes", "etag", "duration_seconds",
-    "bitrate_kbps", "sample_rate", "channels",
+    "bitrate_kbps", "sample_rate", "channels", "vbr_quality", "tags",
 )  # fmt: skip
 # A retried insert that had landed finds its own row: nothing happens.
 _INSERT_RECORD = pg_insert(Record).on_conflict_do_nothing(index_elements=["id"])
@@ -48,6 +48,8 @@ class NewRecord:
     sample_rate: int
     channels: int
     filename: str
+    vbr_quality: int | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 def object_key(user_id: uuid.UUID, record_id: uuid.UUID) -> str:
@@ -92,19 +94,23 @@ def create_record(
             ffmpeg=settings.ffmpeg_binary,
             bitrate_kbps=settings.mp3_bitrate_kbps,
             timeout_seconds=settings.convert_timeout_seconds,
+            options=options,
         )
         stored = writer.complete()
         record = Record(
             id=record_id,
             user_id=user_id,
             object_key=key,
-            filename=mp3_filename(filename, record_id),
+            # The title, when there is one, names the download better than the upload's name.
+            filename=mp3_filename(result.tags.get("title") or filename, record_id),
             size_bytes=stored.size,
             etag=stored.etag,
             duration_seconds=result.duration_seconds,
             bitrate_kbps=result.bitrate_kbps,
             sample_rate=result.sample_rate,
             channels=result.channels,
+            vbr_quality=result.vbr_quality,
+            tags=dict(result.tags) or None,
         )
         db.execute(_INSERT_RECORD, {c: getattr(record, c) for c in _RECORD_COLUMNS})
     except BaseException:
@@ -120,6 +126,8 @@ def create_record(
         sample_rate=result.sample_rate,
         channels=result.channels,
         filename=record.filename,
+        vbr_quality=result.vbr_quality,
+        tags=dict(result.tags),
     )
 
 
