@@ -22,9 +22,9 @@ from common.domain.wav import SampleFormat, WavHeader
 from common.settings import Settings
 from conftest import Client
 from devstack import NativeStack
-from probe import audio_start
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from probe import audio_start
 from wavgen import EXTENSIBLE, FLOAT, PCM, chunk, fmt_chunk, riff, samples, wav
 
 pytestmark = pytest.mark.e2e

@@ -81,10 +81,10 @@ def read_tag(data: bytes) -> dict[str, str]:
         name = _READ.get(frame_id.decode("ascii"))
         if name is None or name in found or len(payload) < size:
             continue
-        data = _frame_payload(payload, version, frame_flags)
-        if data is None:
+        content = _frame_payload(payload, version, frame_flags)
+        if content is None:
             continue
-        text = _comment(data) if name == "comment" else _text(data)
+        text = _comment(content) if name == "comment" else _text(content)
         if text:
             found[name] = text
     return found
