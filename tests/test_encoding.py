@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from common.domain.encoding import (
     clean_file_tag,
 )
 from common.domain.id3 import build_tag, read_tag
+from common.domain.records import mp3_filename
 from common.domain.wav import file_tags, parse_header, trailing_metadata
 from common.settings import MP3_BITRATES_MPEG1, MP3_BITRATES_MPEG2
 from probe import read_id3
@@ -170,3 +172,11 @@ def test_file_tags_are_cleaned_not_refused() -> None:
     assert clean_file_tag("comment", "x" * 5000) == "x" * 1000
     cp1252 = wavgen.chunk(b"LIST", b"INFO" + wavgen.chunk(b"INAM", "Café".encode("cp1252") + b"\0"))
     assert file_tags([(b"LIST", cp1252[8:])]) == {"title": "Café"}
+
+
+def test_the_title_names_the_download() -> None:
+    rid = uuid.uuid4()
+    assert mp3_filename("take.wav", rid, "Op. 2 / No. 1") == "Op. 2 _ No. 1.mp3"
+    assert mp3_filename("take.wav", rid, "../../etc") == "_.._etc.mp3"
+    assert mp3_filename("take.wav", rid, None) == "take.mp3"
+    assert mp3_filename(None, rid, "x" * 250) == "x" * 250 + ".mp3"

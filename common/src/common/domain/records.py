@@ -56,11 +56,17 @@ def object_key(user_id: uuid.UUID, record_id: uuid.UUID) -> str:
     return f"users/{user_id}/records/{record_id}.mp3"
 
 
-def mp3_filename(uploaded: str | None, record_id: uuid.UUID) -> str:
-    """The download name: the upload's own name with an .mp3 extension, made safe."""
-    base = os.path.basename((uploaded or "").replace("\\", "/"))
-    base = "".join(ch for ch in base if unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
-    stem = _UNSAFE_FILENAME.sub("_", os.path.splitext(base)[0]).strip(" .")
+def mp3_filename(uploaded: str | None, record_id: uuid.UUID, title: str | None = None) -> str:
+    """The download name: the title when there is one, else the upload's own name, with an
+    .mp3 extension, made safe."""
+    if title:
+        base = title.replace("/", "_").replace("\\", "_")
+        stem = base  # a title has no extension to drop: "Op. 2" stays whole
+    else:
+        base = os.path.basename((uploaded or "").replace("\\", "/"))
+        stem = os.path.splitext(base)[0]
+    stem = "".join(ch for ch in stem if unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
+    stem = _UNSAFE_FILENAME.sub("_", stem).strip(" .")
     if not stem:
         stem = str(record_id)
     return stem[: FILENAME_MAX_LENGTH - 4] + ".mp3"
@@ -102,7 +108,7 @@ def create_record(
             user_id=user_id,
             object_key=key,
             # The title, when there is one, names the download better than the upload's name.
-            filename=mp3_filename(result.tags.get("title") or filename, record_id),
+            filename=mp3_filename(filename, record_id, result.tags.get("title")),
             size_bytes=stored.size,
             etag=stored.etag,
             duration_seconds=result.duration_seconds,
