@@ -1,0 +1,268 @@
+"""The voice-note workload: 5-s clips uploaded 4 at a time, against bare ffmpeg 2 at a time.
+
+Figure: uploads/s through the router (POST /records, 4 clients on keep-alive connections)
+divided by conversions/s of the same ffmpeg binary the stack runs, converting the same clip
+from a file to a file, 2 processes at a time (one per core). Target: at least 0.85x.
+
+The two are measured in interleaved rounds (bare, service, bare, service ...) so that load
+from other work on the machine hits both alike; each round's ratio is kept and the median is
+the figure. The machine's load average and the CPU time other processes used during the
+measurement are reported next to it.
+
+    run(stack) -> VoiceNoteFigures        # a started NativeStack (make bench wires it in)
+    python bench/voice_notes.py [--rounds N] [--seconds S]   # starts a NativeStack itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import wavgen  # noqa: E402
+from devstack import NativeStack, Ports  # noqa: E402
+
+CLIP_SECONDS = 5.0
+CLIENTS = 4
+BARE_PROCESSES = 2
+TARGET = 0.85
+BITRATE_KBPS = 192  # the stack's default MP3_BITRATE_KBPS
+
+
+@dataclass
+class VoiceNoteFigures:
+    ratio: float  # median over rounds of uploads/s / bare conversions/s
+    uploads_per_second: float  # median
+    bare_per_second: float  # median
+    rounds: list[tuple[float, float]] = field(default_factory=list)  # (bare/s, uploads/s)
+    load_before: float = 0.0
+    load_after: float = 0.0
+    other_cpu_cores: float = 0.0  # CPU used by processes outside the measurement, in cores
+
+    @property
+    def met(self) -> bool:
+        return self.ratio >= TARGET
+
+    def row(self) -> tuple[str, str, str, str, str]:
+        """(figure, measured, target, ratio to target, met) for the bench's results table."""
+        return (
+            f"7. voice notes: {CLIP_SECONDS:g}-s clips, {CLIENTS} uploads at once / bare ffmpeg "
+            f"{BARE_PROCESSES} at a time (median of rounds)",
+            f"{self.ratio:.2f}x ({self.uploads_per_second:.1f} vs {self.bare_per_second:.1f}/s)",
+            f"≥ {TARGET:.2f}x",
+            f"{self.ratio / TARGET:.2f}",
+            "yes" if self.met else "no",
+        )
+
+    def details(self) -> str:
+        rounds = "; ".join(f"{u:.1f}/s vs {b:.1f}/s = {u / b:.2f}x" for b, u in self.rounds)
+        return (
+            f"voice notes (uploads vs bare, per round): {rounds}; load average "
+            f"{self.load_before:.2f} → {self.load_after:.2f}; CPU used by other work during the "
+            f"rounds: {self.other_cpu_cores:.2f} cores of {os.cpu_count()}"
+        )
+
+
+def clip() -> bytes:
+    return wavgen.wav(seconds=CLIP_SECONDS, channels=2, rate=44100, bits=16)
+
+
+def _loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def _busy_ticks() -> int:
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    values = [int(v) for v in fields]
+    return sum(values) - values[3] - values[4]  # minus idle and iowait
+
+
+def _tree_ticks(roots: list[int]) -> int:
+    """CPU ticks (user + system, children reaped included) of ``roots`` and descendants."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parts = raw[raw.rindex(")") + 2 :].split()
+        stats[int(entry.name)] = parts
+        children.setdefault(int(parts[1]), []).append(int(entry.name))
+    total, todo = 0, list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            p = stats[pid]
+            total += int(p[11]) + int(p[12]) + int(p[13]) + int(p[14])
+        todo.extend(children.get(pid, []))
+    return total
+
+
+class _Uploader:
+    """Posts the clip in a loop on one keep-alive connection until told to stop."""
+
+    def __init__(self, host: str, port: int, user: tuple[str, str], wav: bytes) -> None:
+        boundary = uuid.uuid4().hex
+        self.body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user[0]}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="token"\r\n\r\n{user[1]}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="note.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+        ).encode() + wav + f"\r\n--{boundary}--\r\n".encode()
+        self.headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        self.host, self.port = host, port
+        self.done = 0
+        self.errors: list[str] = []
+
+    def loop(self, stop: threading.Event) -> None:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        try:
+            while not stop.is_set():
+                conn.request("POST", "/records", body=self.body, headers=self.headers)
+                response = conn.getresponse()
+                raw = response.read()
+                if response.status != 201:
+                    self.errors.append(f"{response.status} {raw[:200]!r}")
+                    return
+                self.done += 1
+        finally:
+            conn.close()
+
+
+def _create_user(host: str, port: int) -> tuple[str, str]:
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request("POST", "/users", body=b'{"name": "voice notes"}',
+                     headers={"Content-Type": "application/json"})  # fmt: skip
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        if response.status != 201:
+            raise RuntimeError(f"POST /users answered {response.status}: {body}")
+        return body["id"], body["token"]
+    finally:
+        conn.close()
+
+
+def measure_uploads(stack: NativeStack, user: tuple[str, str], wav: bytes, seconds: float) -> float:
+    """Completed uploads per second with CLIENTS clients for about ``seconds``."""
+    host, port = "127.0.0.1", stack.ports.router
+    uploaders = [_Uploader(host, port, user, wav) for _ in range(CLIENTS)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=u.loop, args=(stop,)) for u in uploaders]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    errors = [e for u in uploaders for e in u.errors]
+    if errors:
+        raise RuntimeError(f"uploads failed: {errors[:3]}")
+    return sum(u.done for u in uploaders) / elapsed
+
+
+def measure_bare(ffmpeg: str, wav_path: Path, workdir: Path, seconds: float) -> float:
+    """Conversions per second of ``ffmpeg`` run BARE_PROCESSES at a time for ``seconds``."""
+    counts = [0] * BARE_PROCESSES
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        out = workdir / f"bare-{i}.mp3"
+        command = [
+            ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-threads", "1",
+            "-f", "wav", "-i", str(wav_path), "-c:a", "libmp3lame", "-b:a", f"{BITRATE_KBPS}k",
+            str(out),
+        ]  # fmt: skip
+        while not stop.is_set():
+            subprocess.run(command, check=True)
+            counts[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(BARE_PROCESSES)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def run(stack: NativeStack, *, rounds: int = 5, seconds: float = 8.0) -> VoiceNoteFigures:
+    """Measure on a started ``stack``: interleaved rounds of bare ffmpeg and uploads."""
+    ffmpeg = stack.function_env("upload_record").get("FFMPEG_BINARY") or (
+        shutil.which("ffmpeg") or "ffmpeg"
+    )
+    wav = clip()
+    user = _create_user("127.0.0.1", stack.ports.router)
+    roots = [os.getpid(), *(p.pid for p in stack.processes.values())]
+    with tempfile.TemporaryDirectory(prefix="voice-notes-") as tmp:
+        workdir = Path(tmp)
+        wav_path = workdir / "note.wav"
+        wav_path.write_bytes(wav)
+        measure_uploads(stack, user, wav, 1.0)  # warm: connections, caches, first imports
+        load_before = _loadavg()
+        busy0, ours0 = _busy_ticks(), _tree_ticks(roots)
+        started = time.perf_counter()
+        results: list[tuple[float, float]] = []
+        for _ in range(rounds):
+            bare = measure_bare(ffmpeg, wav_path, workdir, seconds)
+            uploads = measure_uploads(stack, user, wav, seconds)
+            results.append((bare, uploads))
+        elapsed = time.perf_counter() - started
+        busy1, ours1 = _busy_ticks(), _tree_ticks(roots)
+    hz = os.sysconf("SC_CLK_TCK")
+    other = max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / hz / elapsed)
+    return VoiceNoteFigures(
+        ratio=statistics.median(u / b for b, u in results),
+        uploads_per_second=statistics.median(u for _, u in results),
+        bare_per_second=statistics.median(b for b, _ in results),
+        rounds=results,
+        load_before=load_before,
+        load_after=_loadavg(),
+        other_cpu_cores=other,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each half-round")
+    args = parser.parse_args(argv)
+    data_dir = Path(tempfile.mkdtemp(prefix="voice-notes-stack-"))
+    data_dir.chmod(0o755)  # PostgreSQL runs as 'postgres' under root and must enter it
+    extra_env = {"RATE_LIMIT_RPS": "1000000", "RATE_LIMIT_BURST": "1000000"}
+    stack = NativeStack(data_dir, ports=Ports.free(), extra_env=extra_env)
+    try:
+        stack.start(timeout=120)
+        figures = run(stack, rounds=args.rounds, seconds=args.seconds)
+    finally:
+        stack.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+    print(" | ".join(figures.row()))
+    print(figures.details())
+    return 0 if figures.met else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
