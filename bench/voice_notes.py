@@ -50,6 +50,10 @@ class VoiceNoteFigures:
     uploads_per_second: float  # median
     bare_per_second: float  # median
     rounds: list[tuple[float, float]] = field(default_factory=list)  # (bare/s, uploads/s)
+    # CPU per item (ms), summed over the rounds: less sensitive to bursts of other load than
+    # the throughputs, and with both sides at full CPU their ratio is what the figure tends to
+    bare_cpu_ms: float = 0.0  # one bare conversion
+    upload_cpu_ms: float = 0.0  # one upload: every stack process and the clients
     load_before: float = 0.0
     load_after: float = 0.0
     other_cpu_cores: float = 0.0  # CPU used by processes outside the measurement, in cores
@@ -72,7 +76,9 @@ class VoiceNoteFigures:
     def details(self) -> str:
         rounds = "; ".join(f"{u:.1f}/s vs {b:.1f}/s = {u / b:.2f}x" for b, u in self.rounds)
         return (
-            f"voice notes (uploads vs bare, per round): {rounds}; load average "
+            f"voice notes (uploads vs bare, per round): {rounds}; CPU per item: bare "
+            f"{self.bare_cpu_ms:.1f} ms, upload {self.upload_cpu_ms:.1f} ms (all servers and "
+            f"the clients) = {self.bare_cpu_ms / self.upload_cpu_ms:.2f}x; load average "
             f"{self.load_before:.2f} → {self.load_after:.2f}; CPU used by other work during the "
             f"rounds: {self.other_cpu_cores:.2f} cores of {os.cpu_count()}"
         )
@@ -122,11 +128,15 @@ class _Uploader:
     def __init__(self, host: str, port: int, user: tuple[str, str], wav: bytes) -> None:
         boundary = uuid.uuid4().hex
         self.body = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user[0]}\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="token"\r\n\r\n{user[1]}\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-            f'filename="note.wav"\r\nContent-Type: audio/wav\r\n\r\n'
-        ).encode() + wav + f"\r\n--{boundary}--\r\n".encode()
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user[0]}\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="token"\r\n\r\n{user[1]}\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                f'filename="note.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+            ).encode()
+            + wav
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
         self.headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
         self.host, self.port = host, port
         self.done = 0
@@ -161,8 +171,37 @@ def _create_user(host: str, port: int) -> tuple[str, str]:
         conn.close()
 
 
-def measure_uploads(stack: NativeStack, user: tuple[str, str], wav: bytes, seconds: float) -> float:
+@dataclass
+class _Cpu:
+    """CPU ticks and item counts accumulated over the rounds."""
+
+    ticks: int = 0
+    items: int = 0
+
+    def ms_per_item(self) -> float:
+        return self.ticks / os.sysconf("SC_CLK_TCK") / max(1, self.items) * 1000
+
+
+def _own_ticks() -> int:
+    times = os.times()
+    return round((times.user + times.system) * os.sysconf("SC_CLK_TCK"))
+
+
+def _children_ticks() -> int:
+    times = os.times()
+    return round((times.children_user + times.children_system) * os.sysconf("SC_CLK_TCK"))
+
+
+def measure_uploads(
+    stack: NativeStack,
+    user: tuple[str, str],
+    wav: bytes,
+    seconds: float,
+    cpu: _Cpu | None = None,
+) -> float:
     """Completed uploads per second with CLIENTS clients for about ``seconds``."""
+    roots = [p.pid for p in stack.processes.values()]
+    ticks = _tree_ticks(roots) + _own_ticks()
     host, port = "127.0.0.1", stack.ports.router
     uploaders = [_Uploader(host, port, user, wav) for _ in range(CLIENTS)]
     stop = threading.Event()
@@ -178,12 +217,19 @@ def measure_uploads(stack: NativeStack, user: tuple[str, str], wav: bytes, secon
     errors = [e for u in uploaders for e in u.errors]
     if errors:
         raise RuntimeError(f"uploads failed: {errors[:3]}")
-    return sum(u.done for u in uploaders) / elapsed
+    done = sum(u.done for u in uploaders)
+    if cpu is not None:
+        cpu.ticks += _tree_ticks(roots) + _own_ticks() - ticks
+        cpu.items += done
+    return done / elapsed
 
 
-def measure_bare(ffmpeg: str, wav_path: Path, workdir: Path, seconds: float) -> float:
+def measure_bare(
+    ffmpeg: str, wav_path: Path, workdir: Path, seconds: float, cpu: _Cpu | None = None
+) -> float:
     """Conversions per second of ``ffmpeg`` run BARE_PROCESSES at a time for ``seconds``."""
     counts = [0] * BARE_PROCESSES
+    ticks = _children_ticks()
     stop = threading.Event()
 
     def worker(i: int) -> None:
@@ -205,10 +251,13 @@ def measure_bare(ffmpeg: str, wav_path: Path, workdir: Path, seconds: float) -> 
     stop.set()
     for t in threads:
         t.join()
+    if cpu is not None:
+        cpu.ticks += _children_ticks() - ticks
+        cpu.items += sum(counts)
     return sum(counts) / (time.perf_counter() - start)
 
 
-def run(stack: NativeStack, *, rounds: int = 5, seconds: float = 8.0) -> VoiceNoteFigures:
+def run(stack: NativeStack, *, rounds: int = 9, seconds: float = 4.0) -> VoiceNoteFigures:
     """Measure on a started ``stack``: interleaved rounds of bare ffmpeg and uploads."""
     ffmpeg = stack.function_env("upload_record").get("FFMPEG_BINARY") or (
         shutil.which("ffmpeg") or "ffmpeg"
@@ -225,9 +274,10 @@ def run(stack: NativeStack, *, rounds: int = 5, seconds: float = 8.0) -> VoiceNo
         busy0, ours0 = _busy_ticks(), _tree_ticks(roots)
         started = time.perf_counter()
         results: list[tuple[float, float]] = []
+        bare_cpu, upload_cpu = _Cpu(), _Cpu()
         for _ in range(rounds):
-            bare = measure_bare(ffmpeg, wav_path, workdir, seconds)
-            uploads = measure_uploads(stack, user, wav, seconds)
+            bare = measure_bare(ffmpeg, wav_path, workdir, seconds, bare_cpu)
+            uploads = measure_uploads(stack, user, wav, seconds, upload_cpu)
             results.append((bare, uploads))
         elapsed = time.perf_counter() - started
         busy1, ours1 = _busy_ticks(), _tree_ticks(roots)
@@ -241,13 +291,15 @@ def run(stack: NativeStack, *, rounds: int = 5, seconds: float = 8.0) -> VoiceNo
         load_before=load_before,
         load_after=_loadavg(),
         other_cpu_cores=other,
+        bare_cpu_ms=bare_cpu.ms_per_item(),
+        upload_cpu_ms=upload_cpu.ms_per_item(),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each half-round")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each half-round")
     args = parser.parse_args(argv)
     data_dir = Path(tempfile.mkdtemp(prefix="voice-notes-stack-"))
     data_dir.chmod(0o755)  # PostgreSQL runs as 'postgres' under root and must enter it

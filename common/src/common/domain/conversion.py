@@ -233,7 +233,13 @@ def convert_wav_stream(
     finally:
         os.close(out_fd)
         os.close(err_fd)
-        shutil.rmtree(workdir, ignore_errors=True)
+        for name in ("out.mp3", "stderr"):  # what ffmpeg and the service made there
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(workdir, name))
+        try:
+            os.rmdir(workdir)
+        except OSError:  # not expected: something else appeared there
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(
