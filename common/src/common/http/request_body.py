@@ -33,7 +33,7 @@ from common.errors import (
     UnsupportedMediaType,
 )
 
-READ_SIZE = 256 * 1024  # fewer, larger chunks: a quarter of the per-chunk Python work
+READ_SIZE = 64 * 1024
 MAX_FIELD_BYTES = 4096
 MAX_FIELDS_TOTAL = 64 * 1024
 MAX_FIELDS = 32
