@@ -3,8 +3,10 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PYTHON := .venv/bin/python
+# checkov runs from PyPI in a tool environment of its own (its dependencies clash with ours).
+CHECKOV_VERSION := 3.3.30
 
-.PHONY: help install tools test-tools lint test test-unit test-reliability sweep audit dev migrate clean-data up down test-compose image-report bench bench-smoke deploy-aws deploy-gcp
+.PHONY: help install tools test-tools lint infra-check test test-unit test-reliability sweep audit dev migrate clean-data up down test-compose image-report bench bench-smoke deploy-aws deploy-gcp
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -19,9 +21,12 @@ tools: install ## install ffmpeg and nginx if missing, build the minimal ffmpeg 
 lint: install ## ruff (lint + format check) and mypy --strict
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
-	$(UV) run --frozen mypy common/src functions scripts migrations tests
+	$(UV) run --frozen mypy common/src functions scripts migrations tests bench
 
-test: lint tools test-tools ## lint, then every test tier (unit, integration, end to end)
+infra-check: ## checkov on infra/ (every skip carries its reason in the template)
+	$(UV) tool run --from checkov==$(CHECKOV_VERSION) checkov -d infra --quiet --compact --skip-download
+
+test: lint infra-check tools test-tools ## lint, checkov, then every test tier (unit, integration, end to end)
 	$(UV) run --frozen pytest
 
 test-tools: ## install Chromium if missing (the /docs page test; apt-get as root on Debian)
@@ -64,10 +69,10 @@ image-report: install ## each function image's size and docker-run-to-first-200 
 	$(PYTHON) scripts/image_report.py --project $${COMPOSE_PROJECT_NAME:-record-service}
 
 bench: install tools ## performance figures on the native stack (minutes); writes bench/results.md
-	$(PYTHON) scripts/bench.py $(if $(SMOKE),--smoke,)
+	$(PYTHON) -m bench $(if $(SMOKE),--smoke,)
 
 bench-smoke: install tools ## the benchmark with tiny sizes (under a minute): proves it still runs
-	$(PYTHON) scripts/bench.py --smoke
+	$(PYTHON) -m bench --smoke
 
 deploy-aws: install ## build, push to ECR, deploy infra/aws/template.yaml, migrate (README: Deploy to AWS Lambda)
 	bash scripts/deploy_aws.sh

@@ -4,13 +4,14 @@ Figure: uploads/s through the router (POST /records, 4 clients on keep-alive con
 divided by conversions/s of the same ffmpeg binary the stack runs, converting the same clip
 from a file to a file, 2 processes at a time (one per core). Target: at least 0.85x.
 
-The two are measured in interleaved rounds (bare, service, bare, service ...) so that load
-from other work on the machine hits both alike; each round's ratio is kept and the median is
-the figure. The machine's load average and the CPU time other processes used during the
-measurement are reported next to it.
+The two are measured in interleaved rounds (bare, service, bare, service ...), the stack left
+to go idle before each bare round, so that load from other work on the machine hits both
+alike; each round's ratio is kept and the median is the figure. CPU per item on both sides,
+the machine's load average and the CPU time other processes used are reported next to it.
 
-    run(stack) -> VoiceNoteFigures        # a started NativeStack (make bench wires it in)
-    python bench/voice_notes.py [--rounds N] [--seconds S]   # starts a NativeStack itself
+    run(bench) -> [Row]                    # a step of python -m bench (bench.run.OPTIONAL_STEPS)
+    measure(stack) -> VoiceNoteFigures     # on any started NativeStack
+    python -m bench.voice_notes [--rounds N] [--seconds S]   # starts a stack of its own
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,12 +30,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
+import wavgen
+from devstack import NativeStack
+from stack import free_ports, make_data_dir
 
-import wavgen  # noqa: E402
-from devstack import NativeStack, Ports  # noqa: E402
+from bench.core import Bench, Row, log
 
 CLIP_SECONDS = 5.0
 CLIENTS = 4
@@ -269,7 +268,16 @@ def measure_bare(
     return sum(counts) / (time.perf_counter() - start)
 
 
-def run(stack: NativeStack, *, rounds: int = 9, seconds: float = 4.0) -> VoiceNoteFigures:
+def run(bench: Bench) -> list[Row]:
+    """The voice-note step of ``python -m bench`` (``--smoke``: one short round)."""
+    smoke = bench.plan.smoke
+    log("voice notes: 5-s clips, 4 uploads at once against bare ffmpeg 2 at a time")
+    figures = measure(bench.stack, rounds=1 if smoke else 9, seconds=1.0 if smoke else 4.0)
+    bench.details.append(figures.details())
+    return [Row(*figures.row())]
+
+
+def measure(stack: NativeStack, *, rounds: int = 9, seconds: float = 4.0) -> VoiceNoteFigures:
     """Measure on a started ``stack``: interleaved rounds of bare ffmpeg and uploads."""
     ffmpeg = stack.function_env("upload_record").get("FFMPEG_BINARY") or (
         shutil.which("ffmpeg") or "ffmpeg"
@@ -310,17 +318,16 @@ def run(stack: NativeStack, *, rounds: int = 9, seconds: float = 4.0) -> VoiceNo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.voice_notes")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each half-round")
     args = parser.parse_args(argv)
-    data_dir = Path(tempfile.mkdtemp(prefix="voice-notes-stack-"))
-    data_dir.chmod(0o755)  # PostgreSQL runs as 'postgres' under root and must enter it
+    data_dir = make_data_dir("voice-notes-stack-")
     extra_env = {"RATE_LIMIT_RPS": "1000000", "RATE_LIMIT_BURST": "1000000"}
-    stack = NativeStack(data_dir, ports=Ports.free(), extra_env=extra_env)
+    stack = NativeStack(data_dir, ports=free_ports(), extra_env=extra_env)
     try:
         stack.start(timeout=120)
-        figures = run(stack, rounds=args.rounds, seconds=args.seconds)
+        figures = measure(stack, rounds=args.rounds, seconds=args.seconds)
     finally:
         stack.stop()
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -1,4 +1,7 @@
-"""Alembic environment: the URL from DATABASE_URL, the target schema from common.adapters.models."""
+"""Alembic environment: the URL from DATABASE_URL, the target schema from common.adapters.models.
+
+With DATABASE_SECRET_ARN (AWS) the login comes from that secret, as in the functions.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ import os
 from logging.config import fileConfig
 
 from alembic import context
+from common.adapters.db import tls_connect_args, use_credentials
 from common.adapters.models import Base
+from common.adapters.secrets import SecretCredentials
 from common.settings import DEFAULT_DATABASE_URL, normalise_database_url
 from sqlalchemy import create_engine, pool
 
@@ -28,7 +33,11 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = create_engine(_url(), poolclass=pool.NullPool)
+    tls = tls_connect_args(os.environ.get("DB_TLS", "off").strip().lower() or "off")
+    engine = create_engine(_url(), poolclass=pool.NullPool, connect_args=tls)
+    secret_arn = os.environ.get("DATABASE_SECRET_ARN", "").strip()
+    if secret_arn:
+        use_credentials(engine, SecretCredentials(secret_arn))
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata)
         with context.begin_transaction():

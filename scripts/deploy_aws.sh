@@ -1,34 +1,79 @@
 #!/usr/bin/env bash
-# make deploy-aws: build the three function images, push them to ECR, deploy
-# infra/aws/template.yaml with CloudFormation, apply the database migrations, print the URL.
+# make deploy-aws: build the images, push them to ECR, and roll out infra/aws/template.yaml in
+# the safe order: (1) the stack with the new image on the migrate and sweep functions only,
+# (2) the migrations (the migrate function, invoked and checked), (3) the stack with the new
+# images on the serving functions. docs/deploy-aws.md explains each step.
 #
-# Needs: docker (with buildx), the AWS CLI v2 signed in (aws sts get-caller-identity works),
-# and uv/make install done. Settings (environment):
-#   AWS_REGION       region to deploy to (required)
-#   DATABASE_URL     postgresql://user:password@host:5432/db the functions will use (required);
-#                    this machine must reach it too, to migrate (see README)
-#   STACK_NAME       CloudFormation stack and name prefix (default: records)
-#   ECR_REPOSITORY   ECR repository for the images (default: $STACK_NAME)
-#   IMAGE_TAG        tag for this release (default: git short hash)
-#   BUCKET_NAME      bucket name (default: chosen by CloudFormation)
-#   SUBNET_IDS, SECURITY_GROUP_IDS   comma-separated, to run the functions in a VPC
-#   DRY_RUN=1        print the commands instead of running them
+# Needs: docker (with buildx), the AWS CLI v2 signed in, and uv/make install done.
+# Required (the script refuses to start, naming the value, while one is missing or still a
+# placeholder):
+#   AWS_REGION            region to deploy to
+#   DATABASE_HOST         PostgreSQL host (e.g. the RDS endpoint); no credentials
+#   DATABASE_SECRET_ARN   Secrets Manager secret with {"username": ..., "password": ...}
+#   DB_MAX_CONNECTIONS    the database's max_connections (SHOW max_connections)
+# Optional:
+#   DATABASE_NAME (records), DATABASE_PORT (5432), DB_TLS (require), DB_HEADROOM (10: kept for
+#   admin sessions and migrations), STACK_NAME (records), ECR_REPOSITORY ($STACK_NAME),
+#   IMAGE_TAG (git short hash), BUCKET_NAME, SUBNET_IDS, SECURITY_GROUP_IDS,
+#   USE_RDS_PROXY=true + DATABASE_INSTANCE_ID, ALARM_EMAIL,
+#   CREATE_USER_CONCURRENCY (5), UPLOAD_RECORD_CONCURRENCY (10), GET_RECORD_CONCURRENCY (20)
+#   DRY_RUN=1             print the steps instead of running them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-: "${AWS_REGION:?set AWS_REGION, e.g. eu-west-1}"
-: "${DATABASE_URL:?set DATABASE_URL to the postgresql:// URL the functions will use}"
+missing=()
+require() {  # require NAME...: set, and not a placeholder from the docs
+    local name value
+    for name in "$@"; do
+        value=${!name:-}
+        if [[ -z "$value" || "$value" =~ (CHANGE[-_]?ME|PLACEHOLDER|PASSWORD|xxxx|\<|\>|example\.com|123456789012:secret:records-db-EXAMPLE) ]]; then
+            missing+=("$name")
+        fi
+    done
+}
+require AWS_REGION DATABASE_HOST DATABASE_SECRET_ARN DB_MAX_CONNECTIONS
+if [[ -n "${DATABASE_HOST:-}" && "$DATABASE_HOST" == *@* ]]; then
+    echo "refusing to deploy: DATABASE_HOST holds credentials; they belong in DATABASE_SECRET_ARN" >&2
+    exit 2
+fi
+if [[ "${USE_RDS_PROXY:-false}" == true ]]; then
+    require DATABASE_INSTANCE_ID SUBNET_IDS SECURITY_GROUP_IDS
+fi
+for name in DB_MAX_CONNECTIONS DB_HEADROOM CREATE_USER_CONCURRENCY UPLOAD_RECORD_CONCURRENCY \
+    GET_RECORD_CONCURRENCY; do
+    if [[ -n "${!name:-}" && ! "${!name}" =~ ^[0-9]+$ ]]; then missing+=("$name"); fi
+done
+if ((${#missing[@]})); then
+    echo "refusing to deploy: set ${missing[*]} (missing or still a placeholder); nothing was changed" >&2
+    exit 2
+fi
+
 STACK_NAME=${STACK_NAME:-records}
 ECR_REPOSITORY=${ECR_REPOSITORY:-$STACK_NAME}
 IMAGE_TAG=${IMAGE_TAG:-$(git rev-parse --short HEAD 2>/dev/null || date +%Y%m%d%H%M%S)}
+CREATE_USER_CONCURRENCY=${CREATE_USER_CONCURRENCY:-5}
+UPLOAD_RECORD_CONCURRENCY=${UPLOAD_RECORD_CONCURRENCY:-10}
+GET_RECORD_CONCURRENCY=${GET_RECORD_CONCURRENCY:-20}
+DB_HEADROOM=${DB_HEADROOM:-10}
 FUNCTIONS=(create_user upload_record get_record)
 
+# The connection budget: every Lambda execution environment is one process holding at most
+# pool + overflow connections (the template's Pool mapping: 1 + 1); sweep and migrate have a
+# reserved concurrency of 1 each.
+POOL_PER_PROCESS=2
+environments=$((CREATE_USER_CONCURRENCY + UPLOAD_RECORD_CONCURRENCY + GET_RECORD_CONCURRENCY + 1 + 1))
+budget=$((environments * POOL_PER_PROCESS))
+allowed=$((DB_MAX_CONNECTIONS - DB_HEADROOM))
+echo "==> connection budget: $environments environments x 1 process x $POOL_PER_PROCESS connections = $budget; allowed: $DB_MAX_CONNECTIONS - $DB_HEADROOM headroom = $allowed"
+if [[ "${USE_RDS_PROXY:-false}" == true ]]; then
+    echo "    (RDS Proxy: the proxy opens at most ProxyMaxConnectionsPercent of max_connections)"
+elif ((budget > allowed)); then
+    echo "refusing to deploy: connection budget $budget exceeds $allowed; lower the *_CONCURRENCY values, raise max_connections, or set USE_RDS_PROXY=true" >&2
+    exit 2
+fi
+
 run() {
-    if [[ "${DRY_RUN:-}" == 1 ]]; then
-        printf '+ %s\n' "$*"
-    else
-        "$@"
-    fi
+    if [[ "${DRY_RUN:-}" == 1 ]]; then printf '+ %s\n' "$*"; else "$@"; fi
 }
 
 if [[ "${DRY_RUN:-}" == 1 ]]; then
@@ -39,12 +84,12 @@ fi
 REGISTRY="$ACCOUNT_ID.dkr.ecr.$AWS_REGION.amazonaws.com"
 REPO_URI="$REGISTRY/$ECR_REPOSITORY"
 
-echo "==> 1/5 ECR repository $REPO_URI"
+echo "==> 1/6 ECR repository $REPO_URI"
 if [[ "${DRY_RUN:-}" == 1 ]] \
     || ! aws ecr describe-repositories --region "$AWS_REGION" \
         --repository-names "$ECR_REPOSITORY" >/dev/null 2>&1; then
     run aws ecr create-repository --region "$AWS_REGION" --repository-name "$ECR_REPOSITORY" \
-        --image-scanning-configuration scanOnPush=true
+        --image-scanning-configuration scanOnPush=true --image-tag-mutability IMMUTABLE
 fi
 if [[ "${DRY_RUN:-}" == 1 ]]; then
     printf '+ aws ecr get-login-password | docker login --username AWS --password-stdin %s\n' \
@@ -54,7 +99,7 @@ else
         | docker login --username AWS --password-stdin "$REGISTRY"
 fi
 
-echo "==> 2/5 build and push the images (linux/amd64; Lambda wants Docker v2 manifests)"
+echo "==> 2/6 build and push the images (linux/amd64; Lambda wants Docker v2 manifests)"
 declare -A IMAGES
 for fn in "${FUNCTIONS[@]}"; do
     image="$REPO_URI:${fn//_/-}-$IMAGE_TAG"
@@ -63,33 +108,67 @@ for fn in "${FUNCTIONS[@]}"; do
     IMAGES[$fn]=$image
 done
 
-echo "==> 3/5 deploy the CloudFormation stack $STACK_NAME"
-params=(
-    "CreateUserImageUri=${IMAGES[create_user]}"
-    "UploadRecordImageUri=${IMAGES[upload_record]}"
-    "GetRecordImageUri=${IMAGES[get_record]}"
-    "DatabaseUrl=$DATABASE_URL"
+common_params=(
+    "MigrateImageUri=${IMAGES[upload_record]}"
+    "DatabaseHost=$DATABASE_HOST"
+    "DatabasePort=${DATABASE_PORT:-5432}"
+    "DatabaseName=${DATABASE_NAME:-records}"
+    "DatabaseSecretArn=$DATABASE_SECRET_ARN"
+    "DatabaseTls=${DB_TLS:-require}"
+    "UseRdsProxy=${USE_RDS_PROXY:-false}"
+    "CreateUserConcurrency=$CREATE_USER_CONCURRENCY"
+    "UploadRecordConcurrency=$UPLOAD_RECORD_CONCURRENCY"
+    "GetRecordConcurrency=$GET_RECORD_CONCURRENCY"
 )
-[[ -n "${BUCKET_NAME:-}" ]] && params+=("BucketName=$BUCKET_NAME")
-[[ -n "${SUBNET_IDS:-}" ]] && params+=("SubnetIds=$SUBNET_IDS")
-[[ -n "${SECURITY_GROUP_IDS:-}" ]] && params+=("SecurityGroupIds=$SECURITY_GROUP_IDS")
-if [[ "${DRY_RUN:-}" == 1 ]]; then  # never print the database password
-    printf '+ aws cloudformation deploy --template-file infra/aws/template.yaml --stack-name %s %s\n' \
-        "$STACK_NAME" "--capabilities CAPABILITY_IAM --parameter-overrides (DatabaseUrl hidden)"
-else
-    aws cloudformation deploy --region "$AWS_REGION" --stack-name "$STACK_NAME" \
+[[ -n "${DATABASE_INSTANCE_ID:-}" ]] && common_params+=("DatabaseInstanceId=$DATABASE_INSTANCE_ID")
+[[ -n "${BUCKET_NAME:-}" ]] && common_params+=("BucketName=$BUCKET_NAME")
+[[ -n "${SUBNET_IDS:-}" ]] && common_params+=("SubnetIds=$SUBNET_IDS")
+[[ -n "${SECURITY_GROUP_IDS:-}" ]] && common_params+=("SecurityGroupIds=$SECURITY_GROUP_IDS")
+[[ -n "${ALARM_EMAIL:-}" ]] && common_params+=("AlarmEmail=$ALARM_EMAIL")
+
+deploy() {  # deploy PARAM=VALUE...: one CloudFormation update (unnamed parameters keep theirs)
+    run aws cloudformation deploy --region "$AWS_REGION" --stack-name "$STACK_NAME" \
         --template-file infra/aws/template.yaml --capabilities CAPABILITY_IAM \
-        --no-fail-on-empty-changeset --parameter-overrides "${params[@]}"
+        --no-fail-on-empty-changeset --parameter-overrides "$@"
+}
+
+stack_exists=0
+if [[ "${DRY_RUN:-}" != 1 ]] && aws cloudformation describe-stacks --region "$AWS_REGION" \
+    --stack-name "$STACK_NAME" >/dev/null 2>&1; then
+    stack_exists=1
 fi
 
-echo "==> 4/5 database migrations (alembic upgrade head)"
-if [[ "${DRY_RUN:-}" == 1 ]]; then
-    echo "+ uv run --frozen alembic upgrade head   (DATABASE_URL from the environment)"
+echo "==> 3/6 stack $STACK_NAME: the new image on the migrate and sweep functions only"
+if ((stack_exists)) || [[ "${DRY_RUN:-}" == 1 && -z "${DRY_RUN_FIRST_DEPLOY:-}" ]]; then
+    # The image parameters of the serving functions are left out: `cloudformation deploy`
+    # keeps a parameter's previous value when it is not given.
+    deploy "${common_params[@]}"
 else
-    uv run --frozen alembic upgrade head
+    # First deploy: nothing serves yet, so the functions start on the new images; the API
+    # answers 503 until step 4 has created the tables.
+    deploy "${common_params[@]}" "CreateUserImageUri=${IMAGES[create_user]}" \
+        "UploadRecordImageUri=${IMAGES[upload_record]}" "GetRecordImageUri=${IMAGES[get_record]}"
 fi
 
-echo "==> 5/5 done"
+echo "==> 4/6 migrations: invoke $STACK_NAME-migrate (alembic upgrade head) and check it"
+if [[ "${DRY_RUN:-}" == 1 ]]; then
+    echo "+ aws lambda invoke --function-name $STACK_NAME-migrate --payload {} (stop on FunctionError)"
+else
+    out=$(mktemp)
+    error=$(aws lambda invoke --region "$AWS_REGION" --function-name "$STACK_NAME-migrate" \
+        --cli-binary-format raw-in-base64-out --payload '{}' --query FunctionError \
+        --output text "$out")
+    if [[ "$error" != None && -n "$error" ]]; then
+        echo "migrations failed ($error): $(cat "$out"); the serving functions were not changed" >&2
+        exit 1
+    fi
+fi
+
+echo "==> 5/6 stack $STACK_NAME: the new images on the serving functions"
+deploy "${common_params[@]}" "CreateUserImageUri=${IMAGES[create_user]}" \
+    "UploadRecordImageUri=${IMAGES[upload_record]}" "GetRecordImageUri=${IMAGES[get_record]}"
+
+echo "==> 6/6 done"
 if [[ "${DRY_RUN:-}" != 1 ]]; then
     aws cloudformation describe-stacks --region "$AWS_REGION" --stack-name "$STACK_NAME" \
         --query "Stacks[0].Outputs[].[OutputKey,OutputValue]" --output table

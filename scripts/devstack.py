@@ -1,9 +1,10 @@
-"""The native stack: PostgreSQL, SeaweedFS, the three functions and nginx, without Docker.
+"""The native stack: PostgreSQL, SeaweedFS, the three functions, the job worker and nginx, without
+Docker.
 
 ``make dev`` runs ``python scripts/devstack.py``: everything starts in the foreground, data
 lives under ``.data/`` (kept across restarts, ``make clean-data`` removes it), and Ctrl-C or
-SIGTERM stops every process it started. The end-to-end tests start the same stack in a
-temporary directory on free ports through :class:`NativeStack`.
+SIGTERM stops every process it started. The tests and ``make bench`` start the same
+:class:`NativeStack` in a temporary directory on free ports (``tests/stack.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import minimal_ffmpeg
+from render_template import render_template
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "infra" / "nginx" / "router.conf.template"
@@ -33,6 +34,8 @@ STATIC_DIR = ROOT / "api"  # openapi.yaml and the docs page, served by the route
 DEFAULT_RATE_LIMIT_RPS = "100"  # per client address, /users and /records
 DEFAULT_RATE_LIMIT_BURST = "300"
 FUNCTIONS = ("create_user", "upload_record", "get_record")
+# The PostgreSQL job queue's worker: upload_record's code and settings, no port of its own.
+WORKER = "upload_worker"
 SEAWEEDFS_VERSION = "4.48"  # the compose stack runs chrislusf/seaweedfs:4.48
 DB_USER = "records"
 DB_NAME = "records"
@@ -46,23 +49,6 @@ def log(message: str) -> None:
 
 class StackError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def render_template(text: str, env: Mapping[str, str]) -> str:
-    """envsubst as the nginx image runs it: only variables set in ``env`` are replaced."""
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
-        return env[name] if name in env else match.group(0)
-
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", substitute, text)
 
 
 def ensure_system_tools() -> None:
@@ -110,39 +96,8 @@ class Ports:
     weed_webdav: int = 7333
     weed_admin: int = 23646
 
-    @classmethod
-    def free(cls) -> Ports:
-        # SeaweedFS also binds each port + 10000 for gRPC: pick bases whose +10000 is free too,
-        # and never one another port of this stack (or its +10000) already took: none of them
-        # is bound yet, so only this bookkeeping keeps two servers off one port.
-        taken: set[int] = set()
 
-        def pick(grpc: bool = False) -> int:
-            for _ in range(100):
-                port = free_port()
-                wanted = {port, port + 10000} if grpc else {port}
-                if wanted & taken or (grpc and (port >= 55535 or not _port_free(port + 10000))):
-                    continue
-                taken.update(wanted)
-                return port
-            raise StackError("no free port found")
-
-        return cls(
-            s3=pick(grpc=True),
-            weed_master=pick(grpc=True),
-            weed_volume=pick(grpc=True),
-            weed_filer=pick(grpc=True),
-            weed_admin=pick(grpc=True),
-            router=pick(),
-            create_user=pick(),
-            upload_record=pick(),
-            get_record=pick(),
-            postgres=pick(),
-            weed_webdav=pick(),
-        )
-
-
-def _port_free(port: int, *, despite_time_wait: bool = False) -> bool:
+def port_free(port: int, *, despite_time_wait: bool = False) -> bool:
     """Whether 127.0.0.1:port can be bound; ``despite_time_wait``: only a listener counts."""
     with socket.socket() as sock:
         if despite_time_wait:
@@ -183,12 +138,16 @@ class NativeStack:
         path = self.data_dir / "credentials.json"
         if path.exists():
             stored: dict[str, str] = json.loads(path.read_text())
-            return stored
-        creds = {
-            "db_password": secrets.token_urlsafe(18),
-            "s3_access_key": "records-" + secrets.token_hex(6),
-            "s3_secret_key": secrets.token_urlsafe(30),
-        }
+            if "idempotency_secret" in stored:
+                return stored
+            creds = stored  # a data dir from before the secret existed: add it
+        else:
+            creds = {
+                "db_password": secrets.token_urlsafe(18),
+                "s3_access_key": "records-" + secrets.token_hex(6),
+                "s3_secret_key": secrets.token_urlsafe(30),
+            }
+        creds["idempotency_secret"] = secrets.token_urlsafe(32)
         path.write_text(json.dumps(creds))
         path.chmod(0o600)
         return creds
@@ -201,9 +160,9 @@ class NativeStack:
     def database_socket_url(self) -> str | None:
         """The same database over its unix socket, which the functions use.
 
-        A query over loopback TCP runs the kernel's whole TCP path twice (about a sixth of a
-        small request's cost, measured with make bench); a unix socket skips it. None when
-        the stack uses another database, or the socket's path is too long for the kernel.
+        A query over loopback TCP runs the kernel's whole TCP path twice; a unix socket skips
+        it. None when the stack uses another database, or the socket's path is too long for
+        the kernel.
         """
         if self.database_url is not None:
             return None
@@ -226,6 +185,7 @@ class NativeStack:
             "AWS_ACCESS_KEY_ID": creds["s3_access_key"],
             "AWS_SECRET_ACCESS_KEY": creds["s3_secret_key"],
             "AWS_DEFAULT_REGION": "us-east-1",
+            "IDEMPOTENCY_SECRET": creds["idempotency_secret"],
             "PYTHONUNBUFFERED": "1",
             # The router serves downloads itself (get_record checks, nginx fetches and caches).
             "DOWNLOAD_MODE": "accel",
@@ -241,7 +201,10 @@ class NativeStack:
             "MAX_UPLOAD_BYTES", "MP3_BITRATE_KBPS", "DOWNLOAD_MODE", "PRESIGN_EXPIRES_SECONDS",
             "PUBLIC_BASE_URL", "CONVERT_TIMEOUT_SECONDS", "LOG_LEVEL", "DB_POOL_SIZE",
             "S3_PART_SIZE_BYTES", "RETRY_AFTER_SECONDS", "FFMPEG_BINARY",
-            "RATE_LIMIT_RPS", "RATE_LIMIT_BURST",
+            "RATE_LIMIT_RPS", "RATE_LIMIT_BURST", "IDEMPOTENCY_LEASE_SECONDS",
+            "ERASE_DEADLINE_SECONDS",
+            "RATE_LIMIT_RPS", "RATE_LIMIT_BURST", "JOB_WAIT_MAX_SECONDS", "JOB_LEASE_SECONDS",
+            "JOB_MAX_ATTEMPTS", "JOB_TIMEOUT_SECONDS",
         )  # fmt: skip
         env.update({k: os.environ[k] for k in passthrough if os.environ.get(k)})
         env.update(self.extra_env)
@@ -271,6 +234,7 @@ class NativeStack:
             self.start_storage()
             for name in FUNCTIONS:
                 self.start_function(name)
+            self.start_worker()
             self.start_router()
             self.wait_healthy(timeout)
         except BaseException:
@@ -407,7 +371,7 @@ class NativeStack:
     def start_function(self, name: str, env: Mapping[str, str] | None = None) -> None:
         """The function as its container runs it (common.platform.serve), on its own port."""
         port = getattr(self.ports, name)
-        if not _port_free(port, despite_time_wait=True):
+        if not port_free(port, despite_time_wait=True):
             # granian binds with SO_REUSEPORT: a leftover server would silently share the port.
             raise StackError(f"port {port} for {name} is in use (a stack still running?)")
         self._spawn(
@@ -415,6 +379,20 @@ class NativeStack:
             [sys.executable, "-m", "common.platform.serve"],
             env={**self.function_env(name), **(env or {})},
         )
+
+    def start_worker(self, env: Mapping[str, str] | None = None) -> None:
+        """``python -m common.platform.worker``, as the compose service upload_worker runs it."""
+        worker_env = {k: v for k, v in self.function_env("upload_record").items()
+                      if k not in ("HOST", "PORT")}  # fmt: skip
+        worker_env["WORKER_ALIVE_FILE"] = str(self.data_dir / "upload-worker.alive")
+        self._spawn(
+            WORKER, [sys.executable, "-m", "common.platform.worker"], {**worker_env, **(env or {})}
+        )
+
+    def restart_worker(self, env: Mapping[str, str] | None = None) -> None:
+        """Stop the worker (SIGTERM: it gives its job back) and start it with extra environment."""
+        self.stop_process(WORKER)
+        self.start_worker(env)
 
     def function_env(self, name: str) -> dict[str, str]:
         """app_env plus what common.platform.serve reads: the target, its source, where to listen.
@@ -433,12 +411,6 @@ class NativeStack:
             "HOST": "127.0.0.1",
             "PORT": str(getattr(self.ports, name)),
         }
-
-    def restart_function(self, name: str, env: Mapping[str, str] | None = None) -> None:
-        """Restart one function with extra environment (tests switch modes this way)."""
-        self.stop_process(name)
-        self.start_function(name, env)
-        self.wait_healthy(60)
 
     def start_router(self) -> None:
         nginx_dir = self.data_dir / "nginx"
@@ -537,21 +509,19 @@ class NativeStack:
             pass
 
     def stop(self) -> None:
-        order = ("nginx", *FUNCTIONS, "seaweedfs", "postgres")
+        order = ("nginx", *FUNCTIONS, WORKER, "seaweedfs", "postgres")
         for name in [*order, *[n for n in self.processes if n not in order]]:
             self.stop_process(name)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, ports: Ports | None = None) -> int:
+    """``make dev``; ``ports``: where to listen (default: the fixed ports, the router on $PORT)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", str(ROOT / ".data")))
     parser.add_argument(
         "--install-tools",
         action="store_true",
         help="only install ffmpeg and nginx if missing and build the minimal ffmpeg",
-    )
-    parser.add_argument(
-        "--free-ports", action="store_true", help="pick free ports for everything (tests)"
     )
     args = parser.parse_args(argv)
     if args.install_tools:
@@ -561,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"error: {exc}")
             return 1
         return 0
-    ports = Ports.free() if args.free_ports else Ports(router=int(os.environ.get("PORT", "8080")))
+    ports = ports or Ports(router=int(os.environ.get("PORT", "8080")))
     stack = NativeStack(
         Path(args.data_dir).resolve(),
         ports=ports,

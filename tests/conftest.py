@@ -5,7 +5,7 @@
 * end to end (``@pytest.mark.e2e``): the whole native stack, HTTP through nginx.
 
 The servers come from the same :class:`NativeStack` that ``make dev`` runs, started once per
-session in a temporary directory on free ports.
+session in a temporary directory on free ports (``tests/stack.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,26 +28,19 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from common.platform.runtime import Services  # noqa: E402
 from common.settings import Settings  # noqa: E402
-from devstack import NativeStack, Ports  # noqa: E402
-
-
-def make_data_dir(prefix: str) -> Path:
-    # Not pytest's tmp_path: PostgreSQL runs as the 'postgres' user when tests run as root,
-    # and it must be able to enter the directory.
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    path.chmod(0o755)
-    return path
+from stack import ScratchStack, free_ports  # noqa: E402
+from stack import make_data_dir as make_data_dir  # noqa: E402
 
 
 @contextmanager
-def running_stack(prefix: str, extra_env: dict[str, str] | None = None) -> Iterator[NativeStack]:
+def running_stack(prefix: str, extra_env: dict[str, str] | None = None) -> Iterator[ScratchStack]:
     """A native stack of its own, on free ports in a new directory; stopped and removed after.
 
     KEEP_TEST_DATA=1 keeps the directory (logs, data) for a look after a failure.
     """
     data_dir = make_data_dir(prefix)
-    native = NativeStack(
-        data_dir, ports=Ports.free(), workers=1, threads=8, extra_env=dict(extra_env or {})
+    native = ScratchStack(
+        data_dir, ports=free_ports(), workers=1, threads=8, extra_env=dict(extra_env or {})
     )
     native.start(timeout=120)
     try:
@@ -60,13 +52,13 @@ def running_stack(prefix: str, extra_env: dict[str, str] | None = None) -> Itera
 
 
 @pytest.fixture(scope="session")
-def stack() -> Iterator[NativeStack]:
+def stack() -> Iterator[ScratchStack]:
     with running_stack("records-test-") as native:
         yield native
 
 
 @pytest.fixture(scope="session")
-def stack_settings(stack: NativeStack) -> Settings:
+def stack_settings(stack: ScratchStack) -> Settings:
     return Settings.from_env(stack.app_env())
 
 
@@ -106,7 +98,7 @@ class Client:
 
 
 @pytest.fixture
-def client(stack: NativeStack) -> Iterator[Client]:
+def client(stack: ScratchStack) -> Iterator[Client]:
     with requests.Session() as session:
         yield Client(stack.base_url, session)
 

@@ -27,6 +27,11 @@ def _fixture(name: str) -> dict[str, Any]:
     return loaded
 
 
+def event_fixture(name: str) -> dict[str, Any]:
+    """A fixture as stored (a deep copy): SQS and other non-HTTP events."""
+    return copy.deepcopy(_fixture(name))
+
+
 def event(
     name: str,
     *,

@@ -23,7 +23,8 @@ import pytest
 import requests
 import yaml
 from conftest import ROOT, Client, make_data_dir
-from devstack import NativeStack, free_port
+from devstack import NativeStack
+from stack import free_port
 from wavgen import wav
 
 pytestmark = pytest.mark.e2e

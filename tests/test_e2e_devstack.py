@@ -69,10 +69,9 @@ def test_devstack_serves_and_stops_everything(sig: signal.Signals) -> None:
     proc = subprocess.Popen(
         [
             sys.executable,
-            str(ROOT / "scripts" / "devstack.py"),
+            str(ROOT / "tests" / "stack.py"),  # devstack.py's main, on free ports
             "--data-dir",
             str(data),
-            "--free-ports",
         ],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,

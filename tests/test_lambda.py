@@ -6,25 +6,32 @@ Interface Client, started by the container entry point, serving an event from a 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import boto3
 import pytest
 import requests
 import wavgen
-from common.platform import entrypoint
+from common.adapters.db import sql
+from common.adapters.queue import SqsQueue, job_message, make_queue, parse_job_message
+from common.platform import aws_lambda, entrypoint
 from common.platform.aws_lambda import LambdaHandler, make_handler
 from common.platform.runtime import Services, set_services
-from common.settings import DownloadMode
+from common.settings import DownloadMode, JobQueueKind, Settings
 from conftest import ROOT, Client
 from devstack import NativeStack
-from lambda_events import event, multipart, parse_response
+from lambda_events import event, event_fixture, multipart, parse_response
+from moto import mock_aws
 from stack_clients import build_services
 
 pytestmark = pytest.mark.integration
@@ -292,8 +299,10 @@ def test_direct_upload_through_lambda_events(invoke: Any, client: Client) -> Non
             headers={"authorization": f"Bearer {user['token']}"},
         ),
     )
-    assert done.status == 201, done.body
-    record = done.json()
+    assert done.status == 202, done.body
+    assert done.headers["location"] == f"/records/uploads/{upload['id']}"
+    # Poll the job with HTTP API events (the stack's worker runs it: JOB_QUEUE=postgres).
+    record = poll_status(invoke, upload["id"], user)["record"]
     assert record["filename"] == "zoe.mp3"
     assert record["url"].startswith(f"https://{HTTP_API_HOST}/record?id=")
     over_http = client.upload(user, wav).json()
@@ -312,6 +321,154 @@ def test_direct_upload_through_lambda_events(invoke: Any, client: Client) -> Non
         ),
     )
     assert theirs.status == 404
+
+
+def status_event(upload_id: str, user: dict[str, str]) -> dict[str, Any]:
+    return event(
+        "http_api_get_query.json",
+        path=f"/records/uploads/{upload_id}",
+        query={"user": user["id"]},
+        headers={"authorization": f"Bearer {user['token']}"},
+    )
+
+
+def poll_status(invoke: Any, upload_id: str, user: dict[str, str]) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while True:
+        answer = invoke("upload_record", status_event(upload_id, user))
+        assert answer.status == 200, answer.body
+        body: dict[str, Any] = answer.json()
+        if body["status"] in ("done", "failed") or time.monotonic() > deadline:
+            return body
+        assert answer.headers["retry-after"]
+        time.sleep(0.2)
+
+
+class RecordingQueue:
+    """JOB_QUEUE=sqs without AWS: what would be sent is kept, to be delivered by the test."""
+
+    kind = JobQueueKind.SQS
+
+    def __init__(self) -> None:
+        self.sent: list[uuid.UUID] = []
+
+    def enqueue(self, upload_id: uuid.UUID) -> None:
+        self.sent.append(upload_id)
+
+
+def sqs_event(*bodies: str) -> dict[str, Any]:
+    """The SQS event fixture, with one message per body (a batch, as the mapping sends it)."""
+    template = event_fixture("sqs_job_message.json")["Records"][0]
+    records = []
+    for n, body in enumerate(bodies):
+        record = copy.deepcopy(template)
+        record["messageId"] = f"{template['messageId'][:-2]}{n:02d}"
+        record["body"] = body
+        records.append(record)
+    return {"Records": records}
+
+
+def queued_through_lambda(
+    invoke: Any, user: dict[str, str], queue: RecordingQueue, wav: bytes
+) -> str:
+    started = invoke(
+        "upload_record",
+        event(
+            "http_api_post_json_base64.json",
+            path="/records/uploads",
+            headers={"authorization": f"Bearer {user['token']}"},
+            body=json.dumps({"user": user["id"]}),
+        ),
+    ).json()
+    post = started["upload"]
+    requests.post(post["url"], data=post["fields"], files={"file": ("a.wav", wav)}, timeout=60)
+    done = invoke(
+        "upload_record",
+        event(
+            "http_api_post_complete_upload.json",
+            path=f"/records/uploads/{started['id']}/complete",
+            path_parameters={"id": started["id"]},
+            query={"user": user["id"]},
+            headers={"authorization": f"Bearer {user['token']}"},
+        ),
+    )
+    assert done.status == 202, done.body
+    assert queue.sent[-1] == uuid.UUID(started["id"])
+    return str(started["id"])
+
+
+def test_sqs_events_run_the_job_once(
+    client: Client, lambda_services: Services, invoke: Any
+) -> None:
+    """JOB_QUEUE=sqs: completion sends a message; the SQS event runs the job in the handler."""
+    queue = RecordingQueue()
+    set_services(dataclasses.replace(lambda_services, queue=queue))
+    user = client.create_user("Sasha")
+    wav = wavgen.wav(seconds=1.0)
+    upload_id = queued_through_lambda(invoke, user, queue, wav)
+    # The stack's polling worker leaves an SQS job alone: it is still queued.
+    time.sleep(1.5)
+    assert invoke("upload_record", status_event(upload_id, user)).json()["status"] == "queued"
+
+    message = job_message(uuid.UUID(upload_id))
+    assert json.loads(message) == {"upload_id": upload_id}
+    assert aws_lambda.handler(sqs_event(message), None) == {"batchItemFailures": []}
+    body = invoke("upload_record", status_event(upload_id, user)).json()
+    assert body["status"] == "done"
+    over_http = client.upload(user, wav).json()
+    for key in RECORD_FIELDS:
+        assert body["record"][key] == over_http[key], key
+    # A duplicate delivery (at least once): acknowledged, and no second record.
+    assert aws_lambda.handler(sqs_event(message, message), None) == {"batchItemFailures": []}
+    rows = lambda_services.db.execute(
+        sql("SELECT count(*) FROM records WHERE id = :id"), {"id": uuid.UUID(body["record"]["id"])}
+    )
+    assert rows[0][0] == 1
+
+
+def test_sqs_batch_reports_only_the_jobs_to_deliver_again(
+    client: Client, lambda_services: Services, invoke: Any
+) -> None:
+    queue = RecordingQueue()
+    set_services(dataclasses.replace(lambda_services, queue=queue))
+    user = client.create_user("Batch")
+    held = queued_through_lambda(invoke, user, queue, wavgen.wav(seconds=0.2))
+    lambda_services.db.execute(
+        sql("UPDATE uploads SET status = 'converting', lease_until = now() + interval '1 hour' "
+            "WHERE id = :id"), {"id": uuid.UUID(held)},
+    )  # fmt: skip
+    bad_wav = queued_through_lambda(invoke, user, queue, b"RIFF" + bytes(100))
+    result = aws_lambda.handler(
+        sqs_event(
+            job_message(uuid.UUID(held)),  # another delivery holds it: deliver again later
+            job_message(uuid.UUID(bad_wav)),  # fails for good: acknowledged
+            "not json",  # can never be mended: dropped
+            job_message(uuid.uuid4()),  # no such upload (erased): acknowledged
+        ),
+        None,
+    )
+    first_id = sqs_event("x")["Records"][0]["messageId"]  # the batch's first message
+    assert result == {"batchItemFailures": [{"itemIdentifier": first_id}]}
+    failed = invoke("upload_record", status_event(bad_wav, user)).json()
+    assert failed["status"] == "failed"
+    assert failed["error"]["status"] == 415
+
+
+def test_sqs_queue_sends_the_job_message() -> None:
+    """SqsQueue.enqueue is one SendMessage of {"upload_id": ...} to JOB_QUEUE_URL (moto)."""
+    with mock_aws():
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        url = sqs.create_queue(QueueName="record-service-jobs")["QueueUrl"]
+        settings = dataclasses.replace(
+            Settings.from_env({}), job_queue=JobQueueKind.SQS, job_queue_url=url
+        )
+        queue = make_queue(settings)
+        assert isinstance(queue, SqsQueue)
+        upload_id = uuid.uuid4()
+        queue.enqueue(upload_id)
+        (message,) = sqs.receive_message(QueueUrl=url, WaitTimeSeconds=0)["Messages"]
+        assert json.loads(message["Body"]) == {"upload_id": str(upload_id)}
+        assert parse_job_message(message["Body"]) == upload_id
 
 
 def test_health_check_through_lambda(invoke: Any) -> None:
@@ -427,3 +584,81 @@ def test_runtime_interface_client_serves_function_url_event(stack: NativeStack) 
     body = response.json()
     assert body["name"] == "Lin"
     assert set(body) == {"id", "name", "token"}
+
+
+# --- the record lifecycle (docs/lifecycle.md) as Lambda events --------------------------------
+
+
+def test_list_delete_rotate_and_erase_as_http_api_events(
+    invoke: Any, client: Client, stack: NativeStack
+) -> None:
+    user = client.create_user("Lambda")
+    auth = {"authorization": f"Bearer {user['token']}"}
+    records = [client.upload(user, wavgen.wav(seconds=0.2)).json() for _ in range(2)]
+    listed = invoke(
+        "get_record", event("http_api_get_records.json", query={"user": user["id"], "limit": "1"},
+                            headers=auth),
+    )  # fmt: skip
+    assert listed.status == 200, listed.body
+    page = listed.json()
+    assert [r["id"] for r in page["records"]] == [records[1]["id"]]
+    assert page["records"][0]["url"].startswith(f"https://{HTTP_API_HOST}/record?id=")
+    assert page["next_cursor"]
+    forged = invoke(
+        "get_record",
+        event("http_api_get_records.json", query={"user": user["id"], "cursor": "x.y"},
+              headers=auth),
+    )  # fmt: skip
+    assert forged.status == 422
+
+    target = records[0]
+    query = {"id": target["id"], "user": user["id"]}
+    deleted = invoke("upload_record", event("http_api_delete_record.json", query=query,
+                                            headers=auth))  # fmt: skip
+    assert deleted.status == 204, deleted.body
+    again = invoke("upload_record", event("http_api_delete_record.json", query=query,
+                                          headers=auth))  # fmt: skip
+    assert again.status == 404
+    # Gone at once for every download mode a Lambda runs in (stream here, redirect below).
+    for name in ("function_url_get_query.json", "http_api_get_query.json"):
+        assert invoke("get_record", event(name, query=query)).status == 404
+    redirect = build_services(stack, download_mode=DownloadMode.REDIRECT)
+    set_services(redirect)
+    try:
+        assert invoke("get_record", event("http_api_get_query.json", query=query)).status == 404
+        kept = {"id": records[1]["id"], "user": user["id"]}
+        assert invoke("get_record", event("http_api_get_query.json", query=kept)).status == 307
+    finally:
+        set_services(None)
+    set_services(build_services(stack, download_mode=DownloadMode.STREAM))
+
+    path = f"/users/{user['id']}/token"
+    rotated = invoke(
+        "create_user",
+        event("http_api_post_rotate_token.json", path=path,
+              path_parameters={"user_id": user["id"]}, headers=auth),
+    )  # fmt: skip
+    assert rotated.status == 200, rotated.body
+    replayed = invoke(
+        "create_user",
+        event("http_api_post_rotate_token.json", path=path,
+              path_parameters={"user_id": user["id"]}, headers=auth),
+    )  # fmt: skip
+    assert replayed.status == 200 and replayed.json() == rotated.json()
+    assert replayed.headers["idempotent-replayed"] == "true"
+    new_auth = {"authorization": f"Bearer {rotated.json()['token']}"}
+    stale = invoke("get_record", event("http_api_get_records.json",
+                                       query={"user": user["id"]}, headers=auth))  # fmt: skip
+    assert stale.status == 401
+
+    erase = event("http_api_delete_user.json", path=f"/users/{user['id']}",
+                  path_parameters={"user_id": user["id"]}, headers=new_auth)  # fmt: skip
+    assert invoke("create_user", erase).status == 204
+    assert invoke("create_user", erase).status == 401
+    kept_url = client.session.get(records[1]["url"], timeout=30)
+    assert kept_url.status_code == 404
+    bad = event(
+        "http_api_delete_user.json", path="/users/nope", path_parameters={"user_id": "nope"},
+        headers=new_auth,
+    )  # fmt: skip
+    assert invoke("create_user", bad).status == 422

@@ -26,6 +26,7 @@ import pytest
 import requests
 from common.adapters.db import Database
 from common.adapters.models import Record, User
+from common.adapters.queue import make_queue
 from common.adapters.storage import Storage
 from common.ops.sweep import sweep
 from common.platform.runtime import Services
@@ -34,6 +35,7 @@ from conftest import running_stack
 from devstack import DB_NAME, DB_USER, NativeStack
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
+from stack import ScratchStack
 from test_hostile_uploads import ffmpeg_descendants
 from wavgen import fmt_chunk, wav
 
@@ -43,7 +45,7 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def fault_stack() -> Iterator[NativeStack]:
+def fault_stack() -> Iterator[ScratchStack]:
     extra_env = {
         "S3_PART_SIZE_BYTES": str(5 * MIB),  # the smallest part: multipart sooner
         "RETRY_AFTER_SECONDS": "2",
@@ -61,7 +63,7 @@ def fault_services(fault_stack: NativeStack) -> Services:
     """The test's own view of the stack: no connection pool, so no state across outages."""
     settings = Settings.from_env(fault_stack.app_env())
     db = Database(create_engine(settings.database_url, poolclass=NullPool))
-    return Services(settings, db, Storage.from_settings(settings))
+    return Services(settings, db, Storage.from_settings(settings), make_queue(settings))
 
 
 def new_user(stack: NativeStack, name: str = "Faulty") -> dict[str, str]:
@@ -370,7 +372,7 @@ def test_stalled_clients_are_dropped_and_do_not_block_others(
 
 
 def test_slow_drip_upload_hits_the_conversion_deadline(
-    fault_stack: NativeStack, fault_services: Services
+    fault_stack: ScratchStack, fault_services: Services
 ) -> None:
     fault_stack.restart_function("upload_record", {"CONVERT_TIMEOUT_SECONDS": "4"})
     try:

@@ -73,3 +73,17 @@ def test_credentials_are_read_but_never_shown() -> None:
     assert s.aws_session_token is None
     assert "s3cr3t" not in repr(s)
     assert "AKIAEXAMPLE" not in repr(s)
+
+
+def test_idempotency_secret_is_required_in_the_clouds() -> None:
+    local = Settings.from_env({"FFMPEG_BINARY": "ffmpeg"})
+    assert local.idempotency_secret  # the dev default
+    assert "idempotency_secret" not in repr(local)
+    for marker in ("AWS_LAMBDA_FUNCTION_NAME", "K_SERVICE"):
+        with pytest.raises(SettingsError, match="IDEMPOTENCY_SECRET"):
+            Settings.from_env({"FFMPEG_BINARY": "ffmpeg", marker: "create-user"})
+    secret = "x" * 32
+    env = {"FFMPEG_BINARY": "ffmpeg", "K_SERVICE": "s", "IDEMPOTENCY_SECRET": secret}
+    assert Settings.from_env(env).idempotency_secret == secret
+    with pytest.raises(SettingsError, match="at least 32"):
+        Settings.from_env({"FFMPEG_BINARY": "ffmpeg", "IDEMPOTENCY_SECRET": "short"})

@@ -8,7 +8,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from common.domain.records import object_key
+from common.domain.records import create_record, object_key
+from common.errors import Unauthorized
 from common.ops.sweep import sweep
 from common.platform.runtime import Services
 from conftest import ROOT, Client
@@ -77,3 +78,29 @@ def test_sweep_command_runs_against_the_stack(stack: NativeStack) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "sweep done" in result.stderr
+
+
+def test_sweep_deletes_each_orphan_once(services: Services) -> None:
+    s3 = services.storage.client
+    orphans = [object_key(uuid.uuid4(), uuid.uuid4()) for _ in range(3)]
+    for key in orphans:
+        s3.put_object(Bucket=services.storage.bucket, Key=key, Body=b"\xff\xfb" + bytes(10))
+    result = sweep(services, 0, now=datetime.now(UTC) + timedelta(seconds=5))
+    assert sorted(k for k in result.orphans_deleted if k in orphans) == sorted(orphans)
+    assert len(result.orphans_deleted) == len(set(result.orphans_deleted))
+    assert not set(orphans) & keys(services)
+
+
+def test_a_record_for_a_user_erased_meanwhile_is_refused(services: Services) -> None:
+    """The user row is gone when the converted record's row is inserted (erased during the
+    upload): 401, and the MP3 already stored is deleted, not left behind."""
+    gone = uuid.uuid4()
+    with pytest.raises(Unauthorized):
+        create_record(
+            services.db, services.storage, services.settings,
+            user_id=gone, audio=iter([wav(seconds=0.3)]), filename="late.wav",
+        )  # fmt: skip
+    listed = services.storage.client.list_objects_v2(
+        Bucket=services.storage.bucket, Prefix=f"users/{gone}/"
+    )
+    assert listed.get("KeyCount", 0) == 0

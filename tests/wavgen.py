@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
 import struct
+import sys
+from array import array
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,19 +85,46 @@ def wav(
     )
 
 
-def silence_wav(seconds: float, *, channels: int = 2, rate: int = 44100) -> Iterator[bytes]:
-    """A large 16-bit WAV generated in pieces, never whole in memory."""
-    frames = int(seconds * rate)
-    size = frames * channels * 2
+def stream_wav(
+    data_bytes: int, block: bytes, *, channels: int = 2, rate: int = 44100
+) -> Iterator[bytes]:
+    """A 16-bit WAV of ``data_bytes`` of audio, ``block`` over and over, generated as it is read."""
     fmt = fmt_chunk(channels=channels, rate=rate)
-    yield b"RIFF" + struct.pack("<I", 4 + len(fmt) + 8 + size) + b"WAVE" + fmt
-    yield b"data" + struct.pack("<I", size)
-    block = bytes(channels * 2 * 4096)
-    left = size
+    yield b"RIFF" + struct.pack("<I", 4 + len(fmt) + 8 + data_bytes) + b"WAVE" + fmt
+    yield b"data" + struct.pack("<I", data_bytes)
+    left = data_bytes
     while left > 0:
         piece = block[: min(len(block), left)]
         left -= len(piece)
         yield piece
+
+
+# What stream_wav writes before the audio: the RIFF header, the fmt chunk, the data header.
+STREAM_HEADER_BYTES = 44
+
+
+def silence_wav(seconds: float, *, channels: int = 2, rate: int = 44100) -> Iterator[bytes]:
+    """A large 16-bit WAV generated in pieces, never whole in memory."""
+    size = int(seconds * rate) * channels * 2
+    yield from stream_wav(size, bytes(channels * 2 * 4096), channels=channels, rate=rate)
+
+
+def recording_second(rate: int = 44100) -> bytes:
+    """One second of stereo 16-bit audio that encodes like a recording: two tones and noise.
+
+    Silence or one pure tone would encode faster than speech or music does; the noise is
+    seeded, so every run converts the same audio.
+    """
+    rng = random.Random(5)
+    out = array("h")
+    for n in range(rate):
+        t = n / rate
+        base = 0.3 * math.sin(2 * math.pi * 220 * t) + 0.2 * math.sin(2 * math.pi * 1375 * t)
+        out.append(int((base + rng.uniform(-0.15, 0.15)) * 32767))
+        out.append(int((0.8 * base + rng.uniform(-0.15, 0.15)) * 32767))
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out.tobytes()
 
 
 def info_chunk(fields: dict[bytes, str]) -> bytes:

@@ -1,10 +1,25 @@
-"""create_user: POST /users {"name": ...} -> 201 {"id", "name", "token"}."""
+"""create_user: the users and their tokens.
+
+* POST /users {"name": ...} -> 201 {"id", "name", "token"}.
+* POST /users/<id>/token -> 200 {"token"}: a new token; the old one is refused from now on.
+* DELETE /users/<id> -> 204: the user, its records, its MP3s and pending uploads are erased.
+
+The POSTs take an Idempotency-Key (common.http.idempotency).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import uuid
+
 import flask
 import functions_framework
+from common.domain.erasure import erase_user
+from common.domain.users import authenticate, rotate_token
 from common.domain.users import create_user as create_user_in_db
+from common.errors import NotFound
+from common.http.auth import request_credentials
+from common.http.idempotency import idempotent
 from common.http.request_body import read_fields
 from common.http.responses import (
     function_handler,
@@ -13,7 +28,10 @@ from common.http.responses import (
     json_response,
     require_method,
 )
-from common.platform.runtime import get_services
+from common.http.routes import ROTATE_ROUTE, USERS_PATH, UserPath, same_path, user_path
+from common.platform.runtime import Services, get_services
+
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 @functions_framework.http
@@ -22,11 +40,58 @@ def create_user(request: flask.Request) -> flask.Response:
     services = get_services()
     if is_health_check(request):
         return health_response(services.db, services.storage)
-    require_method(request, "POST")
+    if same_path(request.path, USERS_PATH):
+        require_method(request, "POST")
+        return new_user(request, services)
+    target = user_path(request.path)
+    if target is None:
+        raise NotFound("No such endpoint.")
+    if target.token:
+        require_method(request, "POST")
+        return new_token(request, services, target)
+    require_method(request, "DELETE")
+    return erase(request, services, target)
+
+
+def new_user(request: flask.Request, services: Services) -> flask.Response:
     fields = read_fields(request)
-    user = create_user_in_db(services.db, fields.get("name"))
-    return json_response(
-        {"id": str(user.id), "name": user.name, "token": user.token},
-        status=201,
-        headers={"Cache-Control": "no-store"},
-    )
+
+    def run() -> flask.Response:
+        user = create_user_in_db(services.db, fields.get("name"))
+        body = {"id": str(user.id), "name": user.name, "token": user.token}
+        return json_response(body, status=201, headers=NO_STORE)
+
+    return idempotent(
+        request, services.db, services.settings, caller=None, route=USERS_PATH,
+        fields=fields, run=run, owner_of=_created_user,
+    )  # fmt: skip
+
+
+def _created_user(response: flask.Response) -> uuid.UUID | None:
+    body = response.get_json(silent=True) if response.status_code == 201 else None
+    return uuid.UUID(body["id"]) if isinstance(body, dict) else None
+
+
+def new_token(request: flask.Request, services: Services, target: UserPath) -> flask.Response:
+    _, token, fields = request_credentials(request)
+    user = str(target.user_id)
+
+    def run() -> flask.Response:
+        return json_response({"token": rotate_token(services.db, user, token)}, headers=NO_STORE)
+
+    # The scope is the user of the path, authenticated by `guard`; a repeat that presents the
+    # old token (its client never got the new one) is replayed: the fingerprint holds the
+    # token's hash, so only the holder of that old token gets the answer.
+    presented = hashlib.sha256((token or "").encode()).hexdigest()
+    return idempotent(
+        request, services.db, services.settings, caller=target.user_id, route=ROTATE_ROUTE,
+        fields={**fields, "token_sha256": presented}, run=run,
+        guard=lambda: authenticate(services.db, user, token),
+    )  # fmt: skip
+
+
+def erase(request: flask.Request, services: Services, target: UserPath) -> flask.Response:
+    _, token, _ = request_credentials(request)
+    user_id = authenticate(services.db, str(target.user_id), token)
+    erase_user(services.db, services.storage, services.settings, user_id)
+    return flask.Response(status=204, headers=NO_STORE)

@@ -1,12 +1,20 @@
-"""get_record: GET|HEAD /record?id=<record>&user=<user> -> the MP3 (streamed or redirected)."""
+"""get_record: the read-only side of the records.
+
+* GET|HEAD /record?id=<record>&user=<user> -> the MP3 (streamed, redirected or by the router).
+* GET /records?user=<user> (Bearer token) -> 200 {"records": [...], "next_cursor"}: newest
+  first, ``limit`` 1-100 (default 20), ``cursor`` from the previous page.
+"""
 
 from __future__ import annotations
 
 import flask
 import functions_framework
-from common.domain.records import find_record
+from common.domain.records import find_record, list_records, parse_limit
+from common.http.auth import bearer_user
 from common.http.downloads import download_response
+from common.http.record_response import record_list_response
 from common.http.responses import function_handler, health_response, is_health_check, require_method
+from common.http.routes import RECORDS_PATH, same_path
 from common.platform.runtime import get_services
 
 
@@ -17,5 +25,15 @@ def get_record(request: flask.Request) -> flask.Response:
     if is_health_check(request):
         return health_response(services.db, services.storage)
     require_method(request, "GET", "HEAD")
+    if same_path(request.path, RECORDS_PATH):
+        user_id = bearer_user(services.db, request)
+        page = list_records(
+            services.db,
+            services.settings,
+            user_id=user_id,
+            limit=parse_limit(request.args.get("limit")),
+            cursor=request.args.get("cursor"),
+        )
+        return record_list_response(request, services.settings, page)
     record = find_record(services.db, request.args.get("id"), request.args.get("user"))
     return download_response(request, services.storage, services.settings, record)

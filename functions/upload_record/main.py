@@ -1,25 +1,40 @@
-"""upload_record: the WAV uploads, each answered 201 with the MP3's download URL.
+"""upload_record: WAV uploads, the conversion jobs of direct uploads, and record deletion.
 
-* POST /records (user, token, encoding options and tags, WAV file): the WAV in the request
-  body, converted as it arrives.
+* POST /records (user, token, encoding options and tags, WAV file): the WAV in the
+  request body, converted as it arrives: 201.
 * POST /records/uploads: a presigned POST to send a large WAV straight to the bucket.
-* POST /records/uploads/<id>/complete: convert that uploaded WAV (see common.domain.uploads).
+* POST /records/uploads/<id>/complete: queue that WAV's conversion job: 202 (see
+  common.domain.uploads, common.http.jobs).
+* GET /records/uploads/<id>: the job's status, progress and, once done, the record.
+* DELETE /record?id=<record>&user=<user>: delete a record (row, then object) -> 204.
+* POST /_tasks/convert: a job pushed by Cloud Tasks (OIDC-checked; never routed by the router).
+  On Lambda, jobs arrive as SQS events instead (common.platform.aws_lambda).
+
+The POSTs take an Idempotency-Key (common.http.idempotency).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import flask
 import functions_framework
 from common.domain.encoding import EncodingOptions
-from common.domain.records import create_record
+from common.domain.jobs import Outcome, run_job
+from common.domain.records import create_record, delete_record
 from common.domain.uploads import (
     UPLOADS_PATH,
     complete_upload,
-    completion_target,
     start_upload,
+    upload_status,
+    upload_target,
+    wait_for_job,
 )
 from common.domain.users import authenticate
+from common.errors import ConversionInProgress
 from common.http.auth import authenticated_user, bearer_token
+from common.http.idempotency import idempotent, idempotent_upload
+from common.http.jobs import completion_response, preferred_wait, status_response
 from common.http.record_response import record_created_response
 from common.http.request_body import RequestBody, check_content_length, read_upload
 from common.http.responses import (
@@ -30,6 +45,8 @@ from common.http.responses import (
     public_base_url,
     require_method,
 )
+from common.http.routes import COMPLETE_ROUTE, RECORD_PATH, RECORDS_PATH, same_path
+from common.http.tasks import is_task_push, pushed_job
 from common.platform.runtime import Services, get_services
 
 
@@ -39,12 +56,23 @@ def upload_record(request: flask.Request) -> flask.Response:
     services = get_services()
     if is_health_check(request):
         return health_response(services.db, services.storage)
-    require_method(request, "POST")
-    if request.path.rstrip("/") == UPLOADS_PATH:
+    if is_task_push(request):
+        return convert_pushed_task(request, services)
+    if same_path(request.path, RECORD_PATH):
+        require_method(request, "DELETE")
+        return remove(request, services)
+    if same_path(request.path, UPLOADS_PATH):
+        require_method(request, "POST")
         return presign_upload(request, services)
-    upload_id = completion_target(request.path)
-    if upload_id is not None:
-        return complete(request, services, upload_id)
+    target = upload_target(request.path)
+    if target is not None:
+        upload_id, is_completion = target
+        if is_completion:
+            require_method(request, "POST")
+            return complete(request, services, upload_id)
+        require_method(request, "GET", "HEAD")
+        return job_status(request, services, upload_id)
+    require_method(request, "POST")
     settings = services.settings
     check_content_length(request, settings.max_upload_bytes)
     body = RequestBody(request.stream, settings.max_upload_bytes)
@@ -55,31 +83,87 @@ def upload_record(request: flask.Request) -> flask.Response:
     )
     # Encoding options and tags: form fields before the file, or the query of a raw WAV body.
     options = EncodingOptions.from_fields(upload.fields if upload.fields else request.args)
-    record = create_record(
-        services.db,
-        services.storage,
-        settings,
-        user_id=user_id,
-        audio=upload.chunks,
-        filename=upload.filename,
-        options=options,
-    )
-    return record_created_response(request, settings, record)
+
+    def run(audio: Iterator[bytes]) -> flask.Response:
+        record = create_record(
+            services.db,
+            services.storage,
+            settings,
+            user_id=user_id,
+            audio=audio,
+            filename=upload.filename,
+            options=options,
+        )
+        return record_created_response(request, settings, record)
+
+    fields = {**upload.fields, "filename": upload.filename, "content_type": request.mimetype}
+    return idempotent_upload(
+        request, services.db, settings, caller=user_id, route=RECORDS_PATH,
+        fields=fields, audio=upload.chunks, run=run,
+    )  # fmt: skip
 
 
 def presign_upload(request: flask.Request, services: Services) -> flask.Response:
     user_id, fields = authenticated_user(services.db, request)
-    EncodingOptions.from_fields(fields)  # refused (422) now, not when the job runs
-    upload = start_upload(
-        services.storage, services.settings, user_id=user_id, filename=fields.get("filename")
-    )
-    body = upload.to_json(public_base_url(request, services.settings))
-    return json_response(body, status=201, headers={"Cache-Control": "no-store"})
+
+    def run() -> flask.Response:
+        upload = start_upload(
+            services.db,
+            services.storage,
+            services.settings,
+            user_id=user_id,
+            filename=fields.get("filename"),
+            options=EncodingOptions.from_fields(fields),
+        )
+        body = upload.to_json(public_base_url(request, services.settings))
+        return json_response(body, status=201, headers={"Cache-Control": "no-store"})
+
+    return idempotent(
+        request, services.db, services.settings, caller=user_id, route=UPLOADS_PATH,
+        fields=fields, run=run,
+    )  # fmt: skip
 
 
 def complete(request: flask.Request, services: Services, upload_id: str) -> flask.Response:
+    user_id, fields = authenticated_user(services.db, request)
+    settings = services.settings
+
+    def run() -> flask.Response:
+        completion = complete_upload(
+            services.db, services.storage, services.queue, settings,
+            user_id=user_id, raw_upload_id=upload_id,
+        )  # fmt: skip
+        wait = preferred_wait(request, settings) if completion.won else 0
+        if wait:
+            job = wait_for_job(services.db, settings, completion.job, wait)
+            completion = type(completion)(won=True, job=job)
+        return completion_response(request, settings, completion, waited=wait)
+
+    return idempotent(
+        request, services.db, settings, caller=user_id, route=COMPLETE_ROUTE,
+        fields=fields, run=run,
+    )  # fmt: skip
+
+
+def job_status(request: flask.Request, services: Services, upload_id: str) -> flask.Response:
     user_id, _ = authenticated_user(services.db, request)
-    record = complete_upload(
-        services.db, services.storage, services.settings, user_id=user_id, raw_upload_id=upload_id
-    )
-    return record_created_response(request, services.settings, record)
+    job = upload_status(services.db, services.settings, user_id=user_id, raw_upload_id=upload_id)
+    return status_response(request, services.settings, job)
+
+
+def remove(request: flask.Request, services: Services) -> flask.Response:
+    user_id, _ = authenticated_user(services.db, request)
+    delete_record(services.db, services.storage, user_id=user_id, raw_id=request.args.get("id"))
+    return flask.Response(status=204)
+
+
+def convert_pushed_task(request: flask.Request, services: Services) -> flask.Response:
+    upload_id = pushed_job(request, services.settings)
+    outcome = run_job(services.db, services.storage, services.settings, upload_id)
+    if outcome is Outcome.BUSY:  # another delivery holds the job: Cloud Tasks retries later
+        raise ConversionInProgress(
+            "Another worker is converting this upload.",
+            location=f"{UPLOADS_PATH}/{upload_id}",
+            retry_after=services.settings.job_lease_seconds,
+        )
+    return json_response({"upload_id": str(upload_id), "outcome": outcome.value})

@@ -1,9 +1,10 @@
 #!/bin/sh
 # Build the service's ffmpeg: static, with only what the conversion uses (WAV demuxer, PCM
-# decoders, libmp3lame, the MP3 muxer with its ID3v2 writer, the pipe protocol for the WAV in,
-# the file protocol for the MP3 out (a seekable file, so the muxer can go back and write the
-# Xing/LAME length header), swresample and the filters ffmpeg's audio path needs). About 2.5 MB, no shared libraries: where Debian's ffmpeg maps about 44 MiB of them
-# into every conversion, this one runs in about 3 MiB, at the same speed.
+# decoders, libmp3lame, the MP3 muxer, the pipe protocol for the WAV in, the file protocol for
+# the MP3 out (a seekable file, so the muxer can go back and write the Xing/LAME length header),
+# swresample and the filters ffmpeg's audio path needs), with no shared libraries: Debian's
+# ffmpeg maps its many into every conversion's memory, this one none, and it encodes as fast
+# (docs/performance.md, "Memory").
 #
 # Used by both the image (Dockerfile, stage "ffmpeg") and the native stack (scripts/devstack.py
 # --install-tools, which keeps the result in .tools/ffmpeg/). It needs a C compiler, make, nasm,

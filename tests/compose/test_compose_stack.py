@@ -3,7 +3,9 @@
 1. build every image from ./Dockerfile and ``up --build --wait``; the images meet their
    size and start-up targets;
 2. the end-to-end path through the router on the published port, in both download modes,
-   and a direct upload from the host to the published storage port;
+   a direct upload from the host to the published storage port, converted by the
+   upload_worker service, also when that worker is SIGKILLed mid-conversion, and the record
+   lifecycle (list, delete, rotate, erase);
 3. ``down`` (volumes kept) + ``up``: users, records and MP3s are all still there; then
    ``restart postgres`` alone: the same;
 4. ``up --scale upload_record=3``: uploads spread over the three replicas (their logs say
@@ -104,7 +106,7 @@ def test_build_and_up(compose: Compose) -> None:
     started = time.monotonic()
     compose.make("up")  # docker compose up --build -d --wait
     print(f"\n[compose] make up (build + up --wait): {time.monotonic() - started:.1f} s")
-    for service in ("postgres", "storage", *FUNCTIONS, "router"):
+    for service in ("postgres", "storage", *FUNCTIONS, "upload_worker", "router"):
         (container,) = compose.container_ids(service)
         state = json.loads(compose.docker("inspect", container))[0]["State"]
         assert state["Health"]["Status"] == "healthy", (service, state)
@@ -234,8 +236,12 @@ def test_direct_upload_to_the_published_storage_port(compose: Compose) -> None:
         timeout=60,
     )
     assert sent.status_code in (200, 201, 204), sent.text
+    # The upload_worker service converts it; the client waits up to 25 s for the 201.
     done = requests.post(
-        upload["complete_url"], headers=auth, params={"user": user["id"]}, timeout=120
+        upload["complete_url"],
+        headers={**auth, "Prefer": "wait=25"},
+        params={"user": user["id"]},
+        timeout=120,
     )
     assert done.status_code == 201, done.text
     record = done.json()
@@ -250,6 +256,115 @@ def test_direct_upload_to_the_published_storage_port(compose: Compose) -> None:
             "token": user["token"],
         }
     )
+
+
+def test_lifecycle_list_delete_rotate_erase_through_the_router(compose: Compose) -> None:
+    """docs/lifecycle.md on the compose stack: its own users, so the records kept for the
+    down/up checks below are not touched."""
+    base = compose.base_url
+    user = create_user(base, "compose lifecycle")
+    auth = {"Authorization": f"Bearer {user['token']}"}
+    made = [upload(base, user, wavgen.wav(seconds=0.3), f"l{i}.wav") for i in range(3)]
+    listing = requests.get(
+        f"{base}/records", params={"user": user["id"], "limit": "2"}, headers=auth, timeout=30
+    )
+    assert listing.status_code == 200, listing.text
+    page = listing.json()
+    assert [r["id"] for r in page["records"]] == [made[2]["id"], made[1]["id"]]
+    rest = requests.get(
+        f"{base}/records", params={"user": user["id"], "cursor": page["next_cursor"]},
+        headers=auth, timeout=30,
+    ).json()  # fmt: skip
+    assert [r["id"] for r in rest["records"]] == [made[0]["id"]] and rest["next_cursor"] is None
+    download(made[0]["url"])  # in the router's cache now
+    gone = requests.delete(
+        f"{base}/record", params={"id": made[0]["id"], "user": user["id"]}, headers=auth,
+        timeout=30,
+    )  # fmt: skip
+    assert gone.status_code == 204, gone.text
+    assert requests.get(made[0]["url"], timeout=30).status_code == 404
+    key = "compose-" + hashlib.sha256(user["id"].encode()).hexdigest()[:20]
+    rotate_url = f"{base}/users/{user['id']}/token"
+    rotated = requests.post(rotate_url, headers={**auth, "Idempotency-Key": key}, timeout=30)
+    assert rotated.status_code == 200, rotated.text
+    replay = requests.post(rotate_url, headers={**auth, "Idempotency-Key": key}, timeout=30)
+    assert replay.json() == rotated.json()
+    old_list = requests.get(f"{base}/records", params={"user": user["id"]}, headers=auth,
+                            timeout=30)  # fmt: skip
+    assert old_list.status_code == 401
+    new_auth = {"Authorization": f"Bearer {rotated.json()['token']}"}
+    erased = requests.delete(f"{base}/users/{user['id']}", headers=new_auth, timeout=60)
+    assert erased.status_code == 204, erased.text
+    for record in made[1:]:
+        assert requests.get(record["url"], timeout=30).status_code == 404
+    assert requests.get(
+        f"{base}/records", params={"user": user["id"]}, headers=new_auth, timeout=30
+    ).status_code == 401  # fmt: skip
+    assert requests.post(f"{base}/_tasks/convert", json={}, timeout=30).status_code == 404
+
+
+def _job_row(compose: Compose, upload_id: str) -> tuple[str, float, int]:
+    settings = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    connection = pg8000.native.Connection(
+        settings["POSTGRES_USER"], password=settings["POSTGRES_PASSWORD"],
+        database=settings["POSTGRES_DB"], host="127.0.0.1", port=compose.postgres_port,
+        timeout=10,
+    )  # fmt: skip
+    try:
+        ((status, progress, attempts),) = connection.run(
+            "SELECT status, progress, attempts FROM uploads WHERE id = CAST(:id AS uuid)",
+            id=upload_id,
+        )
+    finally:
+        connection.close()
+    return str(status), float(progress), int(attempts)
+
+
+def test_direct_upload_job_survives_a_killed_worker(compose: Compose) -> None:
+    """docker kill -s KILL of upload_worker mid-conversion: once the lease runs out the job is
+    taken again, and completing the upload then gives exactly one record."""
+    lease = {"JOB_LEASE_SECONDS": "3"}
+    compose.run("up", "-d", "--wait", "upload_worker", extra_env=lease)
+    user = create_user(compose.base_url, "compose killed worker")
+    auth = {"Authorization": f"Bearer {user['token']}"}
+    upload = requests.post(
+        f"{compose.base_url}/records/uploads", json={"user": user["id"]}, headers=auth, timeout=30
+    ).json()
+    post = upload["upload"]
+    wav = b"".join(wavgen.silence_wav(240.0))  # 4 min of CD audio, 42 MB
+    sent = requests.post(
+        post["url"], data=post["fields"], files={"file": ("long.wav", wav)}, timeout=300
+    )
+    assert sent.status_code in (200, 201, 204), sent.text
+    complete = (upload["complete_url"], {"user": user["id"]})
+    accepted = requests.post(complete[0], headers=auth, params=complete[1], timeout=60)
+    assert accepted.status_code == 202, accepted.text
+    deadline = time.monotonic() + 120
+    while (row := _job_row(compose, upload["id"]))[0] != "converting" or row[1] < 0.1:
+        assert row[0] in ("queued", "converting") and time.monotonic() < deadline, row
+        time.sleep(0.05)
+    (worker,) = compose.container_ids("upload_worker")
+    compose.docker("kill", "--signal", "KILL", worker)
+    assert _job_row(compose, upload["id"])[0] == "converting"
+    compose.run("up", "-d", "--wait", "upload_worker", extra_env=lease)
+    deadline = time.monotonic() + 300
+    while True:
+        answer = requests.post(complete[0], headers=auth, params=complete[1], timeout=60)
+        if answer.status_code != 409 or time.monotonic() > deadline:
+            break
+        assert answer.headers["Retry-After"]
+        time.sleep(1)
+    assert answer.status_code == 200, answer.text
+    record = answer.json()
+    assert _job_row(compose, upload["id"]) == ("done", 1.0, 2)
+    assert float(record["duration_seconds"]) == 240.0
+    mp3 = download(record["url"])
+    assert len(mp3) == int(record["size_bytes"])
+    compose.run("up", "-d", "--wait", "upload_worker")  # back to the default lease
 
 
 def test_down_and_up_keeps_users_records_and_mp3s(compose: Compose) -> None:

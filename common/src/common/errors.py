@@ -66,6 +66,12 @@ class NotFound(ServiceError):
     title = "Not Found"
 
 
+class Forbidden(ServiceError):
+    status = 403
+    slug = "forbidden"
+    title = "Forbidden"
+
+
 class MethodNotAllowed(ServiceError):
     status = 405
     slug = "method-not-allowed"
@@ -82,6 +88,39 @@ class RequestTimeout(ServiceError):
     status = 408
     slug = "request-timeout"
     title = "Request Timeout"
+
+
+class Conflict(ServiceError):
+    status = 409
+    slug = "conflict"
+    title = "Conflict"
+
+
+class RequestInProgress(Conflict):
+    """The same request (Idempotency-Key) is still being answered: repeat it after Retry-After."""
+
+    slug = "in-progress"
+    title = "Request In Progress"
+
+    def __init__(self, detail: str, *, retry_after: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+class UploadNotReceived(Conflict):
+    """Completion of a direct upload whose file is not in the bucket (yet)."""
+
+    slug = "upload-not-received"
+    title = "Upload Not Received"
+
+
+class ConversionInProgress(Conflict):
+    """A repeated completion while the first one's job is still queued or converting."""
+
+    slug = "conversion-in-progress"
+    title = "Conversion In Progress"
+
+    def __init__(self, detail: str, *, location: str, retry_after: int) -> None:
+        super().__init__(detail, headers={"Location": location, "Retry-After": str(retry_after)})
 
 
 class PayloadTooLarge(ServiceError):
@@ -119,6 +158,16 @@ class InvalidField(UnprocessableContent):
     title = "Invalid Field"
 
 
+class IdempotencyKeyReused(UnprocessableContent):
+    slug = "idempotency-key-reused"
+    title = "Idempotency Key Reused"
+
+
+class InvalidCursor(UnprocessableContent):
+    slug = "invalid-cursor"
+    title = "Invalid Cursor"
+
+
 class UndecodableAudio(UnprocessableContent):
     slug = "undecodable-audio"
     title = "Undecodable Audio"
@@ -137,6 +186,18 @@ class DependencyUnavailable(ServiceError):
             headers={"Retry-After": str(retry_after)},
         )
         self.dependency = dependency
+
+
+class StoredProblem(ServiceError):
+    """A problem document kept from earlier (a failed conversion job), answered again as it was."""
+
+    def __init__(self, problem: dict[str, Any]) -> None:
+        super().__init__(str(problem.get("detail", "")))
+        self.problem = dict(problem)
+        self.status = int(problem.get("status", 500))  # type: ignore[misc]
+
+    def to_problem(self, instance: str | None = None) -> dict[str, Any]:
+        return dict(self.problem)
 
 
 class InternalError(ServiceError):

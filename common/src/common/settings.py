@@ -16,7 +16,16 @@ from functools import lru_cache
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_DATABASE_URL = "postgresql+pg8000://records:records@127.0.0.1:55432/records"
+# The local stacks' server secret (idempotency replies, list cursors). A cloud deployment
+# (Lambda, Cloud Run) refuses to start with it: there IDEMPOTENCY_SECRET comes from the
+# platform's secret store.
+DEV_IDEMPOTENCY_SECRET = "dev-only-idempotency-secret-not-for-production"  # noqa: S105
+IDEMPOTENCY_SECRET_MIN_LENGTH = 32
+# Variables the platforms set: a process that sees one runs in a cloud, not on a laptop.
+CLOUD_MARKERS = ("AWS_LAMBDA_FUNCTION_NAME", "K_SERVICE")
 MIB = 1024 * 1024
+
+DB_TLS_MODES = ("off", "require", "verify")
 
 # The one table of MP3 (MPEG audio Layer III) bitrates, kbit/s, in the order of the frame
 # header's bitrate index 1-14. It lives here because MP3_BITRATE_KBPS is checked against it at
@@ -33,6 +42,15 @@ class DownloadMode(StrEnum):
 
 class SettingsError(ValueError):
     """A setting has a value the service cannot run with."""
+
+
+class JobQueueKind(StrEnum):
+    POSTGRES = "postgres"  # the uploads table itself (make dev, compose: python -m ...worker)
+    SQS = "sqs"  # AWS: an SQS queue whose event source mapping invokes upload_record
+    CLOUD_TASKS = "cloudtasks"  # Cloud Run: HTTP tasks pushed to upload_record's /_tasks/convert
+
+
+GOOGLE_OIDC_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +80,30 @@ class Settings:
     log_level: str
     max_direct_upload_bytes: int = 4 * 1024 * MIB
     google_cloud_project: str | None = None
+    # AWS Secrets Manager secret with the database login (JSON: username, password ...).
+    database_secret_arn: str | None = None
+    # TLS to the database: off, require (encrypted, not verified) or verify (system CAs).
+    db_tls: str = "off"
+    # Keys the stored idempotent replies (with each raw Idempotency-Key) and the list cursors.
+    idempotency_secret: str = field(default=DEV_IDEMPOTENCY_SECRET, repr=False)
+    # A running idempotent request renews its claim; one not renewed this long is taken over.
+    idempotency_lease_seconds: int = 60
+    # DELETE /users/<id> removes objects for at most this long, then leaves the rest to the
+    # sweep (the rows, and with them the token, are gone before the first object).
+    erase_deadline_seconds: float = 20.0
     # get_record keeps recently served MP3s in memory (per process); 0 turns it off.
+    # Conversion jobs of direct uploads (common.domain.jobs).
+    job_queue: JobQueueKind = JobQueueKind.POSTGRES
+    job_queue_url: str | None = None
+    cloud_tasks_queue: str | None = None
+    tasks_target_url: str | None = None
+    tasks_service_account: str | None = None
+    tasks_audience: str | None = None
+    tasks_certs_url: str = GOOGLE_OIDC_CERTS_URL
+    job_wait_max_seconds: int = 25
+    job_lease_seconds: int = 60
+    job_max_attempts: int = 3
+    job_timeout_seconds: float = 3300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -94,7 +135,25 @@ class Settings:
                 e, "MAX_DIRECT_UPLOAD_BYTES", 4 * 1024 * MIB, minimum=1024
             ),
             google_cloud_project=e.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
+            database_secret_arn=e.get("DATABASE_SECRET_ARN", "").strip() or None,
+            db_tls=(e.get("DB_TLS", "off").strip().lower() or "off"),
+            idempotency_secret=_idempotency_secret(e),
+            idempotency_lease_seconds=int_setting(e, "IDEMPOTENCY_LEASE_SECONDS", 60, minimum=5),
+            erase_deadline_seconds=_float(e, "ERASE_DEADLINE_SECONDS", 20.0),
+            job_queue=_job_queue(e.get("JOB_QUEUE", "")),
+            job_queue_url=_optional_url(e, "JOB_QUEUE_URL"),
+            cloud_tasks_queue=e.get("CLOUD_TASKS_QUEUE", "").strip() or None,
+            tasks_target_url=_optional_url(e, "TASKS_TARGET_URL"),
+            tasks_service_account=e.get("TASKS_SERVICE_ACCOUNT", "").strip() or None,
+            tasks_audience=e.get("TASKS_AUDIENCE", "").strip() or None,
+            tasks_certs_url=_optional_url(e, "TASKS_CERTS_URL") or GOOGLE_OIDC_CERTS_URL,
+            job_wait_max_seconds=int_setting(e, "JOB_WAIT_MAX_SECONDS", 25),
+            job_lease_seconds=int_setting(e, "JOB_LEASE_SECONDS", 60, minimum=2),
+            job_max_attempts=int_setting(e, "JOB_MAX_ATTEMPTS", 3, minimum=1),
+            job_timeout_seconds=_float(e, "JOB_TIMEOUT_SECONDS", 3300.0),
         )
+        if settings.db_tls not in DB_TLS_MODES:
+            raise SettingsError(f"DB_TLS must be one of {', '.join(DB_TLS_MODES)}")
         if settings.mp3_bitrate_kbps not in MP3_BITRATES_MPEG1:
             raise SettingsError(
                 f"MP3_BITRATE_KBPS must be one of {', '.join(map(str, MP3_BITRATES_MPEG1))}"
@@ -179,6 +238,30 @@ def _optional_url(env: Mapping[str, str], name: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise SettingsError(f"{name} must be an http(s) URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def _idempotency_secret(env: Mapping[str, str]) -> str:
+    raw = env.get("IDEMPOTENCY_SECRET", "")
+    if not raw:
+        if any(env.get(name) for name in CLOUD_MARKERS):
+            raise SettingsError(
+                "IDEMPOTENCY_SECRET must be set on Lambda and Cloud Run (from the secret store)"
+            )
+        return DEV_IDEMPOTENCY_SECRET
+    if len(raw) < IDEMPOTENCY_SECRET_MIN_LENGTH:
+        raise SettingsError(
+            f"IDEMPOTENCY_SECRET must be at least {IDEMPOTENCY_SECRET_MIN_LENGTH} characters"
+        )
+    return raw
+
+
+def _job_queue(raw: str) -> JobQueueKind:
+    try:
+        return JobQueueKind(raw.strip().lower() or "postgres")
+    except ValueError as exc:
+        raise SettingsError(
+            f"JOB_QUEUE must be 'postgres', 'sqs' or 'cloudtasks', got {raw!r}"
+        ) from exc
 
 
 def _download_mode(raw: str) -> DownloadMode:

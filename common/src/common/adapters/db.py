@@ -12,6 +12,7 @@ each is compiled once and then found in the engine's compiled cache.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.adapters.secrets import Credentials, SecretCredentials
 from common.errors import DependencyUnavailable
 from common.settings import Settings
 
@@ -33,9 +35,13 @@ PING_AFTER_IDLE_SECONDS = 5.0
 _LAST_USED = "last_used"
 # The isolation level of multi-statement work (the engine itself autocommits).
 TRANSACTION_ISOLATION = "READ COMMITTED"
+# PostgreSQL's SQLSTATE for a refused password (invalid_password).
+AUTH_FAILED = "28P01"
 
 
-def make_engine(settings: Settings) -> Engine:
+def make_engine(settings: Settings, credentials: SecretCredentials | None = None) -> Engine:
+    """The process's one engine; with ``credentials``, every new connection takes its login
+    from them (``DATABASE_SECRET_ARN``) instead of from ``DATABASE_URL``."""
     engine = create_engine(
         settings.database_url,
         isolation_level="AUTOCOMMIT",
@@ -43,10 +49,67 @@ def make_engine(settings: Settings) -> Engine:
         max_overflow=settings.db_pool_overflow,
         pool_timeout=settings.db_connect_timeout_seconds,
         pool_recycle=1800,
-        connect_args={"timeout": settings.db_connect_timeout_seconds},
+        connect_args={
+            "timeout": settings.db_connect_timeout_seconds,
+            **tls_connect_args(settings.db_tls),
+        },
     )
     _ping_idle_connections(engine)
+    if credentials is not None:
+        use_credentials(engine, credentials)
     return engine
+
+
+def tls_connect_args(mode: str) -> dict[str, Any]:
+    """pg8000's ssl_context for DB_TLS (RDS for PostgreSQL 15+ refuses plain connections)."""
+    if mode == "off":
+        return {}
+    context = ssl.create_default_context()
+    if mode == "require":  # encrypted; the server's certificate is not checked
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return {"ssl_context": context}
+
+
+def credentials_from_settings(settings: Settings) -> SecretCredentials | None:
+    """The secret named by DATABASE_SECRET_ARN, read now (at start); None without one."""
+    if not settings.database_secret_arn:
+        return None
+    return SecretCredentials(settings.database_secret_arn)
+
+
+def use_credentials(engine: Engine, credentials: SecretCredentials) -> None:
+    """Connect with the secret's current login; after a refused password, re-read it once.
+
+    SQLAlchemy's documented ``do_connect`` event: the listener makes the DB-API connection
+    itself. Connections already in the pool keep working across a rotation (PostgreSQL
+    checks the password only at login); a new one that the server refuses with 28P01 makes
+    the secret be read again and the connection tried once more with what it holds now.
+    """
+
+    @event.listens_for(engine, "do_connect")
+    def connect(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        used = credentials.current()
+        try:
+            return dialect.dbapi.connect(*cargs, **{**cparams, **used.connect_params()})
+        except dialect.dbapi.DatabaseError as exc:
+            if not _auth_failed(exc):
+                raise
+            fresh: Credentials = credentials.refresh(used)
+            log.warning("database login refused; connecting with the secret read again")
+        try:
+            return dialect.dbapi.connect(*cargs, **{**cparams, **fresh.connect_params()})
+        except dialect.dbapi.DatabaseError as exc:
+            if not _auth_failed(exc):
+                raise
+            # Refused with the secret's newest login too: the database is unusable (503).
+            raise dialect.dbapi.OperationalError(*exc.args) from exc
+
+
+def _auth_failed(exc: BaseException) -> bool:
+    """pg8000 carries the server's error fields (C = SQLSTATE) in its first argument."""
+    fields = exc.args[0] if exc.args else None
+    return isinstance(fields, dict) and fields.get("C") == AUTH_FAILED
 
 
 def _ping_idle_connections(engine: Engine) -> None:
@@ -83,7 +146,8 @@ class Database:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
-        return cls(make_engine(settings), retry_after=settings.retry_after_seconds)
+        engine = make_engine(settings, credentials_from_settings(settings))
+        return cls(engine, retry_after=settings.retry_after_seconds)
 
     @contextmanager
     def translate_errors(self) -> Iterator[None]:
@@ -140,3 +204,14 @@ _SELECT_ONE = sql("SELECT 1")
 def _connection_lost(exc: DependencyUnavailable) -> bool:
     cause = exc.__cause__
     return isinstance(cause, DBAPIError) and cause.connection_invalidated
+
+
+def is_foreign_key_violation(exc: BaseException) -> bool:
+    """SQLSTATE 23503: a row refers to one that is gone (its user was erased meanwhile).
+
+    pg8000 reports it as a ProgrammingError, not an IntegrityError: read the code itself.
+    """
+    if not isinstance(exc, DBAPIError):
+        return False
+    fields = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+    return isinstance(fields, dict) and fields.get("C") == "23503"

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MP3_CONTENT_TYPE = "audio/mpeg"
 DOWNLOAD_CHUNK = 256 * 1024
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+# Keys per DeleteObjects call (and per listing page): the S3 API's maximum.
+DELETE_BATCH = 1000
 # Signed router URLs kept per process (a few hundred bytes each).
 ROUTER_URLS_KEPT = 4096
 
@@ -76,7 +78,7 @@ _session: boto3.session.Session | None = None
 
 
 def _boto_session() -> boto3.session.Session:
-    """One session per process: its clients share the loaded S3 model (~12 MiB each else)."""
+    """One session per process: its clients share one loaded S3 model instead of one each."""
     global _session
     with _session_lock:
         if _session is None:
@@ -193,13 +195,27 @@ class Storage:
                 )
         return ObjectStream(response["Body"], int(response["ContentLength"]))
 
-    def presigned_get(self, key: str, *, expires: int, filename_header: str) -> str:
-        """A presigned GET of ``key`` on the public endpoint (for clients)."""
-        return self._sign_get(self.presign_client, key, expires, filename_header)
+    def presigned_get(
+        self, key: str, *, expires: int, filename_header: str, method: str = "GET"
+    ) -> str:
+        """A presigned GET (or HEAD) of ``key`` on the public endpoint (for clients).
 
-    def _sign_get(self, client: S3Client, key: str, expires: int, filename_header: str) -> str:
+        SigV4 signs the HTTP method: a URL presigned for GET answers a HEAD with 403, so a
+        HEAD request is redirected to a URL presigned for HEAD (``head_object``).
+        """
+        operation = "head_object" if method == "HEAD" else "get_object"
+        return self._sign_get(self.presign_client, key, expires, filename_header, operation)
+
+    def _sign_get(
+        self,
+        client: S3Client,
+        key: str,
+        expires: int,
+        filename_header: str,
+        operation: str = "get_object",
+    ) -> str:
         return client.generate_presigned_url(
-            "get_object",
+            operation,
             Params={
                 "Bucket": self.bucket,
                 "Key": key,
@@ -213,9 +229,8 @@ class Storage:
         """The path and query of a presigned GET on the store's own (internal) endpoint.
 
         For the router, which fetches the object itself (DOWNLOAD_MODE=accel). Signing costs
-        about 0.4 ms of botocore, more than the rest of a download request, so a URL is reused
-        for the first half of its validity: the router uses it at once, and the object under
-        a key never changes.
+        more than the rest of a download request, so a URL is reused for the first half of its
+        validity: the router uses it at once, and the object under a key never changes.
         """
         cache_key = (key, filename_header)
         now = time.monotonic()
@@ -230,6 +245,34 @@ class Storage:
     def delete(self, key: str) -> None:
         with self.translate_errors():
             self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def list_keys(self, prefix: str) -> Iterator[list[str]]:
+        """The keys under ``prefix``, a page (at most 1000) at a time."""
+        with self.translate_errors():
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": DELETE_BATCH}
+            )
+            for page in pages:
+                keys = [obj["Key"] for obj in page.get("Contents", [])]
+                if keys:
+                    yield keys
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete ``keys`` with DeleteObjects, 1000 per call (S3's, GCS's and SeaweedFS's cap).
+
+        A key that is already gone counts as deleted; any other per-key error is an outage.
+        """
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            with self.translate_errors():
+                response = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+                )
+            errors = [e for e in response.get("Errors", []) if e.get("Code") not in _MISSING_CODES]
+            if errors:
+                log.error("object store refused deletes: %s", errors[:3])
+                raise DependencyUnavailable("object store", self.retry_after)
 
     def check(self) -> None:
         with self.translate_errors():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -9,17 +12,19 @@ import unicodedata
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from common.adapters.db import Database
+from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.models import FILENAME_MAX_LENGTH, Record
-from common.adapters.storage import Storage
+from common.adapters.storage import ObjectMissing, Storage
 from common.domain.conversion import convert_wav_stream
 from common.domain.encoding import EncodingOptions
 from common.domain.users import parse_uuid
-from common.errors import NotFound
+from common.errors import InvalidCursor, InvalidField, NotFound, ServiceError, Unauthorized
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,7 +37,7 @@ _RECORD_COLUMNS = (
     "bitrate_kbps", "sample_rate", "channels", "vbr_quality", "tags",
 )  # fmt: skip
 # A retried insert that had landed finds its own row: nothing happens.
-_INSERT_RECORD = pg_insert(Record).on_conflict_do_nothing(index_elements=["id"])
+INSERT_RECORD = pg_insert(Record).on_conflict_do_nothing(index_elements=["id"])
 _SELECT_RECORD = select(*(Record.__table__.c[c] for c in _RECORD_COLUMNS)).where(
     Record.id == bindparam("id")
 )
@@ -52,8 +57,11 @@ class NewRecord:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
+RECORD_PREFIX = "users/"  # every object of a user's records is under users/<user>/
+
+
 def object_key(user_id: uuid.UUID, record_id: uuid.UUID) -> str:
-    return f"users/{user_id}/records/{record_id}.mp3"
+    return f"{RECORD_PREFIX}{user_id}/records/{record_id}.mp3"
 
 
 def mp3_filename(uploaded: str | None, record_id: uuid.UUID, title: str | None = None) -> str:
@@ -70,6 +78,15 @@ def mp3_filename(uploaded: str | None, record_id: uuid.UUID, title: str | None =
     if not stem:
         stem = str(record_id)
     return stem[: FILENAME_MAX_LENGTH - 4] + ".mp3"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMp3:
+    """An MP3 written to the bucket, and the records row that must go with it."""
+
+    key: str
+    row: dict[str, Any]
+    record: NewRecord
 
 
 def create_record(
@@ -89,6 +106,39 @@ def create_record(
     given by a caller that must land on the same record when it runs again (a retried job);
     otherwise a new one is drawn.
     """
+    stored = store_mp3(
+        storage, settings, user_id=user_id, audio=audio, filename=filename,
+        options=options, record_id=record_id,
+    )  # fmt: skip
+    try:
+        db.execute(INSERT_RECORD, stored.row)
+    except BaseException as exc:
+        _delete_quietly(storage, stored.key)  # no object without its row
+        if is_foreign_key_violation(exc):  # the user was erased while the upload streamed
+            raise Unauthorized("The user was erased while this upload was converted.") from exc
+        raise
+    log.info(
+        "record stored",
+        extra={"record_id": str(stored.record.id), "bytes": stored.record.size_bytes},
+    )
+    return stored.record
+
+
+def store_mp3(
+    storage: Storage,
+    settings: Settings,
+    *,
+    user_id: uuid.UUID,
+    audio: Iterator[bytes],
+    filename: str | None,
+    options: EncodingOptions | None = None,
+    record_id: uuid.UUID | None = None,
+) -> StoredMp3:
+    """Convert ``audio`` into the object of record ``record_id``; the caller inserts its row.
+
+    Nothing is left in the bucket when this raises. A conversion job inserts the row
+    (:data:`INSERT_RECORD`) in the transaction that marks its upload done.
+    """
     options = options or EncodingOptions()
     record_id = record_id or uuid.uuid4()
     key = object_key(user_id, record_id)
@@ -103,46 +153,205 @@ def create_record(
             options=options,
         )
         stored = writer.complete()
-        record = Record(
-            id=record_id,
-            user_id=user_id,
-            object_key=key,
-            # The title, when there is one, names the download better than the upload's name.
-            filename=mp3_filename(filename, record_id, result.tags.get("title")),
-            size_bytes=stored.size,
-            etag=stored.etag,
-            duration_seconds=result.duration_seconds,
-            bitrate_kbps=result.bitrate_kbps,
-            sample_rate=result.sample_rate,
-            channels=result.channels,
-            vbr_quality=result.vbr_quality,
-            tags=dict(result.tags) or None,
-        )
-        db.execute(_INSERT_RECORD, {c: getattr(record, c) for c in _RECORD_COLUMNS})
     except BaseException:
-        writer.abort()  # no row without its object, and no object without its row
+        writer.abort()  # no object without its row
         raise
-    log.info("record stored", extra={"record_id": str(record_id), "bytes": stored.size})
-    return NewRecord(
+    record = Record(
         id=record_id,
         user_id=user_id,
-        duration_seconds=result.duration_seconds,
+        object_key=key,
+        # The title, when there is one, names the download better than the upload's name.
+        filename=mp3_filename(filename, record_id, result.tags.get("title")),
         size_bytes=stored.size,
+        etag=stored.etag,
+        duration_seconds=result.duration_seconds,
         bitrate_kbps=result.bitrate_kbps,
         sample_rate=result.sample_rate,
         channels=result.channels,
-        filename=record.filename,
         vbr_quality=result.vbr_quality,
-        tags=dict(result.tags),
+        tags=dict(result.tags) or None,
     )
+    return StoredMp3(
+        key=key,
+        row={c: getattr(record, c) for c in _RECORD_COLUMNS},
+        record=new_record(record),
+    )
+
+
+def new_record(record: Record) -> NewRecord:
+    """The 201 body's fields of a stored record."""
+    return NewRecord(
+        id=record.id,
+        user_id=record.user_id,
+        duration_seconds=record.duration_seconds,
+        size_bytes=record.size_bytes,
+        bitrate_kbps=record.bitrate_kbps,
+        sample_rate=record.sample_rate,
+        channels=record.channels,
+        filename=record.filename,
+        vbr_quality=record.vbr_quality,
+        tags=dict(record.tags or {}),
+    )
+
+
+def get_record(db: Database, record_id: uuid.UUID) -> Record | None:
+    rows = db.execute(_SELECT_RECORD, {"id": record_id})
+    return Record(**rows[0]._asdict()) if rows else None
+
+
+def _delete_quietly(storage: Storage, key: str) -> None:
+    try:
+        storage.delete(key)
+    except Exception as exc:  # make sweep removes an object without a row
+        log.warning("could not delete %s: %s", key, exc)
 
 
 def find_record(db: Database, raw_id: str | None, raw_user: str | None) -> Record:
     """The record ``raw_id`` of user ``raw_user``; NotFound for anyone else's or none."""
     record_id = parse_uuid(raw_id, "id")
     user_id = parse_uuid(raw_user, "user")
-    rows = db.execute(_SELECT_RECORD, {"id": record_id})
-    found = rows[0]._asdict() if rows else None
-    if found is None or found["user_id"] != user_id:
+    found = get_record(db, record_id)
+    if found is None or found.user_id != user_id:
         raise NotFound("No record with this id exists for this user.")
-    return Record(**found)
+    return found
+
+
+# Listing: newest first, keyset on (created_at, id) — never OFFSET, which skips or repeats
+# rows while others are inserted or deleted. The index ix_records_user_created_id serves it.
+LIST_LIMIT_DEFAULT = 20
+LIST_LIMIT_MAX = 100
+_LIST_FIRST = sql(
+    "SELECT id, user_id, filename, size_bytes, duration_seconds, bitrate_kbps, sample_rate, "
+    "channels, vbr_quality, tags, created_at FROM records WHERE user_id = :user "
+    "ORDER BY created_at DESC, id DESC LIMIT :limit"
+)
+_LIST_AFTER = sql(
+    "SELECT id, user_id, filename, size_bytes, duration_seconds, bitrate_kbps, sample_rate, "
+    "channels, vbr_quality, tags, created_at FROM records WHERE user_id = :user "
+    "AND (created_at, id) < (:created_at, :id) ORDER BY created_at DESC, id DESC LIMIT :limit"
+)
+_DELETE_RECORD = sql("DELETE FROM records WHERE id = :id AND user_id = :user RETURNING object_key")
+_CURSOR_MAC_BYTES = 16
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class ListedRecord:
+    record: NewRecord
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPage:
+    records: list[ListedRecord]
+    next_cursor: str | None
+
+
+def parse_limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return LIST_LIMIT_DEFAULT
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= LIST_LIMIT_MAX:
+        raise InvalidField(f"'limit' must be an integer from 1 to {LIST_LIMIT_MAX}.")
+    return int(raw)
+
+
+def _cursor_mac(secret: str, payload: bytes) -> bytes:
+    key = hashlib.sha256(b"record-service list cursor v1\0" + secret.encode()).digest()
+    return hmac.new(key, payload, hashlib.sha256).digest()[:_CURSOR_MAC_BYTES]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def encode_cursor(
+    secret: str, user_id: uuid.UUID, created_at: datetime, record_id: uuid.UUID
+) -> str:
+    """An opaque, signed position: (user, created_at in microseconds, id)."""
+    micros = (created_at - _EPOCH) // _MICROSECOND
+    payload = f"{user_id}|{micros}|{record_id}".encode()
+    return f"{_b64(payload)}.{_b64(_cursor_mac(secret, payload))}"
+
+
+def decode_cursor(secret: str, user_id: uuid.UUID, cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The position in ``cursor``; InvalidCursor (422) if unparsable, forged or someone else's."""
+    try:
+        encoded, mac = cursor.split(".")
+        payload = _unb64(encoded)
+        if not hmac.compare_digest(_unb64(mac), _cursor_mac(secret, payload)):
+            raise ValueError("bad signature")
+        owner, micros, record_id = payload.decode("ascii").split("|")
+        if uuid.UUID(owner) != user_id:
+            raise ValueError("another user's cursor")
+        return _EPOCH + int(micros) * _MICROSECOND, uuid.UUID(record_id)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCursor(
+            "'cursor' is not one this service issued for this user: pass next_cursor as it is."
+        ) from exc
+
+
+def list_records(
+    db: Database,
+    settings: Settings,
+    *,
+    user_id: uuid.UUID,
+    limit: int,
+    cursor: str | None,
+) -> RecordPage:
+    """One page of ``user_id``'s records, newest first, and the cursor of the next one."""
+    params: dict[str, object] = {"user": user_id, "limit": limit + 1}
+    statement = _LIST_FIRST
+    if cursor:
+        params["created_at"], params["id"] = decode_cursor(
+            settings.idempotency_secret, user_id, cursor
+        )
+        statement = _LIST_AFTER
+    rows = db.execute(statement, params)
+    listed = [
+        ListedRecord(
+            NewRecord(
+                id=row.id,
+                user_id=row.user_id,
+                duration_seconds=row.duration_seconds,
+                size_bytes=row.size_bytes,
+                bitrate_kbps=row.bitrate_kbps,
+                sample_rate=row.sample_rate,
+                channels=row.channels,
+                filename=row.filename,
+                vbr_quality=row.vbr_quality,
+                tags=dict(row.tags or {}),
+            ),
+            row.created_at,
+        )
+        for row in rows[:limit]
+    ]
+    next_cursor = None
+    if len(rows) > limit:
+        last = listed[-1]
+        next_cursor = encode_cursor(
+            settings.idempotency_secret, user_id, last.created_at, last.record.id
+        )
+    return RecordPage(listed, next_cursor)
+
+
+def delete_record(
+    db: Database, storage: Storage, *, user_id: uuid.UUID, raw_id: str | None
+) -> None:
+    """Delete the row, then the object: a crash between leaves only an orphan object,
+    which ``make sweep`` removes; never a row without its object. NotFound for anyone else's.
+    """
+    record_id = parse_uuid(raw_id, "id")
+    rows = db.execute(_DELETE_RECORD, {"id": record_id, "user": user_id})
+    if not rows:
+        raise NotFound("No record with this id exists for this user.")
+    key = rows[0][0]
+    try:
+        storage.delete(key)
+    except (ServiceError, ObjectMissing) as exc:  # the row is gone: the sweep removes it
+        log.warning("could not delete the object of a deleted record: %s", exc)
+    log.info("record deleted", extra={"record_id": str(record_id)})

@@ -1,47 +1,56 @@
 """Direct uploads: the WAV goes from the client straight to the bucket, then is converted there.
 
 Platform request caps (Lambda 6 MB, Cloud Run HTTP/1 32 MiB) make ``POST /records`` useless
-for long recordings, so a large WAV takes two authenticated calls instead:
+for long recordings, and platforms give a request far less time than a long conversion takes
+(API Gateway 30 s), so a large WAV takes two authenticated calls and a job:
 
-1. ``POST /records/uploads`` -> a presigned POST for ``uploads/<user>/<upload>.wav``: the
-   client sends the file to the object store itself. The POST policy pins the key, and its
-   ``content-length-range`` makes the store refuse anything over ``MAX_DIRECT_UPLOAD_BYTES``
-   (SeaweedFS and S3 both enforce it: the tests check). The URL is signed for
-   ``S3_PUBLIC_ENDPOINT_URL``, like download redirects.
-2. ``POST /records/uploads/<upload>/complete`` -> the WAV is streamed from the bucket
-   (object body chunks -> ffmpeg -> multipart MP3 upload, never whole in memory), stored as a
-   record exactly like ``POST /records`` stores one, and the same 201 body comes back. The WAV
-   is deleted once converted, and also when it is refused as not convertible (415/422), since
-   it never will be. Completion looks only under the caller's own prefix: someone else's
-   upload id is simply "not found" (404), indistinguishable from one that never existed.
+1. ``POST /records/uploads`` -> a presigned POST for ``uploads/<user>/<upload>.wav``, and an
+   ``uploads`` row (status ``uploading``) that keeps the filename and the encoding options. The
+   POST policy pins the key, and its ``content-length-range`` makes the store refuse anything
+   over ``MAX_DIRECT_UPLOAD_BYTES``. The URL is signed for ``S3_PUBLIC_ENDPOINT_URL``.
+2. ``POST /records/uploads/<upload>/complete`` -> one conditional UPDATE moves the row from
+   ``uploading`` to ``queued`` and fixes the record id: exactly one caller wins, even when
+   several race, and only the winner enqueues the job (:mod:`common.adapters.queue`). The
+   others, and every later call, are told the job's state (:class:`Completion`). The job
+   itself (:mod:`common.domain.jobs`) converts the WAV and stores the record.
+3. ``GET /records/uploads/<upload>`` -> the job's status and progress, the record once done.
 
-The size is checked again at completion (413) for stores that would not enforce the policy.
-Abandoned uploads expire by the bucket lifecycle rule on ``uploads/`` (:mod:`common.ops.bucket`).
-A completion repeated after success finds nothing (404): the WAV is gone by then.
+Everything looks only at the caller's own uploads: someone else's upload id is "not found"
+(404), indistinguishable from one that never existed. The size is checked again at
+completion (413) for stores that would not enforce the policy. Abandoned uploads expire by
+the bucket lifecycle rule on ``uploads/`` (:mod:`common.ops.bucket`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote
 
 from botocore.exceptions import BotoCoreError, ClientError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from common.adapters.db import Database
-from common.adapters.models import FILENAME_MAX_LENGTH
+from common.adapters.db import Database, sql
+from common.adapters.models import FILENAME_MAX_LENGTH, Upload
+from common.adapters.queue import JobQueue
 from common.adapters.storage import ObjectMissing, Storage
-from common.domain.records import NewRecord, create_record
+from common.domain.encoding import EncodingOptions
+from common.domain.jobs import UPLOADS_PATH as UPLOADS_PATH
+from common.domain.jobs import abandoned
+from common.domain.records import NewRecord, get_record, new_record
 from common.errors import (
     DependencyUnavailable,
+    InvalidField,
     NotFound,
     PayloadTooLarge,
     ServiceError,
+    UploadNotReceived,
 )
 from common.settings import Settings
 
@@ -49,20 +58,46 @@ log = logging.getLogger(__name__)
 
 PENDING_PREFIX = "uploads/"
 WAV_CONTENT_TYPE = "audio/wav"
+# The form field that carries the WAV: in POST /records and in the presigned POST to the bucket.
 FILE_FIELD = "file"
 FILENAME_META = "filename"
-UPLOADS_PATH = "/records/uploads"
-_COMPLETE_PATH = re.compile(r"^/records/uploads/([^/]+)/complete/?$")
+_UPLOAD_PATH = re.compile(r"^/records/uploads/([^/]+)(/complete)?/?$")
+# How often a completion that waits (Prefer: wait=N) looks at its job.
+WAIT_POLL_SECONDS = 0.25
+
+_INSERT_UPLOAD = pg_insert(Upload).on_conflict_do_nothing(index_elements=["id"])
+_SELECT_UPLOAD = sql(
+    "SELECT id, user_id, object_key, status, progress, record_id, error, attempts, "
+    "lease_until < now() AS lease_expired FROM uploads WHERE id = :id AND user_id = :user_id"
+)
+# The one promise: exactly one completion moves the row out of 'uploading'.
+_QUEUE = sql(
+    "UPDATE uploads SET status = 'queued', record_id = :record_id, queue = :queue, "
+    "queued_at = now() WHERE id = :id AND user_id = :user_id AND status = 'uploading' "
+    "RETURNING id"
+)
+_QUEUE_CLAIM_FAILED = sql(
+    "UPDATE uploads SET status = 'failed', error = CAST(:error AS JSONB), finished_at = now() "
+    "WHERE id = :id AND user_id = :user_id AND status = 'uploading' RETURNING id"
+)
+_UNQUEUE = sql(
+    "UPDATE uploads SET status = 'uploading', record_id = NULL, queue = NULL, queued_at = NULL "
+    "WHERE id = :id AND status = 'queued'"
+)
+_ABANDON = sql(
+    "UPDATE uploads SET status = 'failed', error = CAST(:error AS JSONB), lease_until = NULL, "
+    "finished_at = now() WHERE id = :id AND status = 'converting' AND lease_until < now()"
+)
 
 
 def pending_key(user_id: uuid.UUID, upload_id: uuid.UUID) -> str:
     return f"{PENDING_PREFIX}{user_id}/{upload_id}.wav"
 
 
-def completion_target(path: str) -> str | None:
-    """The upload id segment of a ``/records/uploads/<id>/complete`` path, else None."""
-    match = _COMPLETE_PATH.match(path)
-    return match.group(1) if match else None
+def upload_target(path: str) -> tuple[str, bool] | None:
+    """(upload id segment, is the completion) of ``/records/uploads/<id>[/complete]``, else None."""
+    match = _UPLOAD_PATH.match(path)
+    return (match.group(1), bool(match.group(2))) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +121,20 @@ class PresignedUpload:
             "max_bytes": self.max_bytes,
             "expires_at": self.expires_at.isoformat().replace("+00:00", "Z"),
             "complete_url": f"{base_url}{UPLOADS_PATH}/{self.id}/complete",
+            "status_url": f"{base_url}{UPLOADS_PATH}/{self.id}",
         }
 
 
 def start_upload(
-    storage: Storage, settings: Settings, *, user_id: uuid.UUID, filename: str | None
+    db: Database,
+    storage: Storage,
+    settings: Settings,
+    *,
+    user_id: uuid.UUID,
+    filename: str | None,
+    options: EncodingOptions | None = None,
 ) -> PresignedUpload:
-    """A presigned POST for a new pending upload of ``user_id``."""
+    """A presigned POST for a new pending upload of ``user_id``, and its ``uploads`` row."""
     upload_id = uuid.uuid4()
     key = pending_key(user_id, upload_id)
     max_bytes = settings.max_direct_upload_bytes
@@ -112,6 +154,12 @@ def start_upload(
     except (BotoCoreError, ClientError) as exc:  # no credentials to sign with
         log.error("could not presign an upload: %s", exc)
         raise DependencyUnavailable("object store", storage.retry_after) from exc
+    options_json = (options or EncodingOptions()).to_json()
+    db.execute(
+        _INSERT_UPLOAD,
+        {"id": upload_id, "user_id": user_id, "object_key": key, "filename": name,
+         "options": options_json},
+    )  # fmt: skip
     log.info("direct upload started", extra={"upload_id": str(upload_id)})
     return PresignedUpload(
         id=upload_id,
@@ -122,57 +170,172 @@ def start_upload(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """What ``GET /records/uploads/<id>`` shows of an upload and its conversion job."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    status: str
+    progress: float
+    record: NewRecord | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    @property
+    def pending(self) -> bool:
+        """Queued or converting: the client should come back (Retry-After)."""
+        return self.status in ("queued", "converting")
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The answer to a completion call: ``won`` for the one call that queued the job."""
+
+    won: bool
+    job: JobStatus
+
+
+FINISHED = ("done", "failed")
+STATUSES = ("uploading", "queued", "converting", *FINISHED)
+
+
 def complete_upload(
     db: Database,
     storage: Storage,
+    queue: JobQueue,
     settings: Settings,
     *,
     user_id: uuid.UUID,
     raw_upload_id: str,
-) -> NewRecord:
-    """Convert the pending upload ``raw_upload_id`` of ``user_id`` into a record."""
+) -> Completion:
+    """Queue the conversion of upload ``raw_upload_id``, unless an earlier call did."""
+    upload_id = parse_upload_id(raw_upload_id)
+    row = _find(db, user_id, upload_id) or _adopt_legacy_upload(db, storage, user_id, upload_id)
+    if row is None:
+        raise _not_found()
+    if row["status"] != "uploading":
+        return Completion(won=False, job=_status_of(db, settings, row))
     try:
-        upload_id = uuid.UUID(raw_upload_id)
+        with storage.translate_errors():
+            head = storage.client.head_object(Bucket=storage.bucket, Key=row["object_key"])
+    except ObjectMissing as exc:
+        raise UploadNotReceived(
+            "The upload's file has not arrived in the bucket: send it with the presigned POST "
+            "first (before it expires), then complete the upload again."
+        ) from exc
+    if int(head["ContentLength"]) > settings.max_direct_upload_bytes:
+        too_large = PayloadTooLarge(
+            f"The upload is larger than the limit of {settings.max_direct_upload_bytes} bytes."
+        )
+        error = _problem_json(too_large, upload_id)
+        if db.execute(_QUEUE_CLAIM_FAILED, {"id": upload_id, "user_id": user_id, "error": error}):
+            _discard(storage, row["object_key"])
+            raise too_large
+    else:
+        won = db.execute(
+            _QUEUE,
+            {"id": upload_id, "user_id": user_id, "record_id": uuid.uuid4(),
+             "queue": queue.kind.value},
+        )  # fmt: skip
+        if won:
+            try:
+                queue.enqueue(upload_id)
+            except BaseException:
+                db.execute(_UNQUEUE, {"id": upload_id})  # the client's retry may win again
+                raise
+            log.info("conversion job queued", extra={"upload_id": str(upload_id),
+                                                     "queue": queue.kind.value})  # fmt: skip
+            return Completion(won=True, job=JobStatus(upload_id, user_id, "queued", 0.0))
+    # Another call won the race between our read and our update.
+    raced = _find(db, user_id, upload_id)
+    if raced is None:
+        raise _not_found()
+    return Completion(won=False, job=_status_of(db, settings, raced))
+
+
+def upload_status(
+    db: Database, settings: Settings, *, user_id: uuid.UUID, raw_upload_id: str
+) -> JobStatus:
+    row = _find(db, user_id, parse_upload_id(raw_upload_id))
+    if row is None:
+        raise _not_found()
+    return _status_of(db, settings, row)
+
+
+def wait_for_job(db: Database, settings: Settings, job: JobStatus, seconds: float) -> JobStatus:
+    """``job`` again once it is finished, or after ``seconds`` (``Prefer: wait``)."""
+    deadline = time.monotonic() + seconds
+    while not job.finished and time.monotonic() < deadline:
+        time.sleep(min(WAIT_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        row = _find(db, job.user_id, job.id)
+        if row is None:
+            break
+        job = _status_of(db, settings, row)
+    return job
+
+
+def parse_upload_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
     except ValueError as exc:
-        raise _not_found() from exc
+        raise InvalidField("The upload id in the path must be a UUID.") from exc
+
+
+def _find(db: Database, user_id: uuid.UUID, upload_id: uuid.UUID) -> dict[str, Any] | None:
+    rows = db.execute(_SELECT_UPLOAD, {"id": upload_id, "user_id": user_id})
+    return rows[0]._asdict() if rows else None
+
+
+def _adopt_legacy_upload(
+    db: Database, storage: Storage, user_id: uuid.UUID, upload_id: uuid.UUID
+) -> dict[str, Any] | None:
+    """A pending WAV presigned by the release before the uploads table: give it its row."""
     key = pending_key(user_id, upload_id)
     try:
         with storage.translate_errors():
             head = storage.client.head_object(Bucket=storage.bucket, Key=key)
-    except ObjectMissing as exc:
-        raise _not_found() from exc
-    size = int(head["ContentLength"])
-    if size > settings.max_direct_upload_bytes:
-        storage.delete(key)
-        raise PayloadTooLarge(
-            f"The upload is larger than the limit of {settings.max_direct_upload_bytes} bytes."
-        )
+    except ObjectMissing:
+        return None
     filename = unquote(head.get("Metadata", {}).get(FILENAME_META, "")) or None
-    try:
-        stream = storage.open_read(key)
-    except ObjectMissing as exc:  # completed concurrently and deleted in between
-        raise _not_found() from exc
-    try:
-        record = create_record(
-            db,
-            storage,
-            settings,
-            user_id=user_id,
-            audio=_translated(iter(stream), storage.retry_after),
-            filename=filename,
-        )
-    except ServiceError as exc:
-        if exc.status < 500:  # the WAV itself is refused: it will never convert
-            _discard(storage, key)
-        raise
-    finally:
-        stream.close()
-    _discard(storage, key)
-    log.info(
-        "direct upload converted",
-        extra={"upload_id": str(upload_id), "record_id": str(record.id), "wav_bytes": size},
+    db.execute(
+        _INSERT_UPLOAD,
+        {"id": upload_id, "user_id": user_id, "object_key": key,
+         "filename": _clean_filename(filename), "options": EncodingOptions().to_json()},
+    )  # fmt: skip
+    return _find(db, user_id, upload_id)
+
+
+def _status_of(db: Database, settings: Settings, row: dict[str, Any]) -> JobStatus:
+    status, error = row["status"], row["error"]
+    if (
+        status == "converting"
+        and row["lease_expired"]
+        and row["attempts"] >= settings.job_max_attempts
+    ):
+        # Its last attempt died and no queue will deliver it again (SQS: maxReceiveCount).
+        error = abandoned(settings.job_max_attempts).to_problem(f"{UPLOADS_PATH}/{row['id']}")
+        db.execute(_ABANDON, {"id": row["id"], "error": json.dumps(error)})
+        status = "failed"
+    record = None
+    if status == "done" and row["record_id"] is not None:
+        found = get_record(db, row["record_id"])
+        record = new_record(found) if found is not None else None
+    return JobStatus(
+        id=row["id"],
+        user_id=row["user_id"],
+        status=status,
+        progress=1.0 if status == "done" else float(row["progress"]),
+        record=record,
+        error=error if status == "failed" else None,
     )
-    return record
+
+
+def _problem_json(error: ServiceError, upload_id: uuid.UUID) -> str:
+    return json.dumps(error.to_problem(f"{UPLOADS_PATH}/{upload_id}"))
 
 
 def _clean_filename(raw: str | None) -> str | None:
@@ -180,14 +343,6 @@ def _clean_filename(raw: str | None) -> str | None:
         return None
     name = "".join(ch for ch in raw if ch.isprintable()).strip()
     return name[:FILENAME_MAX_LENGTH] or None
-
-
-def _translated(chunks: Iterator[bytes], retry_after: int) -> Iterator[bytes]:
-    """The WAV's chunks; a store failure mid-read becomes a 503, not a bug."""
-    try:
-        yield from chunks
-    except (BotoCoreError, OSError) as exc:
-        raise DependencyUnavailable("object store", retry_after) from exc
 
 
 def _discard(storage: Storage, key: str) -> None:

@@ -67,3 +67,25 @@ def authenticate(db: Database, raw_user_id: str | None, token: str | None) -> uu
     if not token_matches(token, stored_hash):
         raise Unauthorized("The user id and access token do not match.")
     return user_id
+
+
+_ROTATE_TOKEN = sql(
+    "UPDATE users SET token_hash = :new_hash WHERE id = :id AND token_hash = :old_hash RETURNING id"
+)
+
+
+def rotate_token(db: Database, raw_user_id: str | None, token: str | None) -> str:
+    """A new token for the user; the old one is refused from the moment this returns.
+
+    One conditional UPDATE: of two rotations racing with the same old token, one wins and
+    the other gets 401, so exactly one new token is ever valid.
+    """
+    user_id = authenticate(db, raw_user_id, token)
+    assert token is not None  # authenticate refuses a missing token
+    new = new_token()
+    rows = db.execute(
+        _ROTATE_TOKEN, {"id": user_id, "old_hash": hash_token(token), "new_hash": hash_token(new)}
+    )
+    if not rows:
+        raise Unauthorized("The user id and access token do not match.")
+    return new

@@ -43,3 +43,10 @@ def request_credentials(request: flask.Request) -> tuple[str | None, str | None,
 def authenticated_user(db: Database, request: flask.Request) -> tuple[uuid.UUID, dict[str, Any]]:
     user, token, fields = request_credentials(request)
     return authenticate(db, user, token), fields
+
+
+def bearer_user(db: Database, request: flask.Request) -> uuid.UUID:
+    """The user of a request without a body: ``user`` in the query, the token as Bearer."""
+    return authenticate(
+        db, request.args.get("user"), bearer_token(request.headers.get("Authorization"))
+    )

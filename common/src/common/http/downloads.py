@@ -7,7 +7,8 @@ DOWNLOAD_MODE chooses (README, Downloads):
   object, caches it on disk and serves it (Range included), so no MP3 byte passes Python;
 * ``stream``: the function streams the object (Range, HEAD, ETag), for a platform without the
   router (Cloud Run);
-* ``redirect``: 307 to a presigned URL on the store's public endpoint (Lambda).
+* ``redirect``: 307 to a presigned URL on the store's public endpoint (Lambda), presigned for
+  the request's method (HEAD gets a URL signed for HEAD: SigV4 signs the method).
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ def download_response(
             record.object_key,
             expires=settings.presign_expires_seconds,
             filename_header=disposition,
+            method=request.method,
         )
         return flask.Response(status=307, headers={"Location": url, "Cache-Control": "no-store"})
     headers = {
         "ETag": f'"{record.etag}"',
         "Accept-Ranges": "bytes",
         "Content-Disposition": disposition,
-        "Cache-Control": "private, max-age=3600",
+        "Cache-Control": "private, no-cache",
     }
     if request.if_none_match and request.if_none_match.contains_weak(record.etag):
         return flask.Response(status=304, headers=headers)

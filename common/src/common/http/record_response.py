@@ -1,18 +1,20 @@
-"""The 201 answer for a stored record, shared by POST /records and the direct-upload completion."""
+"""A record as JSON: the 201 of POST /records and of a direct-upload completion that waited,
+the 200 of a completion repeated after its job is done, the record inside a job status, and the
+items of GET /records (the same fields, plus ``created_at``)."""
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 
 import flask
 
-from common.adapters.models import Record
-from common.domain.records import NewRecord
+from common.domain.records import NewRecord, RecordPage
 from common.http.responses import json_response, public_base_url
 from common.settings import Settings
 
 
-def record_fields(record: NewRecord | Record) -> dict[str, Any]:
+def record_body(base_url: str, record: NewRecord) -> dict[str, Any]:
     """A record's description, as the 201 body and the records list give it.
 
     The encoding values are the effective ones (what the MP3 is, not only what was asked):
@@ -20,21 +22,37 @@ def record_fields(record: NewRecord | Record) -> dict[str, Any]:
     """
     return {
         "id": str(record.id),
+        "url": f"{base_url}/record?id={record.id}&user={record.user_id}",
         "duration_seconds": record.duration_seconds,
         "size_bytes": record.size_bytes,
         "bitrate_kbps": record.bitrate_kbps,
-        "vbr_quality": record.vbr_quality,
         "sample_rate": record.sample_rate,
         "channels": record.channels,
-        "tags": dict(record.tags or {}),
+        "vbr_quality": record.vbr_quality,
+        "tags": dict(record.tags),
         "filename": record.filename,
     }
 
 
 def record_created_response(
-    request: flask.Request, settings: Settings, record: NewRecord
+    request: flask.Request, settings: Settings, record: NewRecord, *, status: int = 201
 ) -> flask.Response:
-    url = f"{public_base_url(request, settings)}/record?id={record.id}&user={record.user_id}"
-    body = record_fields(record)
-    body["url"] = url
-    return json_response(body, status=201, headers={"Location": url})
+    body = record_body(public_base_url(request, settings), record)
+    return json_response(body, status=status, headers={"Location": body["url"]})
+
+
+def record_list_response(
+    request: flask.Request, settings: Settings, page: RecordPage
+) -> flask.Response:
+    base_url = public_base_url(request, settings)
+    records = [
+        {
+            **record_body(base_url, item.record),
+            "created_at": item.created_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        }
+        for item in page.records
+    ]
+    return json_response(
+        {"records": records, "next_cursor": page.next_cursor},
+        headers={"Cache-Control": "no-store"},
+    )

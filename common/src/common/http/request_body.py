@@ -25,6 +25,7 @@ from werkzeug.exceptions import ClientDisconnected as WerkzeugDisconnected
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
+from common.domain.uploads import FILE_FIELD
 from common.errors import (
     BadRequest,
     ClientDisconnected,
@@ -39,7 +40,6 @@ MAX_FIELDS_TOTAL = 64 * 1024
 MAX_FIELDS = 32
 # The decoder's buffer: bounds a preamble or part headers that never end.
 MAX_DECODER_BUFFER = 1024 * 1024
-FILE_FIELD = "file"
 WAV_MEDIA_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
 
 

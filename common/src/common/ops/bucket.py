@@ -10,18 +10,38 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common.adapters.storage import make_s3_client
+from common.domain.uploads import PENDING_PREFIX
 from common.platform.logs import configure_logging
 from common.settings import get_settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import LifecycleRuleTypeDef
 
 log = logging.getLogger("common.ops.bucket")
 
 ABORT_INCOMPLETE_AFTER_DAYS = 1
-PENDING_UPLOAD_PREFIX = "uploads/"  # common.domain.uploads.PENDING_PREFIX
 EXPIRE_PENDING_UPLOADS_AFTER_DAYS = 1
+# The one statement of the bucket's lifecycle. The clouds' copies (infra/aws/template.yaml,
+# infra/gcp/bucket-lifecycle.json) are checked against it by tests/test_infra.py.
+LIFECYCLE_RULES: list[LifecycleRuleTypeDef] = [
+    {
+        "ID": "abort-incomplete-uploads",
+        "Status": "Enabled",
+        "Filter": {"Prefix": ""},
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": ABORT_INCOMPLETE_AFTER_DAYS},
+    },
+    {
+        "ID": "expire-abandoned-direct-uploads",
+        "Status": "Enabled",
+        "Filter": {"Prefix": PENDING_PREFIX},
+        "Expiration": {"Days": EXPIRE_PENDING_UPLOADS_AFTER_DAYS},
+    },
+]
 
 
 def ensure_bucket(attempts: int = 30) -> None:
@@ -45,25 +65,7 @@ def ensure_bucket(attempts: int = 30) -> None:
             time.sleep(1)
     try:
         client.put_bucket_lifecycle_configuration(
-            Bucket=bucket,
-            LifecycleConfiguration={
-                "Rules": [
-                    {
-                        "ID": "abort-incomplete-uploads",
-                        "Status": "Enabled",
-                        "Filter": {"Prefix": ""},
-                        "AbortIncompleteMultipartUpload": {
-                            "DaysAfterInitiation": ABORT_INCOMPLETE_AFTER_DAYS
-                        },
-                    },
-                    {
-                        "ID": "expire-abandoned-direct-uploads",
-                        "Status": "Enabled",
-                        "Filter": {"Prefix": PENDING_UPLOAD_PREFIX},
-                        "Expiration": {"Days": EXPIRE_PENDING_UPLOADS_AFTER_DAYS},
-                    },
-                ]
-            },
+            Bucket=bucket, LifecycleConfiguration={"Rules": LIFECYCLE_RULES}
         )
     except ClientError as exc:  # some stores have no lifecycle API: `make sweep` covers them
         log.warning("could not set the bucket lifecycle rule: %s", exc)

@@ -10,6 +10,15 @@ can leave something behind. This sweep removes
 when they are older than a grace period (``SWEEP_GRACE_SECONDS``, default one hour: longer
 than any upload can take, so an upload in flight is never touched). The bucket's lifecycle
 rule (``common.ops.bucket``) aborts stale multipart uploads too, on stores that support it.
+It also finishes what requests leave to it:
+
+* user erasures (``DELETE /users/<id>``) whose objects were not all deleted within the
+  request (``common.domain.erasure``): their objects go, then their markers;
+* expired idempotency keys (older than 24 h; requests delete a few as they go);
+* conversion jobs of a cloud queue (SQS, Cloud Tasks) still queued after the grace period:
+  their message is sent again (a duplicate delivery is harmless);
+* direct uploads never completed, a day after their presigned form expired: rows and WAVs.
+
 Safe to run at any time and repeatedly, e.g. from cron or a scheduled job.
 """
 
@@ -20,13 +29,16 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
 from common.adapters.db import Database
 from common.adapters.models import Record
+from common.domain.erasure import continue_erasures
+from common.domain.idempotency import purge_expired
+from common.domain.jobs import forget_abandoned_uploads, requeue_stalled
 from common.platform.logs import configure_logging
 from common.platform.runtime import Services
 from common.settings import get_settings
@@ -43,6 +55,10 @@ _BATCH = 500
 class SweepResult:
     orphans_deleted: list[str]
     uploads_aborted: list[str]
+    erasures_finished: list[str] = field(default_factory=list)
+    idempotency_keys_purged: int = 0
+    jobs_requeued: list[str] = field(default_factory=list)
+    pending_uploads_forgotten: int = 0
 
 
 def _keys_with_rows(db: Database, keys: list[str]) -> set[str]:
@@ -59,6 +75,16 @@ def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None
     bucket = storage.bucket
     deleted: list[str] = []
     aborted: list[str] = []
+    # Erasures first: their objects are not orphans to wait a grace period for.
+    erased = continue_erasures(services.db, storage, services.settings, now=now)
+    purged = purge_expired(services.db)
+    requeued = requeue_stalled(services.db, services.queue, services.settings, cutoff=cutoff)
+    # A presigned form is usable for PRESIGN_EXPIRES_SECONDS; a day more covers a slow send.
+    forgotten = forget_abandoned_uploads(
+        services.db,
+        storage,
+        cutoff=cutoff - timedelta(seconds=services.settings.presign_expires_seconds + 86400),
+    )
     with storage.translate_errors():
         candidates: list[str] = []
         for page in client.get_paginator("list_objects_v2").paginate(
@@ -71,11 +97,12 @@ def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None
         for start in range(0, len(candidates), _BATCH):
             batch = candidates[start : start + _BATCH]
             referenced = _keys_with_rows(services.db, batch)
-            for key in batch:
-                if key not in referenced:
-                    client.delete_object(Bucket=bucket, Key=key)
-                    deleted.append(key)
-                    log.info("deleted orphan object", extra={"key": key})
+            orphans = [key for key in batch if key not in referenced]
+            if orphans:
+                storage.delete_many(orphans)
+            for key in orphans:
+                deleted.append(key)
+                log.info("deleted orphan object", extra={"key": key})
         for uploads in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
             for upload in uploads.get("Uploads", []):
                 if upload["Initiated"] < cutoff:
@@ -84,7 +111,14 @@ def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None
                     )
                     aborted.append(upload["Key"])
                     log.info("aborted stale multipart upload", extra={"key": upload["Key"]})
-    return SweepResult(orphans_deleted=deleted, uploads_aborted=aborted)
+    return SweepResult(
+        orphans_deleted=deleted,
+        uploads_aborted=aborted,
+        erasures_finished=[str(user_id) for user_id in erased],
+        idempotency_keys_purged=purged,
+        jobs_requeued=[str(upload_id) for upload_id in requeued],
+        pending_uploads_forgotten=forgotten,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         extra={
             "orphans_deleted": len(result.orphans_deleted),
             "uploads_aborted": len(result.uploads_aborted),
+            "erasures_finished": len(result.erasures_finished),
+            "idempotency_keys_purged": result.idempotency_keys_purged,
+            "jobs_requeued": len(result.jobs_requeued),
+            "pending_uploads_forgotten": result.pending_uploads_forgotten,
         },
     )
     return 0

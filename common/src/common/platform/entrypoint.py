@@ -9,6 +9,12 @@ every platform:
   Function URL / HTTP API events (see :mod:`common.platform.aws_lambda`);
 * everywhere else (Cloud Run, compose, a plain ``docker run``) it serves the functions-framework
   app on ``$PORT`` (default 8080) with :mod:`common.platform.serve`.
+
+Two more targets run a one-shot job instead of serving (:data:`JOBS`): ``sweep``
+(``python -m common.ops.sweep``, scheduled by EventBridge Scheduler or Cloud Scheduler) and
+``migrate`` (``alembic upgrade head``, run by the deploy scripts before new code takes
+traffic). On Lambda the handler runs them in-process; elsewhere the container runs the module.
+:func:`check_target` is the one place a ``FUNCTION_TARGET`` is validated.
 """
 
 from __future__ import annotations
@@ -18,16 +24,32 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-TARGETS = ("create_user", "upload_record", "get_record")
+from common.settings import SettingsError
+
+TARGETS = ("create_user", "upload_record", "get_record")  # the HTTP functions
 APP_DIR = Path(os.environ.get("APP_DIR", "/app"))
+# One-shot jobs the same image runs: target -> the module and arguments of `python -m`.
+JOBS: dict[str, tuple[str, ...]] = {
+    "sweep": ("common.ops.sweep",),
+    "migrate": ("alembic", "-c", str(APP_DIR / "alembic.ini"), "upgrade", "head"),
+}
 LAMBDA_HANDLER = "common.platform.aws_lambda.handler"
 
 
-def function_target(env: Mapping[str, str]) -> str:
+def check_target(env: Mapping[str, str], allowed: tuple[str, ...] = (*TARGETS, *JOBS)) -> str:
+    """``FUNCTION_TARGET``, refused (SettingsError) unless it is one of ``allowed``."""
     target = env.get("FUNCTION_TARGET", "")
-    if target not in TARGETS:
-        sys.exit(f"FUNCTION_TARGET must be one of {', '.join(TARGETS)}, got {target!r}")
+    if target not in allowed:
+        raise SettingsError(f"FUNCTION_TARGET must be one of {', '.join(allowed)}, got {target!r}")
     return target
+
+
+def function_target(env: Mapping[str, str]) -> str:
+    """The function or job to run; exits with the reason when there is none."""
+    try:
+        return check_target(env)
+    except SettingsError as exc:
+        sys.exit(str(exc))
 
 
 def function_source(target: str, env: Mapping[str, str]) -> str:
@@ -36,9 +58,11 @@ def function_source(target: str, env: Mapping[str, str]) -> str:
 
 def command(env: Mapping[str, str]) -> list[str]:
     """The argv this container runs, chosen by the platform it finds itself on."""
-    function_target(env)  # refuse to start without a valid target, on every platform
+    target = function_target(env)  # refuse to start without a valid target, on every platform
     if env.get("AWS_LAMBDA_RUNTIME_API"):
         return [sys.executable, "-m", "awslambdaric", LAMBDA_HANDLER]
+    if target in JOBS:
+        return [sys.executable, "-m", *JOBS[target]]
     return [sys.executable, "-m", "common.platform.serve"]
 
 

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass
 
 from common.adapters.db import Database
+from common.adapters.queue import JobQueue, make_queue
 from common.adapters.storage import Storage
 from common.platform.logs import configure_logging
 from common.settings import Settings, get_settings
@@ -16,10 +17,16 @@ class Services:
     settings: Settings
     db: Database
     storage: Storage
+    queue: JobQueue  # where completed direct uploads' conversion jobs go (JOB_QUEUE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
-        return cls(settings, Database.from_settings(settings), Storage.from_settings(settings))
+        return cls(
+            settings,
+            Database.from_settings(settings),
+            Storage.from_settings(settings),
+            make_queue(settings),
+        )
 
 
 _lock = threading.Lock()

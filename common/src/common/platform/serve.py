@@ -1,16 +1,11 @@
 """The HTTP server of a function: ``python -m common.platform.serve`` (what the containers run).
 
 functions-framework builds the function's WSGI app (``functions_framework.create_app``: the
-same seam its own CLI, the Lambda adapter and the tests use); granian serves it. Granian
-parses HTTP and moves request and response bodies in Rust, and hands the body to the function
-as it arrives (``wsgi.input`` reads from the socket on demand), so:
-
-* a small request costs about half the Python CPU of functions-framework's default server
-  (gunicorn: its HTTP parser, writes and per-connection bookkeeping are Python), and
-* an upload costs a third: gunicorn reads request bodies in 8 KiB ``recv`` calls copied
-  through a ``BytesIO``; granian hands over whole socket buffers.
-
-``make bench`` measured both (README, Performance). Settings, from the environment:
+same seam its own CLI, the Lambda adapter and the tests use); granian serves it rather than
+functions-framework's default gunicorn, whose HTTP parsing, writes and body reads are Python:
+granian does them in Rust and hands the body to the function as it arrives (``wsgi.input``
+reads from the socket on demand). docs/performance.md has what that saves. Settings, from the
+environment:
 
 * ``FUNCTION_TARGET`` (required) and ``FUNCTION_SOURCE``, as functions-framework names them;
 * ``PORT`` (default 8080) and ``HOST`` (default 0.0.0.0), as Cloud Run and ff spell them;
@@ -27,21 +22,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.platform.entrypoint import TARGETS, function_source
+from common.platform.entrypoint import TARGETS, check_target, function_source
 from common.platform.memory import tune_malloc
 from common.settings import SettingsError, int_setting
 
-# (processes, threads) per function, chosen by alternating wrk runs on 2 cores. A small request
-# is Python bound by the GIL: one process tops out near one core (1,650-1,900 POST /users a
-# second on an AMD EPYC 2-core machine) while PostgreSQL, nginx and the client leave part of the
-# other idle. create_user runs two processes: 2,000-2,300/s there at the same p99. granian's
-# processes each accept on their own SO_REUSEPORT socket, so the kernel spreads the router's
-# connections by their addresses (15/17 of 32 seen; 21/11 on another machine), and the router
-# renews its upstream connections every few seconds (keepalive_time) so that an uneven split
-# does not last. get_record stays at one: its downloads are bound by nginx and the client
-# copying the MP3s. Two threads overlap a process's wait for PostgreSQL; more only contend for
-# the GIL. An upload spends its time in ffmpeg and in I/O: one process runs several at once
-# with the least memory.
+# (processes, threads) per function. A small request is bound by the GIL, so one process tops
+# out near one core: create_user, the busiest, runs two (the router renews its connections so
+# that the kernel's split of them over the two stays even). get_record's downloads are copied
+# by nginx, not Python. Two threads overlap a wait for PostgreSQL; more only contend for the
+# GIL. Uploads wait on ffmpeg and I/O: one process runs many at the least memory. The runs
+# these were chosen by: docs/performance.md, "Server settings".
 SERVER_DEFAULTS: Mapping[str, tuple[int, int]] = {
     "create_user": (2, 2),
     "get_record": (1, 2),
@@ -64,11 +54,7 @@ class ServerConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServerConfig:
-        target = env.get("FUNCTION_TARGET", "")
-        if target not in TARGETS:
-            raise SettingsError(
-                f"FUNCTION_TARGET must be one of {', '.join(TARGETS)}, got {target!r}"
-            )
+        target = check_target(env, TARGETS)
         source = function_source(target, env)
         workers, threads = SERVER_DEFAULTS[target]
         return cls(
@@ -96,10 +82,9 @@ def load_app(source_and_target: str) -> Callable[..., Any]:
 def settle() -> None:
     """Create the process's clients before the first request, then freeze what exists.
 
-    The first request no longer pays for the boto3 client and the engine (a few hundred ms),
-    and the ~120,000 objects of Flask, SQLAlchemy and botocore's service model leave the
-    garbage collector's reach: a full collection over them took about 40 ms, a stall of every
-    request in the process, which set the slowest small requests (make bench, figures 4b, 5).
+    The first request no longer pays for the boto3 client and the engine, and the objects of
+    Flask, SQLAlchemy and botocore's service model leave the garbage collector's reach: a full
+    collection over them stalls every request in the process (docs/performance.md, "Server").
     """
     from common.platform.runtime import get_services
 

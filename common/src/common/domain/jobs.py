@@ -1,0 +1,347 @@
+"""The conversion job of a completed direct upload: claim, convert from the bucket, finish.
+
+The ``uploads`` row is the job. Every queue (:mod:`common.adapters.queue`) only says which row
+to run, and each delivery goes through the same steps:
+
+1. **Claim**: one conditional UPDATE takes a row that is ``queued``, or ``converting`` with an
+   expired lease (its worker died), sets ``converting``, a new lease token, a lease that
+   expires ``JOB_LEASE_SECONDS`` from now, and ``attempts + 1``. A second delivery of the
+   same job finds the lease held (:attr:`Outcome.BUSY`: try again later) or the job finished
+   (:attr:`Outcome.SKIPPED`). A job over ``JOB_MAX_ATTEMPTS`` ends ``failed`` instead of
+   running again, and its WAV is deleted.
+2. **Convert**: the WAV streams from the bucket into :func:`common.domain.records.store_mp3`
+   under the record id fixed at completion, so every attempt writes the same object key: a
+   retry overwrites, it never adds. A heartbeat thread writes the progress (bytes of the WAV
+   read / its size) and renews the lease every half second; a worker that dies stops renewing
+   and its job is taken again once the lease runs out.
+3. **Finish**, in ONE transaction: insert the record row (ON CONFLICT DO NOTHING: a duplicate
+   delivery that got this far makes no second row) and set the upload ``done``. Then the WAV
+   is deleted.
+
+A WAV that can never convert (415/422 from the conversion) ends ``failed`` with that problem
+document, and its WAV is deleted. Outages (503) leave the job to its queue's retry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from botocore.exceptions import BotoCoreError
+from sqlalchemy.exc import DBAPIError
+
+from common.adapters.db import Database, is_foreign_key_violation, sql
+from common.adapters.queue import JobQueue
+from common.adapters.storage import ObjectMissing, ObjectStream, Storage
+from common.domain.encoding import EncodingOptions
+from common.domain.records import INSERT_RECORD, object_key, store_mp3
+from common.errors import DependencyUnavailable, ServiceError, UnprocessableContent
+from common.settings import JobQueueKind, Settings
+
+log = logging.getLogger(__name__)
+
+# Progress is written at most this often (and the lease renewed with it).
+HEARTBEAT_SECONDS = 0.5
+UPLOADS_PATH = "/records/uploads"
+
+
+class Outcome(StrEnum):
+    DONE = "done"  # converted now: the record exists
+    FAILED = "failed"  # ended as failed now (undecodable, or out of attempts)
+    SKIPPED = "skipped"  # nothing to do: finished earlier, never completed, or gone
+    BUSY = "busy"  # another worker holds the lease: deliver again later
+
+
+class LeaseLost(Exception):
+    """Another worker took the job over (this one's lease had expired)."""
+
+
+class JobAbandoned(UnprocessableContent):
+    """The job was started too many times without finishing: it is not tried again."""
+
+    slug = "conversion-abandoned"
+    title = "Conversion Abandoned"
+
+
+class UploadGone(UnprocessableContent):
+    slug = "upload-gone"
+    title = "Upload Gone"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    id: uuid.UUID
+    user_id: uuid.UUID
+    object_key: str
+    filename: str | None
+    options: dict[str, Any]
+    record_id: uuid.UUID
+    attempts: int
+    lease_token: uuid.UUID
+
+
+# Take a job: queued, or converting with an expired lease (its worker died).
+_CLAIM_NEXT = sql(
+    "UPDATE uploads SET status = 'converting', attempts = attempts + 1, lease_token = :token, "
+    "lease_until = now() + make_interval(secs => :lease), started_at = now(), progress = 0 "
+    "WHERE id = ("
+    " SELECT id FROM uploads WHERE queue = :queue"
+    " AND (status = 'queued' OR (status = 'converting' AND lease_until < now()))"
+    " ORDER BY queued_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+    ") RETURNING id, user_id, object_key, filename, options, record_id, attempts, lease_token"
+)
+_CLAIM_ONE = sql(
+    "UPDATE uploads SET status = 'converting', attempts = attempts + 1, lease_token = :token, "
+    "lease_until = now() + make_interval(secs => :lease), started_at = now(), progress = 0 "
+    "WHERE id = :id "
+    "AND (status = 'queued' OR (status = 'converting' AND lease_until < now())) "
+    "RETURNING id, user_id, object_key, filename, options, record_id, attempts, lease_token"
+)
+_STATUS = sql("SELECT status FROM uploads WHERE id = :id")
+# Jobs of a cloud queue still queued long after completion: their message was lost (the
+# process died between the UPDATE and the send) or dropped; sending one again is harmless.
+_STALLED = sql(
+    "SELECT id FROM uploads WHERE status = 'queued' AND queue = :queue AND queued_at < :cutoff"
+)
+# Direct uploads never completed, whose presigned form expired long ago.
+_ABANDONED_UPLOADS = sql(
+    "DELETE FROM uploads WHERE status = 'uploading' AND created_at < :cutoff RETURNING object_key"
+)
+_HEARTBEAT = sql(
+    "UPDATE uploads SET progress = :progress, "
+    "lease_until = now() + make_interval(secs => :lease) "
+    "WHERE id = :id AND lease_token = :token AND status = 'converting' RETURNING id"
+)
+_DONE = sql(
+    "UPDATE uploads SET status = 'done', progress = 1, error = NULL, lease_until = NULL, "
+    "finished_at = now() WHERE id = :id"
+)
+_FAILED = sql(
+    "UPDATE uploads SET status = 'failed', error = CAST(:error AS JSONB), lease_until = NULL, "
+    "finished_at = now() WHERE id = :id AND status <> 'done'"
+)
+_RELEASE = sql(
+    "UPDATE uploads SET status = 'queued', lease_token = NULL, lease_until = NULL, "
+    "attempts = GREATEST(attempts - 1, 0) WHERE id = :id AND lease_token = :token "
+    "AND status = 'converting'"
+)
+
+
+def claim_next(db: Database, settings: Settings) -> ClaimedJob | None:
+    """The oldest runnable job of the PostgreSQL queue, claimed; None when there is none."""
+    rows = db.execute(
+        _CLAIM_NEXT,
+        {"queue": JobQueueKind.POSTGRES.value, "token": uuid.uuid4(),
+         "lease": settings.job_lease_seconds},
+    )  # fmt: skip
+    return _claimed(rows[0]._asdict()) if rows else None
+
+
+def run_job(db: Database, storage: Storage, settings: Settings, upload_id: uuid.UUID) -> Outcome:
+    """Run the job of ``upload_id`` (a queue's message) unless it is finished or running."""
+    rows = db.execute(
+        _CLAIM_ONE, {"id": upload_id, "token": uuid.uuid4(), "lease": settings.job_lease_seconds}
+    )
+    if not rows:
+        status = db.execute(_STATUS, {"id": upload_id})
+        if status and status[0][0] in ("queued", "converting"):
+            return Outcome.BUSY
+        log.info("job delivered again, nothing to do", extra={"upload_id": str(upload_id)})
+        return Outcome.SKIPPED
+    return run_claimed(db, storage, settings, _claimed(rows[0]._asdict()))
+
+
+def release(db: Database, job: ClaimedJob) -> None:
+    """Give a claimed job back at once (a worker asked to stop): not counted as an attempt."""
+    db.execute(_RELEASE, {"id": job.id, "token": job.lease_token})
+
+
+def mark_failed(db: Database, upload_id: uuid.UUID, error: ServiceError) -> None:
+    problem = error.to_problem(f"{UPLOADS_PATH}/{upload_id}")
+    db.execute(_FAILED, {"id": upload_id, "error": json.dumps(problem)})
+
+
+def run_claimed(db: Database, storage: Storage, settings: Settings, job: ClaimedJob) -> Outcome:
+    extra = {"upload_id": str(job.id), "record_id": str(job.record_id), "attempt": job.attempts}
+    if job.attempts > settings.job_max_attempts:
+        log.error("conversion job abandoned", extra=extra)
+        mark_failed(db, job.id, abandoned(settings.job_max_attempts))
+        _discard(storage, job.object_key)
+        return Outcome.FAILED
+    log.info("conversion job started", extra=extra)
+    if job.attempts > 1:
+        _abort_stale_parts(storage, job)
+    try:
+        stream = storage.open_read(job.object_key)
+    except ObjectMissing:
+        mark_failed(db, job.id, UploadGone("The uploaded WAV is no longer in the bucket."))
+        return Outcome.FAILED
+    heartbeat = _Heartbeat(db, settings, job, stream.length)
+    heartbeat.start()
+    try:
+        stored = store_mp3(
+            storage,
+            dataclasses.replace(settings, convert_timeout_seconds=settings.job_timeout_seconds),
+            user_id=job.user_id,
+            audio=heartbeat.counted(_translated(stream, storage.retry_after)),
+            filename=job.filename,
+            options=EncodingOptions.from_json(job.options),
+            record_id=job.record_id,
+        )
+    except LeaseLost:
+        log.warning("conversion job taken over by another worker", extra=extra)
+        return Outcome.SKIPPED
+    except ServiceError as exc:
+        if exc.status >= 500:
+            raise  # an outage: the queue delivers the job again
+        log.info("conversion job failed: %s", exc.detail, extra=extra)
+        mark_failed(db, job.id, exc)
+        _discard(storage, job.object_key)
+        return Outcome.FAILED
+    finally:
+        heartbeat.stop()
+        stream.close()
+    try:
+        with db.transaction() as conn:  # the record and "done" land together, or neither does
+            conn.execute(INSERT_RECORD, stored.row)
+            conn.execute(_DONE, {"id": job.id})
+    except DBAPIError as exc:
+        if not is_foreign_key_violation(exc):
+            raise
+        # The user was erased meanwhile: their rows, this job's included, are gone.
+        log.info("conversion job of an erased user dropped", extra=extra)
+        _discard(storage, stored.key)
+        _discard(storage, job.object_key)
+        return Outcome.SKIPPED
+    _discard(storage, job.object_key)
+    log.info("conversion job done", extra={**extra, "mp3_bytes": stored.record.size_bytes})
+    return Outcome.DONE
+
+
+def requeue_stalled(
+    db: Database, queue: JobQueue, settings: Settings, *, cutoff: datetime
+) -> list[uuid.UUID]:
+    """Send again the jobs of this deployment's cloud queue that are queued since ``cutoff``."""
+    if settings.job_queue is JobQueueKind.POSTGRES:
+        return []  # the row is the message: nothing can be lost
+    rows = db.execute(_STALLED, {"queue": settings.job_queue.value, "cutoff": cutoff})
+    for (upload_id,) in rows:
+        queue.enqueue(upload_id)
+        log.warning("stalled conversion job queued again", extra={"upload_id": str(upload_id)})
+    return [upload_id for (upload_id,) in rows]
+
+
+def forget_abandoned_uploads(db: Database, storage: Storage, *, cutoff: datetime) -> int:
+    """Remove direct uploads started before ``cutoff`` and never completed (rows and WAVs)."""
+    rows = db.execute(_ABANDONED_UPLOADS, {"cutoff": cutoff})
+    keys = [key for (key,) in rows]
+    if keys:
+        storage.delete_many(keys)
+    return len(keys)
+
+
+def abandoned(max_attempts: int) -> JobAbandoned:
+    return JobAbandoned(
+        f"The conversion was started {max_attempts} times without finishing (the worker "
+        "stopped or ran out of time each time); it is not tried again."
+    )
+
+
+def _claimed(row: dict[str, Any]) -> ClaimedJob:
+    return ClaimedJob(
+        id=row["id"],
+        user_id=row["user_id"],
+        object_key=row["object_key"],
+        filename=row["filename"],
+        options=dict(row["options"] or {}),
+        record_id=row["record_id"],
+        attempts=int(row["attempts"]),
+        lease_token=row["lease_token"],
+    )
+
+
+class _Heartbeat(threading.Thread):
+    """Writes the job's progress and renews its lease while the conversion runs."""
+
+    def __init__(self, db: Database, settings: Settings, job: ClaimedJob, total: int) -> None:
+        super().__init__(name=f"job-heartbeat-{job.id}", daemon=True)
+        self.db = db
+        self.job = job
+        self.lease = settings.job_lease_seconds
+        self.renew_every = min(self.lease / 3, 10.0)
+        self.total = max(total, 1)
+        self.read = 0
+        self.lost = False
+        self._stopping = threading.Event()
+
+    def counted(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            if self.lost:
+                raise LeaseLost(str(self.job.id))
+            self.read += len(chunk)
+            yield chunk
+
+    def run(self) -> None:
+        written, last = -1.0, time.monotonic()
+        while not self._stopping.wait(HEARTBEAT_SECONDS):
+            progress = round(min(self.read / self.total, 0.99), 3)
+            if progress == written and time.monotonic() - last < self.renew_every:
+                continue
+            try:
+                rows = self.db.execute(
+                    _HEARTBEAT,
+                    {"id": self.job.id, "token": self.job.lease_token, "progress": progress,
+                     "lease": self.lease},
+                )  # fmt: skip
+            except Exception as exc:  # the next beat tries again; the lease covers the gap
+                log.warning("could not write the job's progress: %s", exc)
+                continue
+            if not rows:
+                self.lost = True
+                return
+            written, last = progress, time.monotonic()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+
+
+def _translated(stream: ObjectStream, retry_after: int) -> Iterator[bytes]:
+    """The WAV's chunks; a store failure mid-read becomes a 503 (retried), not a bug."""
+    try:
+        yield from stream
+    except (BotoCoreError, OSError) as exc:
+        raise DependencyUnavailable("object store", retry_after) from exc
+
+
+def _abort_stale_parts(storage: Storage, job: ClaimedJob) -> None:
+    """Abort the multipart uploads an earlier, killed attempt left under the record's key."""
+    key = object_key(job.user_id, job.record_id)
+    try:
+        with storage.translate_errors():
+            listed = storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=key)
+            for upload in listed.get("Uploads", []):
+                if upload.get("Key") == key:
+                    storage.client.abort_multipart_upload(
+                        Bucket=storage.bucket, Key=key, UploadId=upload["UploadId"]
+                    )
+                    log.info("aborted an earlier attempt's multipart upload", extra={"key": key})
+    except (ServiceError, ObjectMissing) as exc:  # the lifecycle rule and make sweep remain
+        log.warning("could not list the earlier attempt's multipart uploads: %s", exc)
+
+
+def _discard(storage: Storage, key: str) -> None:
+    try:
+        storage.delete(key)
+    except (ServiceError, ObjectMissing) as exc:  # the lifecycle rule removes it later
+        log.warning("could not delete the pending upload %s: %s", key, exc)

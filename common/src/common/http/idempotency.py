@@ -1,0 +1,197 @@
+"""The ``Idempotency-Key`` header around a handler's one call (see common.domain.idempotency).
+
+Handlers wrap the call that has an effect: ``idempotent(request, services, ..., run=lambda:
+...)``. Without the header, ``run`` simply runs. With it, a repeat gets the stored answer
+(with ``Idempotent-Replayed: true``) and ``run`` does not run again.
+
+Which answers are stored: successes, and the refusals that a repeat of the same request
+would get again (404, 413, 415, 422). Not stored (the key is released, a repeat runs anew):
+5xx (outages), 400 (a body cut short or malformed), 401, 408, 409 and 429.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import flask
+
+from common.adapters.db import Database
+from common.domain.idempotency import (
+    ANONYMOUS,
+    Claim,
+    Replay,
+    RequestHasher,
+    Scope,
+    StoredReply,
+    begin,
+    validate_key,
+)
+from common.errors import ServiceError
+from common.http.responses import problem_response
+from common.settings import Settings
+
+HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+STORED_HEADERS = ("Content-Type", "Location", "Cache-Control")
+STORED_REFUSALS = frozenset({404, 410, 413, 415, 422})
+# Fields that never change what a request does: the credential (a rotated token must not
+# make a repeat look like another request).
+_NOT_FINGERPRINTED = frozenset({"token"})
+
+
+def stored(status: int) -> bool:
+    return 200 <= status < 400 or status in STORED_REFUSALS
+
+
+def request_parts(request: flask.Request, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a request for its fingerprint: path, query and fields, not the token."""
+    return {
+        "path": request.path,
+        "query": sorted((k, v) for k, v in request.args.items(multi=True) if k != "token"),
+        "fields": {k: v for k, v in fields.items() if k not in _NOT_FINGERPRINTED},
+    }
+
+
+def _key(request: flask.Request, caller: uuid.UUID | None) -> str | None:
+    raw = request.headers.get(HEADER)
+    if raw is None:
+        return None
+    return validate_key(raw, anonymous=caller is None)
+
+
+def _begin(
+    request: flask.Request,
+    db: Database,
+    settings: Settings,
+    *,
+    key: str,
+    caller: uuid.UUID | None,
+    route: str,
+    fingerprint: bytes | None,
+    guard: Callable[[], object] | None,
+) -> Claim | Replay:
+    scope = Scope(str(caller) if caller else ANONYMOUS, request.method, route)
+    try:
+        return begin(
+            db,
+            secret=settings.idempotency_secret,
+            scope=scope,
+            key=key,
+            fingerprint=fingerprint,
+            user_id=caller,
+            lease_seconds=settings.idempotency_lease_seconds,
+            retry_after=settings.retry_after_seconds,
+        )
+    except ServiceError:
+        if guard is not None:
+            guard()  # a stranger learns nothing of a key: it gets the 401 first
+        raise
+
+
+def idempotent(
+    request: flask.Request,
+    db: Database,
+    settings: Settings,
+    *,
+    caller: uuid.UUID | None,
+    route: str,
+    fields: Mapping[str, Any],
+    run: Callable[[], flask.Response],
+    guard: Callable[[], object] | None = None,
+    owner_of: Callable[[flask.Response], uuid.UUID | None] | None = None,
+) -> flask.Response:
+    """``run()``, unless this is a repeat of an answered request (then its stored answer).
+
+    ``caller`` is the authenticated user (None: the anonymous scope, where the key itself
+    is the secret). ``guard`` authenticates a caller whose scope is not yet proven (the
+    rotation): it runs before anything but an exact replay is answered. ``owner_of`` names
+    the user a response created, so erasing that user erases the stored answer too.
+    """
+    key = _key(request, caller)
+    if key is None:
+        return run()
+    fingerprint = RequestHasher(request_parts(request, fields)).digest()
+    outcome = _begin(
+        request, db, settings, key=key, caller=caller, route=route,
+        fingerprint=fingerprint, guard=guard,
+    )  # fmt: skip
+    if isinstance(outcome, Replay):
+        return replay_response(outcome.reply)
+    try:
+        if guard is not None:
+            guard()
+        response = run()
+    except ServiceError as exc:
+        _settle(outcome, problem_response(exc, request.path), fingerprint=None)
+        raise
+    except BaseException:
+        outcome.release()
+        raise
+    _settle(outcome, response, fingerprint=None, user_id=owner_of(response) if owner_of else None)
+    return response
+
+
+def idempotent_upload(
+    request: flask.Request,
+    db: Database,
+    settings: Settings,
+    *,
+    caller: uuid.UUID,
+    route: str,
+    fields: Mapping[str, Any],
+    audio: Iterator[bytes],
+    run: Callable[[Iterator[bytes]], flask.Response],
+) -> flask.Response:
+    """As :func:`idempotent`, for a request whose body is part of its fingerprint.
+
+    The body is hashed as it streams into ``run``. A repeat of an answered request is not
+    run at all: its body streams through the hasher only, then the stored answer is
+    replayed (the same bytes) or refused with 422 (other bytes).
+    """
+    key = _key(request, caller)
+    if key is None:
+        return run(audio)
+    hasher = RequestHasher(request_parts(request, fields))
+    outcome = _begin(
+        request, db, settings, key=key, caller=caller, route=route, fingerprint=None, guard=None
+    )
+    if isinstance(outcome, Replay):
+        hasher.drain(audio)
+        outcome.check(hasher.digest())
+        return replay_response(outcome.reply)
+    hashed = hasher.wrap(audio)
+    try:
+        try:
+            response = run(hashed)
+        finally:
+            hasher.drain(hashed)  # what the conversion left unread is still the request
+    except ServiceError as exc:
+        _settle(outcome, problem_response(exc, request.path), fingerprint=hasher.digest())
+        raise
+    except BaseException:
+        outcome.release()
+        raise
+    _settle(outcome, response, fingerprint=hasher.digest())
+    return response
+
+
+def _settle(
+    claim: Claim,
+    response: flask.Response,
+    *,
+    fingerprint: bytes | None,
+    user_id: uuid.UUID | None = None,
+) -> None:
+    if not stored(response.status_code) or response.is_streamed:
+        claim.release()
+        return
+    headers = {h: response.headers[h] for h in STORED_HEADERS if h in response.headers}
+    reply = StoredReply(response.status_code, headers, response.get_data())
+    claim.finish(reply, fingerprint=fingerprint, user_id=user_id)
+
+
+def replay_response(reply: StoredReply) -> flask.Response:
+    headers = {**reply.headers, REPLAYED_HEADER: "true"}
+    return flask.Response(reply.body, status=reply.status, headers=headers)

@@ -1,0 +1,125 @@
+"""The PostgreSQL queue's worker: ``python -m common.platform.worker`` (make dev, compose).
+
+It runs in the upload_record image with upload_record's settings and code: it claims the
+oldest runnable job in the ``uploads`` table (``FOR UPDATE SKIP LOCKED``, so any number of
+workers can run side by side), runs it (:mod:`common.domain.jobs`) and looks again; with
+nothing to do it polls every :data:`POLL_SECONDS`. SIGTERM or SIGINT stop it: the job in hand
+is given back to the queue at once (not counted as an attempt) and its partial MP3 aborted. A
+worker killed outright (SIGKILL, out of memory) stops renewing its lease, and the job is taken
+again when the lease runs out (``JOB_LEASE_SECONDS``), up to ``JOB_MAX_ATTEMPTS`` times.
+
+``python -m common.platform.worker --check`` is the container's health check: a thread of the
+worker touches :data:`ALIVE_FILE` every few seconds, and a stale file means it is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from common.domain.jobs import ClaimedJob, claim_next, release, run_claimed
+from common.errors import ServiceError
+from common.platform.memory import tune_malloc
+from common.platform.runtime import Services, get_services
+from common.settings import JobQueueKind
+
+log = logging.getLogger("common.worker")
+
+POLL_SECONDS = 0.5
+ALIVE_FILE = Path(os.environ.get("WORKER_ALIVE_FILE", "/tmp/upload-worker.alive"))  # noqa: S108
+ALIVE_EVERY_SECONDS = 5.0
+ALIVE_MAX_AGE_SECONDS = 30.0
+
+
+class Stopping(BaseException):
+    """SIGTERM/SIGINT: leave the current job and exit (BaseException: nothing swallows it)."""
+
+
+def run_once(services: Services) -> bool:
+    """Claim and run one job; False when the queue had none."""
+    job = claim_next(services.db, services.settings)
+    if job is None:
+        return False
+    try:
+        outcome = run_claimed(services.db, services.storage, services.settings, job)
+        log.info("job finished", extra={"upload_id": str(job.id), "outcome": outcome.value})
+    except Stopping:
+        _give_back(services, job)
+        raise
+    except ServiceError as exc:  # an outage: the lease runs out and the job is taken again
+        log.warning("job interrupted: %s", exc.detail, extra={"upload_id": str(job.id)})
+    except Exception:
+        log.exception("job crashed", extra={"upload_id": str(job.id)})
+    return True
+
+
+def _give_back(services: Services, job: ClaimedJob) -> None:
+    try:
+        release(services.db, job)
+        log.info("job given back to the queue", extra={"upload_id": str(job.id)})
+    except Exception as exc:  # the lease expires instead
+        log.warning("could not give the job back: %s", exc)
+
+
+def _touch_alive_file() -> None:
+    while True:
+        try:
+            ALIVE_FILE.touch()
+        except OSError as exc:
+            log.warning("cannot touch %s: %s", ALIVE_FILE, exc)
+        time.sleep(ALIVE_EVERY_SECONDS)
+
+
+def serve(services: Services, *, once: bool = False) -> None:
+    while True:
+        try:
+            worked = run_once(services)
+        except ServiceError as exc:  # the database is down: keep trying
+            log.warning("cannot poll the job queue: %s", exc.detail)
+            worked = False
+        if once:
+            return
+        if not worked:
+            time.sleep(POLL_SECONDS)
+
+
+def _stop(signum: int, _frame: FrameType | None) -> None:
+    raise Stopping(signal.Signals(signum).name)
+
+
+def check_alive() -> int:
+    try:
+        age = time.time() - ALIVE_FILE.stat().st_mtime
+    except OSError:
+        return 1
+    return 0 if age < ALIVE_MAX_AGE_SECONDS else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--check"]:
+        return check_alive()
+    tune_malloc()
+    services = get_services()
+    if services.settings.job_queue is not JobQueueKind.POSTGRES:
+        log.warning("JOB_QUEUE is %s: this worker only serves the postgres queue",
+                    services.settings.job_queue.value)  # fmt: skip
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    threading.Thread(target=_touch_alive_file, name="alive-file", daemon=True).start()
+    log.info("worker started", extra={"pid": os.getpid()})
+    try:
+        serve(services)
+    except Stopping as exc:
+        log.info("worker stopping (%s)", exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
