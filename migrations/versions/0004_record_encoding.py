@@ -1,7 +1,7 @@
 """records: the effective VBR quality and the ID3 tags written (issue 13)
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0003
 Create Date: 2026-12-02
 
 Expand only: two nullable columns. Rows written before keep NULL (CBR, no tags), and the
@@ -17,7 +17,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0004"
-down_revision: str | None = "0001"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
