@@ -164,3 +164,45 @@ def test_direct_upload_start_refuses_invalid_options(client: Client) -> None:
     )
     assert response.status_code == 422, response.text
     assert response.json()["field"] == "vbr_quality"
+
+
+@pytest.mark.e2e
+def test_direct_upload_options_reach_the_job_and_the_list(client: Client) -> None:
+    """Options given when the direct upload starts are applied by its job; the list reports
+    the effective values and the tags, as the 201 body does."""
+    user = client.create_user("Direct options")
+    headers = {"Authorization": f"Bearer {user['token']}"}
+    started = client.session.post(
+        f"{client.base_url}/records/uploads",
+        json={"user": user["id"], "filename": "long.wav", "vbr_quality": 5, "channels": 1,
+              "sample_rate": 22050, "title": "Direct", "comment": "from the job"},
+        headers=headers,
+        timeout=30,
+    )  # fmt: skip
+    assert started.status_code == 201, started.text
+    upload = started.json()
+    post = upload["upload"]
+    sent = requests.post(
+        post["url"], data=post["fields"],
+        files={post["file_field"]: ("long.wav", wavgen.wav(seconds=2.0), "audio/wav")},
+        timeout=120,
+    )  # fmt: skip
+    assert sent.status_code in (200, 201, 204), sent.text
+    done = requests.post(
+        upload["complete_url"], params={"user": user["id"]},
+        headers={**headers, "Prefer": "wait=25"}, timeout=120,
+    )  # fmt: skip
+    assert done.status_code == 201, done.text
+    record = done.json()
+    assert (record["vbr_quality"], record["channels"], record["sample_rate"]) == (5, 1, 22050)
+    assert record["tags"] == {"title": "Direct", "comment": "from the job"}
+    assert record["filename"] == "Direct.mp3"
+    listed = client.session.get(
+        f"{client.base_url}/records", params={"user": user["id"]}, headers=headers, timeout=30
+    ).json()["records"]
+    assert [{k: r[k] for k in record if k != "url"} for r in listed] == [
+        {k: v for k, v in record.items() if k != "url"}
+    ]
+    mp3 = requests.get(record["url"], timeout=30).content
+    assert read_id3(mp3).text("TIT2") == "Direct"
+    assert decoded_samples(mp3, 22050) == 2 * 22050
