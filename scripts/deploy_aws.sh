@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# make deploy-aws: build the images, push them to ECR, and roll out infra/aws/template.yaml in
-# the safe order: (1) the stack with the new image on the migrate and sweep functions only,
-# (2) the migrations (the migrate function, invoked and checked), (3) the stack with the new
-# images on the serving functions. docs/deploy-aws.md explains each step.
+# make deploy-aws: build the images, push them to ECR, and roll out in the safe order:
+# (1) the edge stack (infra/aws/edge.yaml: the CloudFront WAF web ACL with the per-client rate
+# limit) in us-east-1, the only region where CloudFront web ACLs exist; its ARN goes to the
+# service stack, which needs it before its CloudFront distribution can exist; (2) the service
+# stack (infra/aws/template.yaml) with the new image on the migrate and sweep functions only,
+# (3) the migrations (the migrate function, invoked and checked), (4) the service stack with
+# the new images on the serving functions. docs/deploy-aws.md explains each step.
 #
 # Needs: docker (with buildx), the AWS CLI v2 signed in, and uv/make install done.
 # Required (the script refuses to start, naming the value, while one is missing or still a
@@ -16,7 +19,10 @@
 #   admin sessions and migrations), STACK_NAME (records), ECR_REPOSITORY ($STACK_NAME),
 #   IMAGE_TAG (git short hash), BUCKET_NAME, SUBNET_IDS, SECURITY_GROUP_IDS,
 #   USE_RDS_PROXY=true + DATABASE_INSTANCE_ID, ALARM_EMAIL,
-#   CREATE_USER_CONCURRENCY (5), UPLOAD_RECORD_CONCURRENCY (10), GET_RECORD_CONCURRENCY (20)
+#   CREATE_USER_CONCURRENCY (5), UPLOAD_RECORD_CONCURRENCY (10), GET_RECORD_CONCURRENCY (20),
+#   RATE_LIMIT_RPS (100), RATE_LIMIT_BURST (300): the router's per-client defaults, applied by
+#   the WAF rule as RATE_LIMIT_RPS x 60 + RATE_LIMIT_BURST requests per 60 s per address, and
+#   by the API stage as its throttle for all clients together; EDGE_STACK_NAME ($STACK_NAME-edge)
 #   DRY_RUN=1             print the steps instead of running them
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +49,9 @@ for name in DB_MAX_CONNECTIONS DB_HEADROOM CREATE_USER_CONCURRENCY UPLOAD_RECORD
     GET_RECORD_CONCURRENCY; do
     if [[ -n "${!name:-}" && ! "${!name}" =~ ^[0-9]+$ ]]; then missing+=("$name"); fi
 done
+for name in RATE_LIMIT_RPS RATE_LIMIT_BURST; do  # at least 1 (the stage throttle's minimum)
+    if [[ -n "${!name:-}" && ! "${!name}" =~ ^[1-9][0-9]*$ ]]; then missing+=("$name"); fi
+done
 if ((${#missing[@]})); then
     echo "refusing to deploy: set ${missing[*]} (missing or still a placeholder); nothing was changed" >&2
     exit 2
@@ -55,6 +64,14 @@ CREATE_USER_CONCURRENCY=${CREATE_USER_CONCURRENCY:-5}
 UPLOAD_RECORD_CONCURRENCY=${UPLOAD_RECORD_CONCURRENCY:-10}
 GET_RECORD_CONCURRENCY=${GET_RECORD_CONCURRENCY:-20}
 DB_HEADROOM=${DB_HEADROOM:-10}
+RATE_LIMIT_RPS=${RATE_LIMIT_RPS:-100}
+RATE_LIMIT_BURST=${RATE_LIMIT_BURST:-300}
+# CloudFront web ACLs (WAF scope CLOUDFRONT) can only be created in us-east-1.
+EDGE_REGION=us-east-1
+EDGE_STACK_NAME=${EDGE_STACK_NAME:-$STACK_NAME-edge}
+# nginx's limit_req admits at most rate x T + burst requests in any T seconds: the WAF's
+# 60 s window gets the same bound (100 x 60 + 300 = 6300 by default).
+WAF_LIMIT_PER_MINUTE=$((RATE_LIMIT_RPS * 60 + RATE_LIMIT_BURST))
 FUNCTIONS=(create_user upload_record get_record)
 
 # The connection budget: every Lambda execution environment is one process holding at most
@@ -84,7 +101,7 @@ fi
 REGISTRY="$ACCOUNT_ID.dkr.ecr.$AWS_REGION.amazonaws.com"
 REPO_URI="$REGISTRY/$ECR_REPOSITORY"
 
-echo "==> 1/6 ECR repository $REPO_URI"
+echo "==> 1/7 ECR repository $REPO_URI"
 if [[ "${DRY_RUN:-}" == 1 ]] \
     || ! aws ecr describe-repositories --region "$AWS_REGION" \
         --repository-names "$ECR_REPOSITORY" >/dev/null 2>&1; then
@@ -99,7 +116,7 @@ else
         | docker login --username AWS --password-stdin "$REGISTRY"
 fi
 
-echo "==> 2/6 build and push the images (linux/amd64; Lambda wants Docker v2 manifests)"
+echo "==> 2/7 build and push the images (linux/amd64; Lambda wants Docker v2 manifests)"
 declare -A IMAGES
 for fn in "${FUNCTIONS[@]}"; do
     image="$REPO_URI:${fn//_/-}-$IMAGE_TAG"
@@ -108,7 +125,27 @@ for fn in "${FUNCTIONS[@]}"; do
     IMAGES[$fn]=$image
 done
 
+echo "==> 3/7 edge stack $EDGE_STACK_NAME in $EDGE_REGION: WAF web ACL, $WAF_LIMIT_PER_MINUTE requests per 60 s per client address"
+run aws cloudformation deploy --region "$EDGE_REGION" --stack-name "$EDGE_STACK_NAME" \
+    --template-file infra/aws/edge.yaml --no-fail-on-empty-changeset \
+    --parameter-overrides "RateLimitPerMinute=$WAF_LIMIT_PER_MINUTE"
+if [[ "${DRY_RUN:-}" == 1 ]]; then
+    echo "+ aws cloudformation describe-stacks --region $EDGE_REGION --stack-name $EDGE_STACK_NAME (output WebAclArn)"
+    WEB_ACL_ARN="arn:aws:wafv2:us-east-1:$ACCOUNT_ID:global/webacl/$EDGE_STACK_NAME-acl/dry-run"
+else
+    WEB_ACL_ARN=$(aws cloudformation describe-stacks --region "$EDGE_REGION" \
+        --stack-name "$EDGE_STACK_NAME" \
+        --query "Stacks[0].Outputs[?OutputKey=='WebAclArn'].OutputValue" --output text)
+fi
+if [[ ! "$WEB_ACL_ARN" =~ ^arn:aws[a-z-]*:wafv2:us-east-1:[0-9]{12}:global/webacl/.+$ ]]; then
+    echo "the edge stack $EDGE_STACK_NAME has no WebAclArn output ('$WEB_ACL_ARN'); the service stack was not changed" >&2
+    exit 1
+fi
+
 common_params=(
+    "EdgeWebAclArn=$WEB_ACL_ARN"
+    "RateLimitRps=$RATE_LIMIT_RPS"
+    "RateLimitBurst=$RATE_LIMIT_BURST"
     "MigrateImageUri=${IMAGES[upload_record]}"
     "DatabaseHost=$DATABASE_HOST"
     "DatabasePort=${DATABASE_PORT:-5432}"
@@ -138,19 +175,19 @@ if [[ "${DRY_RUN:-}" != 1 ]] && aws cloudformation describe-stacks --region "$AW
     stack_exists=1
 fi
 
-echo "==> 3/6 stack $STACK_NAME: the new image on the migrate and sweep functions only"
+echo "==> 4/7 stack $STACK_NAME: the new image on the migrate and sweep functions only"
 if ((stack_exists)) || [[ "${DRY_RUN:-}" == 1 && -z "${DRY_RUN_FIRST_DEPLOY:-}" ]]; then
     # The image parameters of the serving functions are left out: `cloudformation deploy`
     # keeps a parameter's previous value when it is not given.
     deploy "${common_params[@]}"
 else
     # First deploy: nothing serves yet, so the functions start on the new images; the API
-    # answers 503 until step 4 has created the tables.
+    # answers 503 until step 5 has created the tables.
     deploy "${common_params[@]}" "CreateUserImageUri=${IMAGES[create_user]}" \
         "UploadRecordImageUri=${IMAGES[upload_record]}" "GetRecordImageUri=${IMAGES[get_record]}"
 fi
 
-echo "==> 4/6 migrations: invoke $STACK_NAME-migrate (alembic upgrade head) and check it"
+echo "==> 5/7 migrations: invoke $STACK_NAME-migrate (alembic upgrade head) and check it"
 if [[ "${DRY_RUN:-}" == 1 ]]; then
     echo "+ aws lambda invoke --function-name $STACK_NAME-migrate --payload {} (stop on FunctionError)"
 else
@@ -164,11 +201,11 @@ else
     fi
 fi
 
-echo "==> 5/6 stack $STACK_NAME: the new images on the serving functions"
+echo "==> 6/7 stack $STACK_NAME: the new images on the serving functions"
 deploy "${common_params[@]}" "CreateUserImageUri=${IMAGES[create_user]}" \
     "UploadRecordImageUri=${IMAGES[upload_record]}" "GetRecordImageUri=${IMAGES[get_record]}"
 
-echo "==> 6/6 done"
+echo "==> 7/7 done"
 if [[ "${DRY_RUN:-}" != 1 ]]; then
     aws cloudformation describe-stacks --region "$AWS_REGION" --stack-name "$STACK_NAME" \
         --query "Stacks[0].Outputs[].[OutputKey,OutputValue]" --output table

@@ -11,18 +11,26 @@ import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from common.domain import uploads as direct_upload
+from common.errors import PROBLEM_CONTENT_TYPE
+from common.http.origin import ORIGIN_VERIFY_HEADER
 from common.ops import bucket
+from common.platform import aws_lambda
+from common.platform.runtime import Services, set_services
+from common.settings import Settings
 from conftest import ROOT
-from devstack import FUNCTIONS
+from devstack import DEFAULT_RATE_LIMIT_BURST, DEFAULT_RATE_LIMIT_RPS, FUNCTIONS
+from lambda_events import event, event_fixture
 from render_template import render_template
 
 AWS_TEMPLATE = ROOT / "infra" / "aws" / "template.yaml"
+EDGE_TEMPLATE = ROOT / "infra" / "aws" / "edge.yaml"
 GCP = ROOT / "infra" / "gcp"
 UPLOAD_ID = str(uuid.uuid4())
 # Every request the service answers, and the function that must answer it.
@@ -44,7 +52,7 @@ BRIEF_ROUTES = {
 }
 PLATFORM_VARIABLES = {
     "FUNCTION_TARGET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WORKERS", "THREADS",
-    "IDEMPOTENCY_SECRET_ARN",  # common.platform.aws_lambda.export_secrets
+    "IDEMPOTENCY_SECRET_ARN", "ORIGIN_VERIFY_SECRET_ARN",  # aws_lambda.export_secrets
     "SWEEP_GRACE_SECONDS",  # common.ops.sweep
 }  # fmt: skip
 
@@ -75,8 +83,8 @@ def _cfn_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str,
 _CfnLoader.add_multi_constructor("!", _cfn_tag)
 
 
-def load_template() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.load(AWS_TEMPLATE.read_text(), Loader=_CfnLoader)  # noqa: S506
+def load_template(path: Path = AWS_TEMPLATE) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.load(path.read_text(), Loader=_CfnLoader)  # noqa: S506
     return loaded
 
 
@@ -101,8 +109,9 @@ def cfn_lint(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cfn_lint_passes() -> None:
-    result = cfn_lint(AWS_TEMPLATE)
+@pytest.mark.parametrize("template", [AWS_TEMPLATE, EDGE_TEMPLATE], ids=lambda p: p.name)
+def test_cfn_lint_passes(template: Path) -> None:
+    result = cfn_lint(template)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -116,8 +125,8 @@ def test_cfn_lint_really_checks(tmp_path: Path) -> None:
     assert "Imagee" in result.stdout
 
 
-def _resources(kind: str) -> dict[str, dict[str, Any]]:
-    return {k: v for k, v in load_template()["Resources"].items() if v["Type"] == kind}
+def _resources(kind: str, path: Path = AWS_TEMPLATE) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in load_template(path)["Resources"].items() if v["Type"] == kind}
 
 
 def test_three_image_functions_one_per_target() -> None:
@@ -430,10 +439,20 @@ def test_deploy_aws_steps_in_the_safe_order() -> None:
         assert f"--build-arg FUNCTION={function}" in out
     assert "--provenance=false" in out  # Lambda refuses OCI index manifests
     lines = _steps(out)
-    deploys = [i for i, line in enumerate(lines) if "aws cloudformation deploy" in line]
+    # The edge stack (the CloudFront web ACL) first, in us-east-1: the service stack's
+    # distribution needs its ARN.
+    edge = _index(lines, "--template-file infra/aws/edge.yaml")
+    assert "aws cloudformation deploy --region us-east-1 --stack-name records-edge" in lines[edge]
+    assert "RateLimitPerMinute=6300" in lines[edge]  # 100/s x 60 s + a burst of 300
+    assert _index(lines, "describe-stacks --region us-east-1 --stack-name records-edge") > edge
+    deploys = [i for i, line in enumerate(lines) if "infra/aws/template.yaml" in line]
     migrate = _index(lines, "aws lambda invoke --function-name records-migrate")
-    assert len(deploys) == 2 and deploys[0] < migrate < deploys[1]
+    assert len(deploys) == 2 and edge < deploys[0] < migrate < deploys[1]
     first, second = lines[deploys[0]], lines[deploys[1]]
+    for line in (first, second):
+        assert "--region eu-west-1" in line
+        assert "EdgeWebAclArn=arn:aws:wafv2:us-east-1:123456789012:global/webacl/" in line
+        assert "RateLimitRps=100 RateLimitBurst=300" in line
     assert "MigrateImageUri=" in first and "GetRecordImageUri" not in first  # old code serves
     assert "GetRecordImageUri=" in second and "CreateUserImageUri=" in second
     assert max(_index(lines, "docker buildx build"), 0) < deploys[0]
@@ -452,6 +471,8 @@ def test_deploy_aws_refuses_missing_placeholder_and_over_budget() -> None:
     )
     proxy = refused("deploy_aws.sh", {**AWS_ENV, "USE_RDS_PROXY": "true"})
     assert "DATABASE_INSTANCE_ID" in proxy and "SUBNET_IDS" in proxy
+    for bad in ("0", "fast"):
+        assert "RATE_LIMIT_RPS" in refused("deploy_aws.sh", {**AWS_ENV, "RATE_LIMIT_RPS": bad})
 
 
 def test_deploy_gcp_steps_in_the_safe_order() -> None:
@@ -614,6 +635,179 @@ def test_rds_proxy_is_optional() -> None:
     assert "UseRdsProxy" in template["Parameters"]
 
 
+# --- AWS exposure: CloudFront + WAF in front, the HTTP API not reachable around them ----------
+
+
+def test_waf_rate_rule_per_client_address_with_the_router_defaults() -> None:
+    edge = load_template(EDGE_TEMPLATE)
+    # A CloudFront web ACL exists only in us-east-1: the stack refuses any other region.
+    (rule,) = edge["Rules"].values()
+    assert rule["Assertions"][0]["Assert"] == {"Fn::Equals": [{"Ref": "AWS::Region"}, "us-east-1"]}
+    (acl,) = _resources("AWS::WAFv2::WebACL", EDGE_TEMPLATE).values()
+    props = acl["Properties"]
+    assert props["Scope"] == "CLOUDFRONT"
+    rules = {r["Name"]: r for r in props["Rules"]}
+    rate = rules["per-client-rate-limit"]
+    statement = rate["Statement"]["RateBasedStatement"]
+    assert statement["AggregateKeyType"] == "IP"  # the viewer's address, as CloudFront sees it
+    assert statement["EvaluationWindowSec"] == 60
+    assert statement["Limit"] == {"Ref": "RateLimitPerMinute"}
+    # nginx's limit_req admits at most rate x T + burst requests in T seconds.
+    rps, burst = int(DEFAULT_RATE_LIMIT_RPS), int(DEFAULT_RATE_LIMIT_BURST)
+    assert edge["Parameters"]["RateLimitPerMinute"]["Default"] == rps * 60 + burst == 6300
+    stage = load_template()["Parameters"]
+    assert (stage["RateLimitRps"]["Default"], stage["RateLimitBurst"]["Default"]) == (rps, burst)
+    block = rate["Action"]["Block"]["CustomResponse"]
+    assert block["ResponseCode"] == 429
+    body = json.loads(props["CustomResponseBodies"][block["CustomResponseBodyKey"]]["Content"])
+    assert body["status"] == 429 and body["type"] == "urn:record-service:problem:rate-limited"
+    assert rate["Priority"] == min(r["Priority"] for r in props["Rules"])  # counts everything
+    managed = {
+        r["Statement"]["ManagedRuleGroupStatement"]["Name"]
+        for r in props["Rules"]
+        if "ManagedRuleGroupStatement" in r["Statement"]
+    }
+    assert "AWSManagedRulesKnownBadInputsRuleSet" in managed  # Log4j lookups (CKV_AWS_192)
+    assert "AWSManagedRulesCommonRuleSet" not in managed  # it blocks every body over 8 KB
+    (logging_config,) = _resources("AWS::WAFv2::LoggingConfiguration", EDGE_TEMPLATE).values()
+    log_props = logging_config["Properties"]
+    assert log_props["ResourceArn"] == {"Fn::GetAtt": "WebAcl.Arn"}
+    assert {"SingleHeader": {"Name": "authorization"}} in log_props["RedactedFields"]
+    (group,) = _resources("AWS::Logs::LogGroup", EDGE_TEMPLATE).values()
+    assert group["Properties"]["LogGroupName"]["Fn::Sub"].startswith("aws-waf-logs-")
+    outputs = edge["Outputs"]
+    assert outputs["WebAclArn"]["Value"] == {"Fn::GetAtt": "WebAcl.Arn"}
+
+
+def test_cloudfront_with_the_web_acl_in_front_of_the_http_api() -> None:
+    template = load_template()
+    (distribution,) = _resources("AWS::CloudFront::Distribution").values()
+    config = distribution["Properties"]["DistributionConfig"]
+    assert config["WebACLId"] == {"Ref": "EdgeWebAclArn"}
+    pattern = template["Parameters"]["EdgeWebAclArn"]["AllowedPattern"]
+    assert re.fullmatch(pattern, "arn:aws:wafv2:us-east-1:111122223333:global/webacl/a/b")
+    assert not re.fullmatch(pattern, "arn:aws:wafv2:eu-west-1:111122223333:regional/webacl/a/b")
+    (origin,) = config["Origins"]
+    assert origin["DomainName"] == {
+        "Fn::Sub": "${HttpApi}.execute-api.${AWS::Region}.${AWS::URLSuffix}"
+    }
+    assert origin["CustomOriginConfig"]["OriginProtocolPolicy"] == "https-only"
+    behavior = config["DefaultCacheBehavior"]
+    assert behavior["TargetOriginId"] == origin["Id"] and "CacheBehaviors" not in config
+    assert behavior["ViewerProtocolPolicy"] == "https-only"  # a redirect would turn POST to GET
+    assert {"POST", "DELETE", "HEAD"} <= set(behavior["AllowedMethods"])
+    assert behavior["CachePolicyId"] == "4135ea2d-6df8-44a3-9df3-4b5a84be39ad"  # CachingDisabled
+    # AllViewerExceptHostHeader: Authorization and the query string reach the functions.
+    assert behavior["OriginRequestPolicyId"] == "b689b0a8-53d0-40ab-baf2-68738e2966ac"
+    assert config["Logging"]["Bucket"] == {"Fn::GetAtt": "EdgeLogsBucket.DomainName"}
+    # The API's URL is CloudFront's, everywhere the service names itself.
+    assert template["Outputs"]["ApiUrl"]["Value"] == {
+        "Fn::Sub": "https://${Distribution.DomainName}"
+    }
+    for target in FUNCTIONS:
+        env = _functions_by_target()[target]["Environment"]["Variables"]
+        assert env["PUBLIC_BASE_URL"] == {"Fn::Sub": "https://${Distribution.DomainName}"}
+
+
+def test_origin_secret_header_comes_from_secrets_manager() -> None:
+    template = load_template()
+    (distribution,) = _resources("AWS::CloudFront::Distribution").values()
+    (origin,) = distribution["Properties"]["DistributionConfig"]["Origins"]
+    (header,) = origin["OriginCustomHeaders"]
+    assert header["HeaderName"].lower() == ORIGIN_VERIFY_HEADER
+    # A dynamic reference CloudFormation resolves: no value in the template or a parameter.
+    assert header["HeaderValue"] == {
+        "Fn::Sub": "{{resolve:secretsmanager:${OriginVerifySecret}:SecretString}}"
+    }
+    secret = template["Resources"]["OriginVerifySecret"]
+    assert secret["Type"] == "AWS::SecretsManager::Secret"
+    assert secret["Properties"]["GenerateSecretString"]["PasswordLength"] >= 32
+    assert "SecretString" not in secret["Properties"]  # generated, never written down
+    roles = {t: p["Role"]["Fn::GetAtt"].split(".")[0] for t, p in _functions_by_target().items()}
+    for target in FUNCTIONS:
+        env = _functions_by_target()[target]["Environment"]["Variables"]
+        assert env["ORIGIN_VERIFY_SECRET_ARN"] == {"Ref": "OriginVerifySecret"}, target
+        assert "ORIGIN_VERIFY_SECRET" not in env, target
+        readable = [
+            st["Resource"]
+            for st in _statements(roles[target])
+            if st["Action"] == "secretsmanager:GetSecretValue"
+        ]
+        assert any({"Ref": "OriginVerifySecret"} in r for r in readable), target
+    for target in ("sweep", "migrate"):  # no HTTP: no secret
+        env = _functions_by_target()[target]["Environment"]["Variables"]
+        assert "ORIGIN_VERIFY_SECRET_ARN" not in env, target
+
+
+ORIGIN_SECRET = "origin-secret-for-tests-0123456789abcdefghijklmnop"
+
+
+@pytest.fixture
+def origin_checked(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """aws_lambda.handler with ORIGIN_VERIFY_SECRET set; the app replaced by a recorder of the
+    events it is handed (no servers: the check runs before the app)."""
+    seen: list[dict[str, Any]] = []
+
+    def app(ev: dict[str, Any], _context: Any) -> dict[str, Any]:
+        seen.append(ev)
+        return {"statusCode": 200, "headers": {}, "body": "", "isBase64Encoded": False}
+
+    settings = Settings.from_env({"ORIGIN_VERIFY_SECRET": ORIGIN_SECRET, "FFMPEG_BINARY": "ffmpeg"})
+    assert settings.origin_verify_secret == ORIGIN_SECRET
+    set_services(Services.from_settings(settings))
+    monkeypatch.setattr(aws_lambda, "_handler", app)
+    yield seen
+    set_services(None)
+
+
+@pytest.mark.parametrize(
+    "fixture",
+    ["http_api_get_query.json", "http_api_post_raw_wav.json", "function_url_get_query.json"],
+)
+def test_functions_refuse_http_events_without_the_origin_header(
+    origin_checked: list[dict[str, Any]], fixture: str
+) -> None:
+    missing = aws_lambda.handler(event(fixture), None)
+    wrong = aws_lambda.handler(
+        event(fixture, headers={ORIGIN_VERIFY_HEADER: ORIGIN_SECRET[:-1] + "X"}), None
+    )
+    empty = aws_lambda.handler(event(fixture, headers={ORIGIN_VERIFY_HEADER: ""}), None)
+    for refused in (missing, wrong, empty):
+        assert refused["statusCode"] == 403
+        assert refused["headers"]["Content-Type"] == PROBLEM_CONTENT_TYPE
+        problem = json.loads(refused["body"])
+        assert problem["type"] == "urn:record-service:problem:origin-not-verified"
+        assert problem["status"] == 403 and ORIGIN_SECRET not in refused["body"]
+    assert origin_checked == []  # none of them reached the app
+    ok = aws_lambda.handler(event(fixture, headers={"X-Origin-Verify": ORIGIN_SECRET}), None)
+    assert ok["statusCode"] == 200
+    (handed,) = origin_checked
+    assert ORIGIN_VERIFY_HEADER not in {name.lower() for name in handed["headers"]}
+    assert handed["rawPath"] == event(fixture)["rawPath"]
+
+
+def test_origin_check_leaves_other_events_alone(origin_checked: list[dict[str, Any]]) -> None:
+    assert aws_lambda.is_sqs_event(event_fixture("sqs_job_message.json"))
+    assert not aws_lambda.is_http_event(event_fixture("sqs_job_message.json"))
+    scheduled: dict[str, Any] = {}  # EventBridge Scheduler's input of the sweep
+    assert aws_lambda.handler(scheduled, None)["statusCode"] == 200
+    assert origin_checked == [scheduled]
+
+
+def test_no_origin_secret_no_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off AWS (make dev, compose, Cloud Run) nothing sets the secret and nothing is refused."""
+    settings = Settings.from_env({"FFMPEG_BINARY": "ffmpeg"})
+    assert settings.origin_verify_secret is None
+    set_services(Services.from_settings(settings))
+    monkeypatch.setattr(aws_lambda, "_handler", lambda ev, _c: {"statusCode": 204})
+    try:
+        assert aws_lambda.handler(event("http_api_get_query.json"), None)["statusCode"] == 204
+    finally:
+        set_services(None)
+    with pytest.raises(ValueError, match="ORIGIN_VERIFY_SECRET"):
+        Settings.from_env({"ORIGIN_VERIFY_SECRET": "short", "FFMPEG_BINARY": "ffmpeg"})
+
+
 def test_alarms_5xx_duration_dead_letters() -> None:
     alarms = _resources("AWS::CloudWatch::Alarm")
     metrics = json.dumps(alarms)
@@ -634,7 +828,7 @@ def test_alarms_5xx_duration_dead_letters() -> None:
 
 
 def test_every_checkov_skip_says_why() -> None:
-    for path in [AWS_TEMPLATE, *GCP.glob("*.yaml")]:
+    for path in [AWS_TEMPLATE, EDGE_TEMPLATE, *GCP.glob("*.yaml")]:
         for line in path.read_text().splitlines():
             if "checkov:skip=" in line:
                 assert re.search(r"checkov:skip=CKV2?_[A-Z0-9_]+: \S.{15,}", line), line

@@ -477,6 +477,40 @@ def test_health_check_through_lambda(invoke: Any) -> None:
     assert response.json() == {"status": "ok"}
 
 
+def test_origin_header_checked_before_the_real_app(
+    lambda_services: Services, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind CloudFront: the real get_record app answers a request with the origin secret
+    exactly as it answers one without the check; without the secret nothing reaches it."""
+    secret = "origin-secret-of-this-test-0123456789abcdefghijkl"
+    user = client.create_user("Olga")
+    record = client.upload(user, wavgen.wav(seconds=0.3)).json()
+    app = make_handler("get_record", str(ROOT / "functions" / "get_record" / "main.py"))
+    monkeypatch.setattr(aws_lambda, "_handler", app)
+    settings = dataclasses.replace(lambda_services.settings, origin_verify_secret=secret)
+    set_services(dataclasses.replace(lambda_services, settings=settings))
+    try:
+        ev = event(
+            "http_api_get_records.json",
+            query={"user": user["id"]},
+            headers={"authorization": f"Bearer {user['token']}"},
+        )
+        direct = parse_response(app(copy.deepcopy(ev), None))
+        through_cloudfront = parse_response(
+            aws_lambda.handler(
+                {**ev, "headers": {**ev["headers"], "x-origin-verify": secret}}, None
+            )
+        )
+        assert through_cloudfront.status == direct.status == 200
+        assert through_cloudfront.json() == direct.json()
+        assert [r["id"] for r in direct.json()["records"]] == [record["id"]]
+        around = parse_response(aws_lambda.handler(copy.deepcopy(ev), None))
+        assert around.status == 403
+        assert around.json()["type"] == "urn:record-service:problem:origin-not-verified"
+    finally:
+        set_services(None)
+
+
 # --- the real Runtime Interface Client ---------------------------------------------------------
 
 

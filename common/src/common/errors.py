@@ -72,6 +72,15 @@ class Forbidden(ServiceError):
     title = "Forbidden"
 
 
+class OriginNotVerified(Forbidden):
+    """A request that did not come through the deployment's edge (AWS: CloudFront + WAF)."""
+
+    slug = "origin-not-verified"
+
+    def __init__(self) -> None:
+        super().__init__("This service answers only requests that come through its public URL.")
+
+
 class MethodNotAllowed(ServiceError):
     status = 405
     slug = "method-not-allowed"

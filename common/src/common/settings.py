@@ -21,6 +21,7 @@ DEFAULT_DATABASE_URL = "postgresql+pg8000://records:records@127.0.0.1:55432/reco
 # platform's secret store.
 DEV_IDEMPOTENCY_SECRET = "dev-only-idempotency-secret-not-for-production"  # noqa: S105
 IDEMPOTENCY_SECRET_MIN_LENGTH = 32
+ORIGIN_VERIFY_SECRET_MIN_LENGTH = 32
 # Variables the platforms set: a process that sees one runs in a cloud, not on a laptop.
 CLOUD_MARKERS = ("AWS_LAMBDA_FUNCTION_NAME", "K_SERVICE")
 MIB = 1024 * 1024
@@ -86,6 +87,9 @@ class Settings:
     db_tls: str = "off"
     # Keys the stored idempotent replies (with each raw Idempotency-Key) and the list cursors.
     idempotency_secret: str = field(default=DEV_IDEMPOTENCY_SECRET, repr=False)
+    # AWS: the value CloudFront puts in X-Origin-Verify; when set, the Lambda handler refuses
+    # HTTP events without it (requests sent to the HTTP API around CloudFront and its WAF).
+    origin_verify_secret: str | None = field(default=None, repr=False)
     # A running idempotent request renews its claim; one not renewed this long is taken over.
     idempotency_lease_seconds: int = 60
     # DELETE /users/<id> removes objects for at most this long, then leaves the rest to the
@@ -138,6 +142,7 @@ class Settings:
             database_secret_arn=e.get("DATABASE_SECRET_ARN", "").strip() or None,
             db_tls=(e.get("DB_TLS", "off").strip().lower() or "off"),
             idempotency_secret=_idempotency_secret(e),
+            origin_verify_secret=_origin_verify_secret(e),
             idempotency_lease_seconds=int_setting(e, "IDEMPOTENCY_LEASE_SECONDS", 60, minimum=5),
             erase_deadline_seconds=_float(e, "ERASE_DEADLINE_SECONDS", 20.0),
             job_queue=_job_queue(e.get("JOB_QUEUE", "")),
@@ -253,6 +258,15 @@ def _idempotency_secret(env: Mapping[str, str]) -> str:
             f"IDEMPOTENCY_SECRET must be at least {IDEMPOTENCY_SECRET_MIN_LENGTH} characters"
         )
     return raw
+
+
+def _origin_verify_secret(env: Mapping[str, str]) -> str | None:
+    raw = env.get("ORIGIN_VERIFY_SECRET", "")
+    if raw and len(raw) < ORIGIN_VERIFY_SECRET_MIN_LENGTH:
+        raise SettingsError(
+            f"ORIGIN_VERIFY_SECRET must be at least {ORIGIN_VERIFY_SECRET_MIN_LENGTH} characters"
+        )
+    return raw or None
 
 
 def _job_queue(raw: str) -> JobQueueKind:

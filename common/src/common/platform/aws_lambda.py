@@ -17,9 +17,16 @@ With a job target (``FUNCTION_TARGET=sweep`` or ``migrate``, see
 (EventBridge Scheduler's, or the deploy script's ``aws lambda invoke``) and answers
 ``{"target": ..., "status": "done"}``; a failing job raises, so Lambda reports a FunctionError.
 
-Secrets that are not rotated while a process runs (``IDEMPOTENCY_SECRET``) are given as the
-ARN of a Secrets Manager secret (``IDEMPOTENCY_SECRET_ARN``) and read into the process's
-environment at start (:func:`export_secrets`), never stored in the function's configuration.
+Secrets that are not rotated while a process runs (``IDEMPOTENCY_SECRET``,
+``ORIGIN_VERIFY_SECRET``) are given as the ARN of a Secrets Manager secret (``<NAME>_ARN``) and
+read into the process's environment at start (:func:`export_secrets`), never stored in the
+function's configuration.
+
+HTTP events must carry CloudFront's origin-verify header when ``ORIGIN_VERIFY_SECRET`` is set
+(:mod:`common.http.origin`): one without it, or with another value, is answered ``403``
+problem+json here, before the app sees it, so the HTTP API's own URL leads around CloudFront
+and its WAF rate limit to no handler. The header is removed before the app gets the event.
+SQS and scheduled events are not HTTP and are not checked.
 
 SQS events (``JOB_QUEUE=sqs``: the job queue's event source mapping, batch size 1,
 ``ReportBatchItemFailures``) are conversion jobs, run by :func:`run_sqs_jobs` in the same
@@ -31,6 +38,7 @@ for good or had nothing to do are acknowledged.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -42,6 +50,8 @@ from apig_wsgi import make_lambda_handler
 from common.adapters.queue import parse_job_message
 from common.adapters.secrets import read_secret_string
 from common.domain.jobs import Outcome, run_job
+from common.errors import PROBLEM_CONTENT_TYPE, OriginNotVerified
+from common.http.origin import ORIGIN_VERIFY_HEADER, origin_verified
 from common.platform.entrypoint import JOBS, function_source, function_target
 from common.platform.memory import tune_malloc
 from common.platform.runtime import get_services
@@ -49,7 +59,7 @@ from common.platform.runtime import get_services
 log = logging.getLogger(__name__)
 
 # Variables whose value is read at start from the Secrets Manager secret named by <NAME>_ARN.
-SECRET_VARIABLES = ("IDEMPOTENCY_SECRET",)
+SECRET_VARIABLES = ("IDEMPOTENCY_SECRET", "ORIGIN_VERIFY_SECRET")
 
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
@@ -146,6 +156,37 @@ def run_sqs_jobs(event: Mapping[str, Any]) -> dict[str, Any]:
     return {"batchItemFailures": failures}
 
 
+def is_http_event(event: Mapping[str, Any]) -> bool:
+    """A Function URL, API Gateway (payload 1.0 or 2.0) or ALB request."""
+    return isinstance(event.get("requestContext"), dict)
+
+
+def without_origin_header(event: dict[str, Any]) -> dict[str, Any]:
+    """The event without the origin-verify header: the app never sees the secret."""
+    stripped = dict(event)
+    for key in ("headers", "multiValueHeaders"):
+        if isinstance(event.get(key), dict):
+            stripped[key] = {
+                name: value
+                for name, value in event[key].items()
+                if name.lower() != ORIGIN_VERIFY_HEADER
+            }
+    return stripped
+
+
+def origin_refused(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The 403 problem for an HTTP event that did not come through CloudFront."""
+    error = OriginNotVerified()
+    path = event.get("rawPath") or event.get("path") or None
+    log.info("request without the origin header refused", extra={"path": path, "status": 403})
+    return {
+        "statusCode": error.status,
+        "headers": {"Content-Type": PROBLEM_CONTENT_TYPE, **error.headers},
+        "body": json.dumps(error.to_problem(path), ensure_ascii=False),
+        "isBase64Encoded": False,
+    }
+
+
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """The Lambda entry point: built once per execution environment, on the first event."""
     global _handler
@@ -156,6 +197,12 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             if _handler is None:
                 export_secrets(os.environ)
                 _handler = handler_from_env()
+    if is_http_event(event):
+        secret = get_services().settings.origin_verify_secret
+        headers = event.get("headers")
+        if not origin_verified(headers if isinstance(headers, dict) else {}, secret):
+            return origin_refused(event)
+        event = without_origin_header(event)
     return _handler(event, context)
 
 
