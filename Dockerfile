@@ -11,7 +11,7 @@
 #   /app         alembic.ini, migrations/ and functions/${FUNCTION}/main.py
 #   ffmpeg       upload_record only: a static ffmpeg built from Debian's source with just what
 #                the conversion uses (WAV demuxer, PCM decoders, libmp3lame, MP3 muxer, pipe
-#                protocol): about 2.5 MB, where Debian's ffmpeg package pulls in hundreds of MB
+#                protocol in, file protocol out): about 2.5 MB, where Debian's ffmpeg package pulls in hundreds of MB
 # The container runs as uid 10001, writes nothing outside /tmp (read-only root friendly),
 # serves on $PORT (default 8080) and has a HEALTHCHECK on /healthz.
 
@@ -82,7 +82,7 @@ WORKDIR /app
 COPY alembic.ini ./
 COPY migrations ./migrations
 # FFMPEG_BINARY: only upload_record's image has ffmpeg (below); naming it here spares the other
-# two a PATH search (and pydub's "Couldn't find ffmpeg" warning) when settings load.
+# two a PATH search when settings load.
 ENV APP_DIR=/app PORT=8080 HOME=/tmp FFMPEG_BINARY=ffmpeg
 EXPOSE 8080
 # The probe is plain sockets under `python -I -S`: importing urllib would cost more than it.

@@ -6,6 +6,7 @@ import json
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -38,3 +39,70 @@ def probe_mp3(data: bytes) -> Mp3Info:
         bit_rate=int(stream.get("bit_rate", 0)),
         duration=float(info["format"]["duration"]),
     )
+
+
+def audio_start(data: bytes) -> int:
+    """Where the first MPEG frame starts: after the ID3v2 tag, if there is one."""
+    if data[:3] != b"ID3":
+        return 0
+    size = 0
+    for byte in data[6:10]:
+        size = (size << 7) | (byte & 0x7F)
+    return 10 + size
+
+
+def decoded_samples(data: bytes, rate: int) -> int:
+    """Samples per channel of ``data`` decoded by ffmpeg at ``rate`` (mono s16)."""
+    with tempfile.NamedTemporaryFile(suffix=".mp3") as f:
+        f.write(data)
+        f.flush()
+        pcm = subprocess.run(
+            ["ffmpeg", "-v", "error", "-i", f.name, "-ac", "1", "-ar", str(rate),
+             "-f", "s16le", "-"],
+            capture_output=True,
+            check=True,
+        ).stdout  # fmt: skip
+    return len(pcm) // 2
+
+
+def ffprobe_warnings(data: bytes) -> str:
+    """What ffprobe says about ``data`` at its default log level (an estimate warns)."""
+    with tempfile.NamedTemporaryFile(suffix=".mp3") as f:
+        f.write(data)
+        f.flush()
+        done = subprocess.run(["ffprobe", "-hide_banner", f.name], capture_output=True, text=True)
+    return done.stderr
+
+
+@dataclass(frozen=True)
+class Id3Tag:
+    """An MP3's ID3v2 tag as mutagen reads it: version and frames (key -> text values)."""
+
+    version: tuple[int, int, int]
+    frames: dict[str, list[str]]
+    encodings: list[int]
+
+    def text(self, key: str) -> str:
+        return "/".join(self.frames[key])
+
+
+def read_id3(data: bytes) -> Id3Tag:
+    """mutagen's reading of the tag at the start of ``data`` (a whole MP3 or a bare tag)."""
+    import io
+
+    from mutagen.id3 import ID3
+
+    tag: Any = ID3(io.BytesIO(data))
+    frames = {key: [str(t) for t in getattr(frame, "text", [])] for key, frame in tag.items()}
+    encodings = [int(getattr(frame, "encoding", -1)) for frame in tag.values()]
+    return Id3Tag(tuple(tag.version), frames, encodings)
+
+
+def mutagen_length(data: bytes) -> float:
+    """The length mutagen reads from the MP3's headers."""
+    import io
+
+    from mutagen.mp3 import MP3
+
+    info: Any = MP3(io.BytesIO(data)).info
+    return float(info.length)

@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 import requests
 from common.domain.conversion import ffmpeg_command, parse_mp3_frame_header
+from common.domain.encoding import Encoding
 from common.domain.wav import SampleFormat, WavHeader
 from common.settings import Settings
 from conftest import Client
 from devstack import NativeStack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from probe import audio_start
 from wavgen import EXTENSIBLE, FLOAT, PCM, chunk, fmt_chunk, riff, samples, wav
 
 pytestmark = pytest.mark.e2e
@@ -194,7 +196,8 @@ def check_answer(response: requests.Response, case: str) -> None:
         assert record["size_bytes"] > 0
         download = requests.get(record["url"], timeout=30)
         assert download.status_code == 200, case
-        assert parse_mp3_frame_header(download.content[:4]) is not None, case
+        start = audio_start(download.content)
+        assert parse_mp3_frame_header(download.content[start : start + 4]) is not None, case
         assert len(download.content) == record["size_bytes"]
     else:
         assert 400 <= response.status_code < 500, case
@@ -305,16 +308,21 @@ def run_ffmpeg(command: list[str], stdin: bytes = b"") -> subprocess.CompletedPr
     return subprocess.run(command, input=stdin, capture_output=True, timeout=60, check=False)
 
 
-def service_command() -> list[str]:
-    command = ffmpeg_command(Settings.from_env({}).ffmpeg_binary, HEADER, 64)
+def service_command(output: Path) -> list[str]:
+    encoding = Encoding(sample_rate=8000, channels=1, bitrate_kbps=64, vbr_quality=None)
+    command = ffmpeg_command(Settings.from_env({}).ffmpeg_binary, HEADER, encoding, str(output))
     assert command[command.index("-protocol_whitelist") + 1] == "pipe"
     assert command[command.index("-f") + 1] == "wav"
     return command
 
 
+def written(output: Path) -> int:
+    return output.stat().st_size if output.exists() else 0
+
+
 @pytest.mark.parametrize("scheme", ["path", "file", "http", "tcp"])
 def test_ffmpeg_as_the_service_runs_it_opens_no_file_and_no_socket(
-    scheme: str, marker_file: Path, listener: Listener
+    scheme: str, marker_file: Path, listener: Listener, tmp_path: Path
 ) -> None:
     """Point the service's own ffmpeg command at a file or a socket instead of its pipe."""
     url = {
@@ -323,24 +331,43 @@ def test_ffmpeg_as_the_service_runs_it_opens_no_file_and_no_socket(
         "http": f"http://127.0.0.1:{listener.port}/a.wav",
         "tcp": f"tcp://127.0.0.1:{listener.port}",
     }[scheme]
-    command = service_command()
+    output = tmp_path / "out.mp3"
+    command = service_command(output)
     command[command.index("pipe:0")] = url
     result = run_ffmpeg(command)
     assert result.returncode != 0
-    assert result.stdout == b"", "ffmpeg read the local file"
+    assert written(output) == 0, "ffmpeg read the local file"
     assert listener.connections == 0, "ffmpeg opened a socket"
     # The control: the same command with the whitelist widened does read the file.
     if scheme in ("path", "file"):
         widened = list(command)
         widened[widened.index("-protocol_whitelist") + 1] = "pipe,file"
-        assert len(run_ffmpeg(widened).stdout) > 10_000
+        run_ffmpeg(widened)
+        assert written(output) > 10_000
+
+
+@pytest.mark.parametrize("scheme", ["http", "tcp", "pipe"])
+def test_ffmpeg_output_is_only_a_file(scheme: str, listener: Listener, tmp_path: Path) -> None:
+    """The output whitelist is 'file': an output URL of another protocol is refused."""
+    url = {
+        "http": f"http://127.0.0.1:{listener.port}/out.mp3",
+        "tcp": f"tcp://127.0.0.1:{listener.port}",
+        "pipe": "pipe:1",
+    }[scheme]
+    command = service_command(tmp_path / "out.mp3")
+    command[-1] = url
+    result = run_ffmpeg(command, riff(mono(), chunk(b"data", TONE)))
+    assert result.returncode != 0
+    assert result.stdout == b""
+    assert listener.connections == 0
 
 
 def test_ffmpeg_playlist_demuxer_cannot_reach_files_or_sockets(
-    marker_file: Path, listener: Listener
+    marker_file: Path, listener: Listener, tmp_path: Path
 ) -> None:
     """Even with the WAV demuxer swapped for concat (unsafe names allowed), nothing leaks."""
-    command = service_command()
+    output = tmp_path / "out.mp3"
+    command = service_command(output)
     command[command.index("-f") + 1] = "concat"
     command[command.index("-i") : command.index("-i")] = ["-safe", "0"]
     script = (
@@ -349,10 +376,11 @@ def test_ffmpeg_playlist_demuxer_cannot_reach_files_or_sockets(
     ).encode()
     result = run_ffmpeg(command, script)
     assert listener.connections == 0
-    assert len(result.stdout) < 1000, result.stderr[-500:]
+    assert written(output) < 1000, result.stderr[-500:]
     widened = list(command)
     widened[widened.index("-protocol_whitelist") + 1] = "pipe,file"
-    assert len(run_ffmpeg(widened, script).stdout) > 10_000  # the control: it would leak
+    run_ffmpeg(widened, script)
+    assert written(output) > 10_000  # the control: it would leak
 
 
 def test_the_wav_gate_refuses_playlists_before_ffmpeg(client: Client, marker_file: Path) -> None:

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 UPLOAD_FIELDS = {
     "id", "url", "duration_seconds", "size_bytes", "bitrate_kbps", "sample_rate", "channels",
-    "filename",
+    "vbr_quality", "tags", "filename",
 }  # fmt: skip
 _INSERT_RECORD = sql(
     "INSERT INTO records (id, user_id, object_key, filename, size_bytes, etag, duration_seconds, "

@@ -10,8 +10,11 @@ from pathlib import Path
 import minimal_ffmpeg
 import pytest
 import wavgen
-from common.domain.conversion import convert_wav_stream
+from common.domain.conversion import convert_wav_stream, ffmpeg_command, parse_xing
+from common.domain.encoding import EncodingOptions
+from common.domain.wav import parse_header
 from devstack import NativeStack
+from probe import audio_start
 
 
 def test_deb_src_twins_of_one_line_and_deb822_sources() -> None:
@@ -72,36 +75,63 @@ def minimal() -> Path:
     return found
 
 
-def test_it_carries_only_the_pipe_protocol_and_the_wav_demuxer(minimal: Path) -> None:
+def test_it_carries_only_the_pipe_and_file_protocols_and_the_wav_demuxer(minimal: Path) -> None:
     def listed(option: str) -> str:
         done = subprocess.run([str(minimal), "-hide_banner", option], capture_output=True,
                               text=True, check=True)  # fmt: skip
         return done.stdout
 
     protocols = listed("-protocols").split()
-    assert protocols == ["Supported", "file", "protocols:", "Input:", "pipe", "Output:", "pipe"]
+    assert protocols == [
+        "Supported", "file", "protocols:", "Input:", "file", "pipe", "Output:", "file", "pipe",
+    ]  # fmt: skip
     demuxers = [line.split()[1] for line in listed("-demuxers").splitlines() if line[:3] == " D "]
     assert demuxers == ["wav"]
     assert "libmp3lame" in listed("-encoders")
     assert os.path.getsize(minimal) < 5_000_000
 
 
-@pytest.mark.parametrize(("bits", "tag"), [(8, wavgen.PCM), (24, wavgen.PCM), (64, wavgen.FLOAT)])
-def test_the_service_converts_with_it(minimal: Path, bits: int, tag: int) -> None:
-    written = bytearray()
+@pytest.mark.parametrize(
+    ("bits", "tag", "rate", "options"),
+    [
+        (8, wavgen.PCM, 48000, {}),
+        (24, wavgen.PCM, 44100, {"vbr_quality": 3}),
+        (64, wavgen.FLOAT, 96000, {"channels": 1, "sample_rate": 22050, "bitrate_kbps": 64}),
+    ],
+)
+def test_the_service_converts_with_it(
+    minimal: Path, tmp_path: Path, bits: int, tag: int, rate: int, options: dict[str, int]
+) -> None:
+    """Resampler, downmix, VBR and the seekable file output: all in the minimal build, and
+    the stored bytes are what this binary writes to a seekable file itself."""
+    parts: dict[int, bytes] = {}
 
     class Sink:
-        def write(self, data: bytes) -> None:
-            written.extend(data)
+        part_size = 8192
 
-    data = wavgen.wav(seconds=1.0, channels=2, rate=48000, bits=bits, tag=tag)
+        def write_part(self, number: int, data: bytes | bytearray) -> None:
+            parts[number] = bytes(data)
+
+    data = wavgen.wav(seconds=1.0, channels=2, rate=rate, bits=bits, tag=tag)
     chunks = iter([data[i : i + 4096] for i in range(0, len(data), 4096)])
+    encoding_options = EncodingOptions.from_fields({**options, "title": "Minimal"})
     result = convert_wav_stream(
-        chunks, Sink(), ffmpeg=str(minimal), bitrate_kbps=192, timeout_seconds=30
-    )
+        chunks, Sink(), ffmpeg=str(minimal), bitrate_kbps=192, timeout_seconds=30,
+        options=encoding_options,
+    )  # fmt: skip
+    written = b"".join(parts[n] for n in sorted(parts))
     assert result.duration_seconds == 1.0
-    assert result.mp3_bytes == len(written) > 20_000  # 192 kbit/s for a second
-    assert written[:2] == b"\xff\xfb"  # an MPEG-1 layer III frame, no ID3 tag
+    assert result.mp3_bytes == len(written) > 5_000
+    header = parse_header(data)
+    assert header is not None
+    encoding = encoding_options.resolve(header.sample_rate, header.channels, 192)
+    reference = tmp_path / "reference.mp3"
+    command = ffmpeg_command(str(minimal), header, encoding, str(reference))
+    subprocess.run(command, input=data, check=True, capture_output=True)
+    start = audio_start(written)
+    assert written[:3] == b"ID3" and start > 10
+    assert written[start:] == reference.read_bytes()
+    assert parse_xing(written[start:]) is not None
 
 
 def test_the_native_stack_runs_it(minimal: Path, tmp_path: Path) -> None:

@@ -283,9 +283,10 @@ def test_upload_function_killed_mid_conversion(
     fault_stack: NativeStack, fault_services: Services
 ) -> None:
     user = new_user(fault_stack)
-    # 10 minutes of mono 44.1 kHz: about three 5 MiB parts of MP3 at 192 kbit/s, so the kill
-    # (at the first part) usually lands mid-conversion.
-    seconds = 600
+    # 15 minutes of mono 44.1 kHz: 21.6 MB of MP3 at 192 kbit/s. Part 1 (the length header)
+    # goes last, so the multipart upload starts once ffmpeg has written two 5 MiB parts
+    # (7.3 minutes of audio), with half the encoding still to come.
+    seconds = 900
     frames = 44100 * seconds
     audio = (
         b"RIFF"

@@ -90,3 +90,26 @@ def test_unreachable_store_is_503() -> None:
         storage.check()
     assert info.value.headers["Retry-After"] == "3"
     assert isinstance(info.value.__cause__, EndpointConnectionError)
+
+
+def test_numbered_parts_in_any_order_part_one_last(storage: Storage) -> None:
+    """The conversion's way: parts 2..N while ffmpeg writes, part 1 (the header) at the end."""
+    first, second, last = b"1" * PART, b"2" * PART, b"3" * 1000
+    writer = storage.open_writer("ordered.mp3")
+    assert writer.part_size == PART
+    writer.write_part(2, second)
+    writer.write_part(3, last)
+    writer.write_part(1, first)
+    stored = writer.complete()
+    assert stored.size == 2 * PART + 1000
+    body = storage.client.get_object(Bucket="records", Key="ordered.mp3")["Body"].read()
+    assert body == first + second + last
+
+
+def test_part_one_alone_is_a_single_put(storage: Storage) -> None:
+    writer = storage.open_writer("voice.mp3")
+    writer.write_part(1, bytearray(b"ID3 tag and a few frames"))
+    assert not storage.client.list_multipart_uploads(Bucket="records").get("Uploads")
+    assert writer.complete().size == 24
+    body = storage.client.get_object(Bucket="records", Key="voice.mp3")["Body"].read()
+    assert body == b"ID3 tag and a few frames"

@@ -8,6 +8,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterator
+from typing import Any
 
 PCM, FLOAT, EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
 GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")
@@ -124,3 +125,41 @@ def recording_second(rate: int = 44100) -> bytes:
     if sys.byteorder != "little":
         out.byteswap()
     return out.tobytes()
+
+
+def info_chunk(fields: dict[bytes, str]) -> bytes:
+    """A LIST/INFO chunk: sub-chunks such as INAM (title) holding NUL-terminated UTF-8."""
+    body = b"".join(chunk(key, value.encode("utf-8") + b"\0") for key, value in fields.items())
+    return chunk(b"LIST", b"INFO" + body)
+
+
+def id3_chunk(*, title: str, picture: bool = False, version: int = 3, more: bool = False) -> bytes:
+    """An ``id3 `` chunk (as some editors write it): an ID3v2 tag made by mutagen, with a
+    UTF-16 title; with ``picture``, the frames the service must not copy (APIC, PRIV, TSSE);
+    with ``more``, a Latin-1 artist, a date and two comments (one with a description)."""
+    import io
+
+    from mutagen.id3 import APIC, COMM, ID3, PRIV, TDRC, TIT2, TPE1, TSSE, TYER
+
+    frames: list[Any] = [TIT2(encoding=1, text=[title])]
+    if picture:
+        frames += [
+            APIC(encoding=3, mime="image/png", type=3, desc="cover", data=b"\x89PNG" * 64),
+            PRIV(owner="com.example", data=b"secret"),
+            TSSE(encoding=3, text=["SomeEditor 1.0"]),
+        ]
+    if more:
+        frames += [
+            TPE1(encoding=0, text=["Latin-1 ärtist"]),
+            COMM(encoding=3, lang="eng", desc="iTunNORM", text=["not a comment"]),
+            COMM(encoding=1, lang="eng", desc="", text=["the comment"]),
+            TDRC(encoding=3, text=["2019-07-01"])
+            if version == 4
+            else TYER(encoding=0, text=["2019"]),
+        ]
+    tag = ID3()
+    for frame in frames:
+        tag.add(frame)
+    buf = io.BytesIO()
+    tag.save(buf, v2_version=version, padding=lambda info: 0)
+    return chunk(b"id3 ", buf.getvalue())

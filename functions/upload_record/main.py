@@ -1,6 +1,7 @@
 """upload_record: WAV uploads, the conversion jobs of direct uploads, and record deletion.
 
-* POST /records (user, token, WAV file): the WAV in the request body, converted as it arrives: 201.
+* POST /records (user, token, encoding options and tags, WAV file): the WAV in the
+  request body, converted as it arrives: 201.
 * POST /records/uploads: a presigned POST to send a large WAV straight to the bucket.
 * POST /records/uploads/<id>/complete: queue that WAV's conversion job: 202 (see
   common.domain.uploads, common.http.jobs).
@@ -80,6 +81,8 @@ def upload_record(request: flask.Request) -> flask.Response:
     user_id = authenticate(
         services.db, upload.fields.get("user") or request.args.get("user"), token
     )
+    # Encoding options and tags: form fields before the file, or the query of a raw WAV body.
+    options = EncodingOptions.from_fields(upload.fields if upload.fields else request.args)
 
     def run(audio: Iterator[bytes]) -> flask.Response:
         record = create_record(
@@ -89,6 +92,7 @@ def upload_record(request: flask.Request) -> flask.Response:
             user_id=user_id,
             audio=audio,
             filename=upload.filename,
+            options=options,
         )
         return record_created_response(request, settings, record)
 

@@ -1,8 +1,10 @@
 #!/bin/sh
 # Build the service's ffmpeg: static, with only what the conversion uses (WAV demuxer, PCM
-# decoders, libmp3lame, the MP3 muxer, the pipe protocol and the filters ffmpeg's audio path
-# needs), with no shared libraries: Debian's ffmpeg maps its many into every conversion's
-# memory, this one none, and it encodes as fast (docs/performance.md, "Memory").
+# decoders, libmp3lame, the MP3 muxer, the pipe protocol for the WAV in, the file protocol for
+# the MP3 out (a seekable file, so the muxer can go back and write the Xing/LAME length header),
+# swresample and the filters ffmpeg's audio path needs), with no shared libraries: Debian's
+# ffmpeg maps its many into every conversion's memory, this one none, and it encodes as fast
+# (docs/performance.md, "Memory").
 #
 # Used by both the image (Dockerfile, stage "ffmpeg") and the native stack (scripts/devstack.py
 # --install-tools, which keeps the result in .tools/ffmpeg/). It needs a C compiler, make, nasm,
@@ -21,7 +23,7 @@ cd "$src"
     --disable-swscale --disable-postproc \
     --enable-swresample --enable-libmp3lame --enable-encoder=libmp3lame \
     --enable-decoder=pcm_u8,pcm_s16le,pcm_s24le,pcm_s32le,pcm_f32le,pcm_f64le \
-    --enable-demuxer=wav --enable-muxer=mp3 --enable-protocol=pipe \
+    --enable-demuxer=wav --enable-muxer=mp3 --enable-protocol=pipe,file \
     --enable-filter=abuffer,abuffersink,aformat,anull,aresample,atrim
 make -j"$(nproc)" ffmpeg
 strip ffmpeg

@@ -29,7 +29,7 @@ import pg8000.native
 import pytest
 import requests
 import wavgen
-from common.domain.conversion import mp3_sample_rate
+from common.domain.encoding import mp3_sample_rate
 
 from .conftest import ROOT, Compose
 

@@ -8,6 +8,7 @@ the project's own are plain upper-case names grouped by prefix (``S3_``, ``DB_``
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -27,8 +28,11 @@ MIB = 1024 * 1024
 
 DB_TLS_MODES = ("off", "require", "verify")
 
-# Bitrates that MPEG-1 Layer III can carry in CBR (kbit/s).
-MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+# The one table of MP3 (MPEG audio Layer III) bitrates, kbit/s, in the order of the frame
+# header's bitrate index 1-14. It lives here because MP3_BITRATE_KBPS is checked against it at
+# start; the conversion (frame headers) and the per-upload options import it from here.
+MP3_BITRATES_MPEG1 = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+MP3_BITRATES_MPEG2 = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)  # and 2.5
 
 
 class DownloadMode(StrEnum):
@@ -155,9 +159,9 @@ class Settings:
         )
         if settings.db_tls not in DB_TLS_MODES:
             raise SettingsError(f"DB_TLS must be one of {', '.join(DB_TLS_MODES)}")
-        if settings.mp3_bitrate_kbps not in MP3_BITRATES:
+        if settings.mp3_bitrate_kbps not in MP3_BITRATES_MPEG1:
             raise SettingsError(
-                f"MP3_BITRATE_KBPS must be one of {', '.join(map(str, MP3_BITRATES))}"
+                f"MP3_BITRATE_KBPS must be one of {', '.join(map(str, MP3_BITRATES_MPEG1))}"
             )
         if settings.presign_expires_seconds > 7 * 24 * 3600:
             raise SettingsError("PRESIGN_EXPIRES_SECONDS must be at most 604800 (7 days)")
@@ -201,11 +205,7 @@ def _libpq_socket_to_pg8000(url: str) -> str:
 
 
 def _discover_ffmpeg() -> str:
-    # pydub knows where ffmpeg lives on the usual platforms; import lazily, it is not free.
-    from pydub.utils import which
-
-    found = which("ffmpeg")
-    return found if isinstance(found, str) and found else "ffmpeg"
+    return shutil.which("ffmpeg") or "ffmpeg"
 
 
 def int_setting(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:

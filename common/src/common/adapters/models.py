@@ -55,6 +55,10 @@ class Record(Base):
     bitrate_kbps: Mapped[int] = mapped_column(SmallInteger)
     sample_rate: Mapped[int] = mapped_column(BigInteger)
     channels: Mapped[int] = mapped_column(SmallInteger)
+    # LAME -V quality of a VBR record (bitrate_kbps is then its average); NULL for CBR.
+    vbr_quality: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
+    # The ID3v2.4 tags written into the MP3 (title, artist, album, date, comment); NULL: none.
+    tags: Mapped[dict[str, str] | None] = mapped_column(JSONB, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     # GET /records?user=: newest first, keyset on (created_at, id).

@@ -309,9 +309,11 @@ class _UrlCache:
 class ObjectWriter:
     """Writes one object as it is produced: a multipart upload once a part fills up.
 
-    Parts are uploaded by a background thread while the next one fills, so the producer (the
-    encoder's output pump) never waits for the store unless a whole part is still in flight
-    when the next is full. Memory: at most one part filling and one in flight.
+    Two ways to feed it, not to be mixed: :meth:`write` (a stream, cut into parts here) or
+    :meth:`write_part` (numbered parts in any order: the conversion sends part 1, which holds
+    the MP3's length header, last). Parts are uploaded by a background thread while the next
+    one is produced, so the producer never waits for the store unless a whole part is still in
+    flight when the next is ready. Memory: at most one part being produced and one in flight.
     Nothing is visible in the bucket until :meth:`complete`; :meth:`abort` discards it all.
     """
 
@@ -320,12 +322,13 @@ class ObjectWriter:
         self.key = key
         self.content_type = content_type
         self._buffer = bytearray()
+        self._whole: bytes | bytearray | None = None  # part 1 given alone: one PUT
         self._upload_id: str | None = None
         self._parts: list[CompletedPartTypeDef] = []
         self._next_part = 1
         self._size = 0
         self.completed = False
-        self._queue: queue.SimpleQueue[tuple[int, bytearray] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int, bytes | bytearray] | None] = queue.SimpleQueue()
         self._in_flight = threading.Semaphore(1)
         self._uploader: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -348,7 +351,21 @@ class ObjectWriter:
                     part, self._buffer = self._buffer, bytearray()
                     self._submit(part)
 
-    def _submit(self, part: bytearray) -> None:
+    @property
+    def part_size(self) -> int:
+        return self.storage.part_size
+
+    def write_part(self, number: int, data: bytes | bytearray) -> None:
+        """Part ``number`` (from 1) of the object; every part but the last is ``part_size``
+        or more. Part 1 given while no other part has been is the whole object (one PUT)."""
+        self._raise_upload_error()
+        self._size += len(data)
+        if number == 1 and self._upload_id is None:
+            self._whole = data
+            return
+        self._submit(data, number)
+
+    def _submit(self, part: bytes | bytearray, number: int | None = None) -> None:
         if self._upload_id is None:
             with self.storage.translate_errors():
                 created = self._client.create_multipart_upload(
@@ -362,8 +379,10 @@ class ObjectWriter:
             self._uploader.start()
         self._in_flight.acquire()  # the previous part has been sent: bounded memory
         self._raise_upload_error()
-        self._queue.put((self._next_part, part))
-        self._next_part += 1
+        if number is None:
+            number = self._next_part
+            self._next_part += 1
+        self._queue.put((number, part))
 
     def _upload_parts(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -377,7 +396,7 @@ class ObjectWriter:
                 del data, item
                 self._in_flight.release()
 
-    def _upload_part(self, number: int, data: bytearray) -> None:
+    def _upload_part(self, number: int, data: bytes | bytearray) -> None:
         assert self._upload_id is not None
         with self.storage.translate_errors():
             response = self._client.upload_part(
@@ -402,11 +421,12 @@ class ObjectWriter:
     def complete(self) -> StoredObject:
         bucket = self.storage.bucket
         if self._upload_id is None:
+            body = self._whole if self._whole is not None else self._buffer
             with self.storage.translate_errors():
                 put = self._client.put_object(
-                    Bucket=bucket, Key=self.key, Body=bytes(self._buffer),
-                    ContentType=self.content_type,
+                    Bucket=bucket, Key=self.key, Body=bytes(body), ContentType=self.content_type,
                 )  # fmt: skip
+            self._whole = None
             etag = put["ETag"]
         else:
             if self._buffer:
@@ -431,6 +451,7 @@ class ObjectWriter:
     def abort(self) -> None:
         """Discard everything written; best effort (the bucket lifecycle rule is the backstop)."""
         self._buffer.clear()
+        self._whole = None
         self._finish_uploads()
         try:
             if self.completed:

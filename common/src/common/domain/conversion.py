@@ -1,45 +1,73 @@
-"""Streaming WAV -> MP3 conversion through ffmpeg's pipes.
+"""Streaming WAV -> MP3 conversion through ffmpeg, with ffmpeg's own exact length header.
 
 The WAV arrives as an iterator of byte chunks (straight from the request body); its header is
-checked by :mod:`common.domain.wav` before ffmpeg starts; ffmpeg runs with the WAV demuxer forced,
-only the ``pipe`` protocol allowed and a deadline; the MP3 leaves through a sink (the object
-store's multipart writer) as ffmpeg produces it. Memory stays at a few pipe buffers whatever
-the input size: neither the WAV nor the MP3 is ever held whole.
+checked by :mod:`common.domain.wav` before ffmpeg starts; ffmpeg runs with the WAV demuxer
+forced, only the ``pipe`` protocol allowed for its input and only the ``file`` protocol for its
+output, a deadline, and SCHED_BATCH.
+
+The output is a real, seekable temporary file, because that is the only way ffmpeg's MP3
+muxer writes the Xing/Info + LAME header (frame and byte counts, seek TOC, encoder delay and
+padding): it leaves a placeholder frame at the start and fills it in when it finishes. While
+ffmpeg writes, every full part behind the first is read from the file, handed to the sink
+(an S3 multipart upload) and its disk space released (a hole is punched), so the file never
+holds more than about two parts; part 1, where the header is, goes last, once ffmpeg has
+exited. A short MP3 (up to one part: every voice note) is one object written at the end.
+Memory stays at one part in flight whatever the input size. See docs/encoding.md.
+
+In front of ffmpeg's bytes the sink gets the ID3v2.4 tag that :mod:`common.domain.id3`
+builds; it is known only at the end (trailing WAV chunks may hold the tags), which is fine
+because part 1 is sent last.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import IO, Protocol
 
-from common.domain.wav import WavHeader, parse_header
+from common.domain.encoding import Encoding, EncodingOptions
+from common.domain.id3 import build_tag
+from common.domain.wav import (
+    MAX_TRAILING_BYTES,
+    WavHeader,
+    file_tags,
+    parse_header,
+    trailing_metadata,
+)
 from common.errors import RequestTimeout, UndecodableAudio
+from common.settings import MP3_BITRATES_MPEG1, MP3_BITRATES_MPEG2
 
 log = logging.getLogger(__name__)
 
-MP3_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
-_READ_SIZE = 64 * 1024
 # Where SCHED_BATCH is missing (not Linux), the encoder's nice value instead (0-19).
 FFMPEG_NICENESS = 10
 PIPE_BYTES = 1024 * 1024
 _STDERR_KEEP = 4096
-
-# Layer III bitrate tables (kbit/s) by MPEG version, indexed by the header's bitrate index.
-_BITRATES_V1 = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
-_BITRATES_V2 = (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
+# Resampling, when the output rate differs from the source's: libswresample's polyphase
+# filter at twice its default length and 16x its phase count (stopband about -120 dB).
+RESAMPLER = "aresample=resampler=swr:filter_size=64:phase_shift=14:cutoff=0.97"
 _RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
-class ByteSink(Protocol):
-    def write(self, data: bytes) -> None: ...
+class PartSink(Protocol):
+    """Where the MP3 goes: numbered parts, part 1 last (the object store's writer)."""
+
+    @property
+    def part_size(self) -> int: ...
+
+    def write_part(self, number: int, data: bytes | bytearray) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,25 +76,41 @@ class ConversionResult:
     duration_seconds: float
     sample_rate: int
     channels: int
-    bitrate_kbps: int
+    bitrate_kbps: int  # CBR: the frames' bitrate; VBR: the average
+    vbr_quality: int | None
     mp3_bytes: int
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
-def mp3_sample_rate(rate: int) -> int:
-    """The output rate: the source's own where MP3 can carry it, else the nearest family rate."""
-    if rate in MP3_SAMPLE_RATES:
-        return rate
-    if rate > 48000:
-        return 44100 if rate % 11025 == 0 else 48000
-    return next(r for r in MP3_SAMPLE_RATES if r >= rate)
+@dataclass(frozen=True, slots=True)
+class XingHeader:
+    """The Xing/Info + LAME header that starts ffmpeg's MP3 file."""
+
+    vbr: bool  # "Xing"; "Info" for CBR
+    frames: int
+    bytes: int
+    delay: int
+    padding: int
+    sample_rate: int
+    channels: int
+    samples_per_frame: int
+    next_frame: int  # offset of the first audio frame
+
+    @property
+    def samples(self) -> int:
+        return self.frames * self.samples_per_frame - self.delay - self.padding
 
 
-def ffmpeg_command(ffmpeg: str, header: WavHeader, bitrate_kbps: int) -> list[str]:
-    """The one ffmpeg invocation this service runs: WAV demuxer forced, pipes only."""
+def ffmpeg_command(ffmpeg: str, header: WavHeader, encoding: Encoding, output: str) -> list[str]:
+    """The one ffmpeg invocation this service runs: WAV demuxer forced, pipe in, ``output`` out.
+
+    Every value on it is an integer from a fixed set or ``output``, a path the service made.
+    """
     command = [
         ffmpeg,
         "-hide_banner",
         "-nostdin",
+        "-y",  # the service created the (empty) output file itself
         "-loglevel", "error",
         "-threads", "1",
         "-protocol_whitelist", "pipe",
@@ -75,18 +119,24 @@ def ffmpeg_command(ffmpeg: str, header: WavHeader, bitrate_kbps: int) -> list[st
         "-map", "0:a:0",
         "-map_metadata", "-1",
         "-vn", "-sn", "-dn",
-        "-ar", str(mp3_sample_rate(header.sample_rate)),
     ]  # fmt: skip
-    if header.channels > 2:
-        command += ["-ac", "2"]
+    if encoding.sample_rate != header.sample_rate:
+        command += ["-af", RESAMPLER]
+    command += ["-ar", str(encoding.sample_rate)]
+    if encoding.channels != header.channels:
+        command += ["-ac", str(encoding.channels)]
+    command += ["-c:a", "libmp3lame"]
+    if encoding.vbr_quality is not None:
+        command += ["-q:a", str(encoding.vbr_quality)]
+    else:
+        command += ["-b:a", f"{encoding.bitrate_kbps}k"]
     command += [
-        "-c:a", "libmp3lame",
-        "-b:a", f"{bitrate_kbps}k",
         "-f", "mp3",
         "-flush_packets", "0",  # 32 KiB writes, not one per MP3 frame: 50x fewer wakeups
-        "-id3v2_version", "0",
-        "-write_xing", "0",
-        "pipe:1",
+        "-id3v2_version", "0",  # the service writes the tag (common.domain.id3)
+        "-write_xing", "1",
+        "-protocol_whitelist", "file",
+        f"file:{output}",
     ]  # fmt: skip
     return command
 
@@ -113,76 +163,110 @@ def parse_mp3_frame_header(frame: bytes) -> tuple[int, int] | None:
     rate_index = (frame[2] >> 2) & 0x3
     if version == 1 or rate_index == 3 or bitrate_index in (0, 15):
         return None
-    table = _BITRATES_V1 if version == 3 else _BITRATES_V2
-    return table[bitrate_index], _RATES[version][rate_index]
+    table = MP3_BITRATES_MPEG1 if version == 3 else MP3_BITRATES_MPEG2
+    return table[bitrate_index - 1], _RATES[version][rate_index]
 
 
-class _Mp3Pump(threading.Thread):
-    """Moves ffmpeg's stdout into the sink; remembers the first frame header and any error."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], sink: ByteSink) -> None:
-        super().__init__(name="mp3-pump", daemon=True)
-        self.proc = proc
-        self.sink = sink
-        self.total = 0
-        self.first = b""
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        try:
-            while data := os.read(fd, _READ_SIZE):
-                if len(self.first) < 4:
-                    self.first += data[: 4 - len(self.first)]
-                self.total += len(data)
-                self.sink.write(data)
-        except BaseException as exc:  # surfaced by the caller, which owns the error mapping
-            self.error = exc
-            self.proc.kill()
-
-
-class _StderrTail(threading.Thread):
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        super().__init__(name="ffmpeg-stderr", daemon=True)
-        self.proc = proc
-        self.tail = b""
-
-    def run(self) -> None:
-        assert self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        while data := os.read(fd, _READ_SIZE):
-            self.tail = (self.tail + data)[-_STDERR_KEEP:]
+def parse_xing(data: bytes) -> XingHeader | None:
+    """The Xing/Info + LAME header of the MP3 starting ``data`` (ffmpeg's layout), if any."""
+    info = parse_mp3_frame_header(data)
+    if info is None:
+        return None
+    bitrate, rate = info
+    mpeg1 = (data[1] >> 3) & 0x3 == 3
+    mono = data[3] >> 6 == 3
+    side_info = (17 if mono else 32) if mpeg1 else (9 if mono else 17)
+    at = 4 + side_info
+    if data[at : at + 4] not in (b"Xing", b"Info") or len(data) < at + 144:
+        return None
+    frames = int.from_bytes(data[at + 8 : at + 12], "big")
+    size = int.from_bytes(data[at + 12 : at + 16], "big")
+    delay_padding = int.from_bytes(data[at + 141 : at + 144], "big")
+    padded = (data[2] >> 1) & 1
+    frame_length = (144 if mpeg1 else 72) * bitrate * 1000 // rate + padded
+    return XingHeader(
+        vbr=data[at : at + 4] == b"Xing",
+        frames=frames,
+        bytes=size,
+        delay=delay_padding >> 12,
+        padding=delay_padding & 0xFFF,
+        sample_rate=rate,
+        channels=1 if mono else 2,
+        samples_per_frame=1152 if mpeg1 else 576,
+        next_frame=frame_length,
+    )
 
 
 def convert_wav_stream(
     chunks: Iterator[bytes],
-    sink: ByteSink,
+    sink: PartSink,
     *,
     ffmpeg: str,
     bitrate_kbps: int,
     timeout_seconds: float,
+    options: EncodingOptions | None = None,
+    temp_dir: str | None = None,
 ) -> ConversionResult:
     """Convert the WAV in ``chunks`` to MP3 written into ``sink``, streaming both ways.
 
-    ``chunks`` is read to its end in every successful case. Errors: NotAWav / UnsupportedWav
-    (415), InvalidWav / UndecodableAudio (422), RequestTimeout (408), whatever ``chunks`` or
-    ``sink`` raise (disconnects, storage outages) is re-raised after ffmpeg is stopped.
+    ``bitrate_kbps`` is the deployment's default, used when ``options`` choose neither a
+    bitrate nor a VBR quality. ``chunks`` is read to its end in every successful case.
+    Errors: NotAWav / UnsupportedWav (415), InvalidWav / UndecodableAudio / InvalidOption
+    (422), RequestTimeout (408); whatever ``chunks`` or ``sink`` raise (disconnects, storage
+    outages) is re-raised after ffmpeg is stopped.
     """
+    options = options or EncodingOptions()
     deadline = time.monotonic() + timeout_seconds
     header, head_bytes = read_header(chunks)
+    encoding = options.resolve(header.sample_rate, header.channels, bitrate_kbps)
+    workdir = tempfile.mkdtemp(prefix="mp3-", dir=temp_dir)
+    output = os.path.join(workdir, "out.mp3")
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    out_fd = os.open(output, flags, 0o600)
+    err_fd = os.open(os.path.join(workdir, "stderr"), flags, 0o600)
+    try:
+        return _run(
+            ffmpeg_command(ffmpeg, header, encoding, output),
+            header, head_bytes, chunks, sink, encoding, options,
+            out_fd=out_fd, err_fd=err_fd, deadline=deadline, timeout_seconds=timeout_seconds,
+        )  # fmt: skip
+    finally:
+        os.close(out_fd)
+        os.close(err_fd)
+        for name in ("out.mp3", "stderr"):  # what ffmpeg and the service made there
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(workdir, name))
+        try:
+            os.rmdir(workdir)
+        except OSError:  # not expected: something else appeared there
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(
+    command: list[str],
+    header: WavHeader,
+    head_bytes: bytes,
+    chunks: Iterator[bytes],
+    sink: PartSink,
+    encoding: Encoding,
+    options: EncodingOptions,
+    *,
+    out_fd: int,
+    err_fd: int,
+    deadline: float,
+    timeout_seconds: float,
+) -> ConversionResult:
     proc = subprocess.Popen(
-        ffmpeg_command(ffmpeg, header, bitrate_kbps),
+        command,
         stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=err_fd,
         close_fds=True,
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
     )
     _lower_priority(proc.pid)
     _widen_pipe(proc.stdin)
-    pump = _Mp3Pump(proc, sink)
-    stderr = _StderrTail(proc)
+    tail = _Tail(out_fd, sink)
     timed_out = threading.Event()
 
     def on_deadline() -> None:
@@ -191,48 +275,124 @@ def convert_wav_stream(
 
     watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), on_deadline)
     watchdog.daemon = True
-    pump.start()
-    stderr.start()
     watchdog.start()
-    data_bytes = 0
     try:
-        data_bytes = _feed(proc, header, head_bytes, chunks, timed_out)
-        remaining = max(0.0, deadline - time.monotonic())
-        try:
-            proc.wait(timeout=remaining)
-        except subprocess.TimeoutExpired:
-            on_deadline()
-        pump.join()
-        stderr.join()
+        data_bytes, trailing = _feed(proc, header, head_bytes, chunks, timed_out, tail)
+        # A blocking wait, woken the moment ffmpeg exits: the watchdog kills it at the
+        # deadline. (wait(timeout) polls with sleeps of up to 50 ms: a voice note's exit
+        # was noticed about 20 ms late on average.)
+        proc.wait()
     finally:
         watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        pump.join()
-        stderr.join()
-    if pump.error is not None:
-        raise pump.error
     if timed_out.is_set():
         raise RequestTimeout(
             f"The upload was not received and converted within {timeout_seconds:g} seconds."
         )
     if proc.returncode != 0:
-        log.info("ffmpeg failed", extra={"ffmpeg_stderr": stderr.tail.decode("utf-8", "replace")})
+        size = os.fstat(err_fd).st_size
+        stderr = os.pread(err_fd, _STDERR_KEEP, max(0, size - _STDERR_KEEP))
+        log.info("ffmpeg failed", extra={"ffmpeg_stderr": stderr.decode("utf-8", "replace")})
         raise UndecodableAudio("The WAV file's audio data could not be decoded.")
     frames = data_bytes // header.block_align
-    frame_info = parse_mp3_frame_header(pump.first)
-    if frames == 0 or pump.total == 0 or frame_info is None:
+    xing = parse_xing(os.pread(out_fd, 4096, 0))
+    if frames == 0 or xing is None or xing.frames == 0:
         raise UndecodableAudio("The WAV file contains no audio samples.")
-    bitrate, out_rate = frame_info
+    tags = {**file_tags(header.metadata + trailing_metadata(trailing)), **options.tags}
+    mp3_bytes = tail.finish(build_tag(tags))
+    if xing.vbr:
+        seconds = xing.frames * xing.samples_per_frame / xing.sample_rate
+        bitrate = round(xing.bytes * 8 / seconds / 1000)
+    else:
+        found = parse_mp3_frame_header(os.pread(out_fd, 4, xing.next_frame))
+        bitrate = found[0] if found else encoding.bitrate_kbps or 0
     return ConversionResult(
         source=header,
         duration_seconds=round(frames / header.sample_rate, 3),
-        sample_rate=out_rate,
-        channels=min(header.channels, 2),
+        sample_rate=xing.sample_rate,
+        channels=xing.channels,
         bitrate_kbps=bitrate,
-        mp3_bytes=pump.total,
+        vbr_quality=encoding.vbr_quality,
+        mp3_bytes=mp3_bytes,
+        tags=tags,
     )
+
+
+class _Tail:
+    """Sends ffmpeg's output file to the sink part by part, part 1 last; frees what is sent."""
+
+    def __init__(self, fd: int, sink: PartSink) -> None:
+        self.fd = fd
+        self.sink = sink
+        self.part_size = sink.part_size
+        self.offset = self.part_size  # where part 2 starts: part 1 stays until ffmpeg is done
+        self.number = 2
+        self.sent = 0
+
+    def poll(self) -> None:
+        """Send every full part behind part 1 that ffmpeg has written (ffmpeg only appends
+        there; it goes back only to fill in the header frame at the start of part 1)."""
+        size = os.fstat(self.fd).st_size
+        while size - self.offset >= self.part_size:
+            self._send(self.part_size)
+
+    def finish(self, tag: bytes) -> int:
+        """Send the rest, then part 1 with ``tag`` in front; the MP3's size."""
+        size = os.fstat(self.fd).st_size
+        if self.number == 2 and size <= self.part_size:
+            self.sink.write_part(1, self._read(0, size, tag))
+            return len(tag) + size
+        while self.offset < size:
+            self._send(min(self.part_size, size - self.offset))
+        self.sink.write_part(1, self._read(0, self.part_size, tag))
+        return len(tag) + size
+
+    def _send(self, length: int) -> None:
+        data = self._read(self.offset, length)
+        self.sink.write_part(self.number, data)
+        _punch_hole(self.fd, self.offset, length)
+        self.offset += length
+        self.number += 1
+
+    def _read(self, offset: int, length: int, prefix: bytes = b"") -> bytearray:
+        buf = bytearray(len(prefix) + length)
+        buf[: len(prefix)] = prefix
+        view = memoryview(buf)[len(prefix) :]
+        while view:
+            got = os.preadv(self.fd, [view], offset)
+            if got == 0:
+                raise UndecodableAudio("The MP3 file ended early.")  # not expected: a bug
+            view, offset = view[got:], offset + got
+        return buf
+
+
+def _libc_fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    name = ctypes.util.find_library("c")
+    try:
+        function = ctypes.CDLL(name, use_errno=True).fallocate
+    except (OSError, AttributeError):  # not glibc/Linux: the file keeps its blocks
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    function.restype = ctypes.c_int
+    return function
+
+
+_FALLOCATE = _libc_fallocate()
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give the blocks of [offset, offset + length) back (tmpfs, ext4, xfs, btrfs ...).
+
+    Where the file system cannot, the file keeps them until it is deleted at the end: disk
+    use is then the MP3's size instead of about two parts, and nothing else changes.
+    """
+    if _FALLOCATE is None:
+        return
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _FALLOCATE(fd, mode, offset, length) != 0:
+        log.debug("could not punch a hole: errno %d", ctypes.get_errno())
 
 
 def _lower_priority(pid: int) -> None:
@@ -263,17 +423,22 @@ def _feed(
     head_bytes: bytes,
     chunks: Iterator[bytes],
     stop: threading.Event,
-) -> int:
-    """Write the WAV into ffmpeg; return how many audio-data bytes it was given.
+    tail: _Tail,
+) -> tuple[int, bytes]:
+    """Write the WAV into ffmpeg; (audio-data bytes given to it, the bytes after the audio).
 
-    Bytes past the declared data size (trailing metadata chunks) are read but not forwarded.
-    If ffmpeg exits early the rest of the body is still consumed, so the caller can answer,
-    unless ``stop`` is set (the deadline passed): then reading ends at once.
+    Bytes past the declared data size (trailing metadata chunks) are not forwarded; the
+    first :data:`MAX_TRAILING_BYTES` of them are kept for their tags. Between writes, the
+    parts ffmpeg has finished are sent on. If ffmpeg exits early the rest of the body is
+    still consumed, so the caller can answer, unless ``stop`` is set (the deadline passed):
+    then reading ends at once.
     """
     assert proc.stdin is not None
     limit = header.data_size
     data = head_bytes[header.data_offset :]
+    trailing = bytearray()
     if limit is not None:
+        trailing += data[limit:]
         data = data[:limit]
     forwarded = 0
     writing = True
@@ -286,15 +451,22 @@ def _feed(
             if not writing:
                 continue
             if limit is not None:
-                chunk = chunk[: max(0, limit - forwarded)]
+                room = max(0, limit - forwarded)
+                if len(chunk) > room:
+                    if len(trailing) < MAX_TRAILING_BYTES:
+                        trailing += chunk[room : room + MAX_TRAILING_BYTES - len(trailing)]
+                    chunk = chunk[:room]
                 if not chunk:
                     continue
             writing = _write(proc, chunk)
             forwarded += len(chunk)
+            tail.poll()
     finally:
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.close()
-    return forwarded
+    if limit is not None and limit & 1:
+        del trailing[:1]  # the data chunk's pad byte
+    return forwarded, bytes(trailing)
 
 
 def _write(proc: subprocess.Popen[bytes], data: bytes) -> bool:

@@ -10,8 +10,8 @@ import os
 import re
 import unicodedata
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +34,7 @@ _UNSAFE_FILENAME = re.compile(r'[\\/:*?"<>|]+')
 # Single statements on the lean path (Database.execute): no ORM unit of work per request.
 _RECORD_COLUMNS = (
     "id", "user_id", "object_key", "filename", "size_bytes", "etag", "duration_seconds",
-    "bitrate_kbps", "sample_rate", "channels",
+    "bitrate_kbps", "sample_rate", "channels", "vbr_quality", "tags",
 )  # fmt: skip
 # A retried insert that had landed finds its own row: nothing happens.
 INSERT_RECORD = pg_insert(Record).on_conflict_do_nothing(index_elements=["id"])
@@ -53,6 +53,8 @@ class NewRecord:
     sample_rate: int
     channels: int
     filename: str
+    vbr_quality: int | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 RECORD_PREFIX = "users/"  # every object of a user's records is under users/<user>/
@@ -62,11 +64,17 @@ def object_key(user_id: uuid.UUID, record_id: uuid.UUID) -> str:
     return f"{RECORD_PREFIX}{user_id}/records/{record_id}.mp3"
 
 
-def mp3_filename(uploaded: str | None, record_id: uuid.UUID) -> str:
-    """The download name: the upload's own name with an .mp3 extension, made safe."""
-    base = os.path.basename((uploaded or "").replace("\\", "/"))
-    base = "".join(ch for ch in base if unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
-    stem = _UNSAFE_FILENAME.sub("_", os.path.splitext(base)[0]).strip(" .")
+def mp3_filename(uploaded: str | None, record_id: uuid.UUID, title: str | None = None) -> str:
+    """The download name: the title when there is one, else the upload's own name, with an
+    .mp3 extension, made safe."""
+    if title:
+        base = title.replace("/", "_").replace("\\", "_")
+        stem = base  # a title has no extension to drop: "Op. 2" stays whole
+    else:
+        base = os.path.basename((uploaded or "").replace("\\", "/"))
+        stem = os.path.splitext(base)[0]
+    stem = "".join(ch for ch in stem if unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
+    stem = _UNSAFE_FILENAME.sub("_", stem).strip(" .")
     if not stem:
         stem = str(record_id)
     return stem[: FILENAME_MAX_LENGTH - 4] + ".mp3"
@@ -142,6 +150,7 @@ def store_mp3(
             ffmpeg=settings.ffmpeg_binary,
             bitrate_kbps=settings.mp3_bitrate_kbps,
             timeout_seconds=settings.convert_timeout_seconds,
+            options=options,
         )
         stored = writer.complete()
     except BaseException:
@@ -151,13 +160,16 @@ def store_mp3(
         id=record_id,
         user_id=user_id,
         object_key=key,
-        filename=mp3_filename(filename, record_id),
+        # The title, when there is one, names the download better than the upload's name.
+        filename=mp3_filename(filename, record_id, result.tags.get("title")),
         size_bytes=stored.size,
         etag=stored.etag,
         duration_seconds=result.duration_seconds,
         bitrate_kbps=result.bitrate_kbps,
         sample_rate=result.sample_rate,
         channels=result.channels,
+        vbr_quality=result.vbr_quality,
+        tags=dict(result.tags) or None,
     )
     return StoredMp3(
         key=key,
@@ -177,6 +189,8 @@ def new_record(record: Record) -> NewRecord:
         sample_rate=record.sample_rate,
         channels=record.channels,
         filename=record.filename,
+        vbr_quality=record.vbr_quality,
+        tags=dict(record.tags or {}),
     )
 
 
@@ -208,12 +222,12 @@ LIST_LIMIT_DEFAULT = 20
 LIST_LIMIT_MAX = 100
 _LIST_FIRST = sql(
     "SELECT id, user_id, filename, size_bytes, duration_seconds, bitrate_kbps, sample_rate, "
-    "channels, created_at FROM records WHERE user_id = :user "
+    "channels, vbr_quality, tags, created_at FROM records WHERE user_id = :user "
     "ORDER BY created_at DESC, id DESC LIMIT :limit"
 )
 _LIST_AFTER = sql(
     "SELECT id, user_id, filename, size_bytes, duration_seconds, bitrate_kbps, sample_rate, "
-    "channels, created_at FROM records WHERE user_id = :user "
+    "channels, vbr_quality, tags, created_at FROM records WHERE user_id = :user "
     "AND (created_at, id) < (:created_at, :id) ORDER BY created_at DESC, id DESC LIMIT :limit"
 )
 _DELETE_RECORD = sql("DELETE FROM records WHERE id = :id AND user_id = :user RETURNING object_key")
@@ -309,6 +323,8 @@ def list_records(
                 sample_rate=row.sample_rate,
                 channels=row.channels,
                 filename=row.filename,
+                vbr_quality=row.vbr_quality,
+                tags=dict(row.tags or {}),
             ),
             row.created_at,
         )

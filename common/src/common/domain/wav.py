@@ -3,14 +3,22 @@
 Only uncompressed audio is accepted: integer PCM (8/16/24/32-bit), IEEE float (32/64-bit),
 and the same two inside WAVE_FORMAT_EXTENSIBLE; 1 to 8 channels; 8 to 192 kHz. RF64 (the
 64-bit variant) is read too. Anything else is refused here with a message that says why.
+
+The file's own tags are read here too: a ``LIST``/``INFO`` chunk (INAM, IART, IPRD, ICRD,
+ICMT) and an ``id3 `` chunk, wherever they are. Those before the audio data come with the
+header; those after it (many editors write them there) are parsed from the bytes that follow
+the data, which the conversion keeps (up to :data:`MAX_TRAILING_BYTES`) for that purpose.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from common.domain.encoding import TAG_FIELDS, clean_file_tag
+from common.domain.id3 import read_tag
 from common.errors import UnprocessableContent, UnsupportedMediaType
 
 WAVE_FORMAT_PCM = 0x0001
@@ -24,6 +32,12 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
 # Bytes we are willing to read looking for the "data" chunk (metadata chunks come first).
 MAX_HEADER_BYTES = 1024 * 1024
 UNKNOWN_SIZES = (0, 0xFFFFFFFF)
+# Bytes after the audio data kept to look for trailing LIST/INFO and id3 chunks.
+MAX_TRAILING_BYTES = 1024 * 1024
+METADATA_CHUNKS = (b"LIST", b"id3 ", b"ID3 ")
+# LIST/INFO sub-chunk -> tag field
+INFO_FIELDS = {b"INAM": "title", b"IART": "artist", b"IPRD": "album", b"ICRD": "date",
+               b"ICMT": "comment"}  # fmt: skip
 
 _KNOWN_CODECS = {
     0x0002: "Microsoft ADPCM",
@@ -52,6 +66,8 @@ class WavHeader:
     block_align: int
     data_offset: int  # bytes before the first audio byte
     data_size: int | None  # declared size of the audio data, None when the writer left it open
+    # (chunk id, payload) of the LIST and id3 chunks before the audio data
+    metadata: tuple[tuple[bytes, bytes], ...] = ()
 
     @property
     def bytes_per_second(self) -> int:
@@ -95,6 +111,7 @@ def parse_header(buf: bytes, *, at_eof: bool = False) -> WavHeader | None:
     pos = 12
     fmt: tuple[SampleFormat, int, int, int, int] | None = None
     ds64_data_size: int | None = None
+    metadata: list[tuple[bytes, bytes]] = []
     first_chunk = True
     while True:
         if pos + 8 > len(buf):
@@ -115,7 +132,9 @@ def parse_header(buf: bytes, *, at_eof: bool = False) -> WavHeader | None:
                 declared = ds64_data_size
             if declared in UNKNOWN_SIZES:
                 declared = None
-            return WavHeader(sample_format, channels, rate, bits, align, body, declared)
+            return WavHeader(
+                sample_format, channels, rate, bits, align, body, declared, tuple(metadata)
+            )
         if not all(0x20 <= c <= 0x7E for c in chunk_id):
             raise InvalidWav(f"Malformed chunk header at byte {pos} of the WAV file.")
         end = body + size + (size & 1)
@@ -134,7 +153,65 @@ def parse_header(buf: bytes, *, at_eof: bool = False) -> WavHeader | None:
             if size < 24:
                 raise InvalidWav("The RF64 ds64 chunk is too short.")
             (ds64_data_size,) = struct.unpack_from("<Q", payload, 8)
+        elif chunk_id in METADATA_CHUNKS:
+            metadata.append((chunk_id, payload))
         pos = end
+
+
+def trailing_metadata(data: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """The LIST and id3 chunks in ``data``, the bytes right after the audio data's chunk.
+
+    Lenient: a truncated or malformed chunk ends the search, it refuses nothing (the audio
+    has been converted by then).
+    """
+    found = []
+    pos = 0
+    while pos + 8 <= len(data):
+        chunk_id = data[pos : pos + 4]
+        (size,) = struct.unpack_from("<I", data, pos + 4)
+        if not all(0x20 <= c <= 0x7E for c in chunk_id) or pos + 8 + size > len(data):
+            break
+        if chunk_id in METADATA_CHUNKS:
+            found.append((chunk_id, data[pos + 8 : pos + 8 + size]))
+        pos += 8 + size + (size & 1)
+    return tuple(found)
+
+
+def file_tags(chunks: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Tags from a WAV's metadata chunks: id3 chunks first, then LIST/INFO; earlier wins."""
+    chunks = list(chunks)
+    raw: dict[str, str] = {}
+    for chunk_id, payload in chunks:
+        if chunk_id != b"LIST":
+            for name, value in read_tag(payload).items():
+                raw.setdefault(name, value)
+    for chunk_id, payload in chunks:
+        if chunk_id == b"LIST" and payload[:4] == b"INFO":
+            for name, value in _info_fields(payload[4:]).items():
+                raw.setdefault(name, value)
+    tags = {}
+    for name in TAG_FIELDS:
+        cleaned = clean_file_tag(name, raw[name]) if name in raw else None
+        if cleaned:
+            tags[name] = cleaned
+    return tags
+
+
+def _info_fields(data: bytes) -> dict[str, str]:
+    found: dict[str, str] = {}
+    pos = 0
+    while pos + 8 <= len(data):
+        sub_id = data[pos : pos + 4]
+        (size,) = struct.unpack_from("<I", data, pos + 4)
+        value = data[pos + 8 : pos + 8 + size].split(b"\0", 1)[0]
+        pos += 8 + size + (size & 1)
+        name = INFO_FIELDS.get(sub_id)
+        if name and name not in found and value:
+            try:
+                found[name] = value.decode("utf-8")
+            except UnicodeDecodeError:  # no encoding is declared: the older writers' cp1252
+                found[name] = value.decode("cp1252", "replace")
+    return found
 
 
 def _could_be_wav_prefix(buf: bytes) -> bool:

@@ -15,6 +15,11 @@ from common.settings import Settings
 
 
 def record_body(base_url: str, record: NewRecord) -> dict[str, Any]:
+    """A record's description, as the 201 body and the records list give it.
+
+    The encoding values are the effective ones (what the MP3 is, not only what was asked):
+    ``bitrate_kbps`` is the CBR bitrate, or the average with ``vbr_quality`` (LAME -V) set.
+    """
     return {
         "id": str(record.id),
         "url": f"{base_url}/record?id={record.id}&user={record.user_id}",
@@ -23,6 +28,8 @@ def record_body(base_url: str, record: NewRecord) -> dict[str, Any]:
         "bitrate_kbps": record.bitrate_kbps,
         "sample_rate": record.sample_rate,
         "channels": record.channels,
+        "vbr_quality": record.vbr_quality,
+        "tags": dict(record.tags),
         "filename": record.filename,
     }
 
