@@ -55,7 +55,7 @@ def measure_small_requests(bench: Bench) -> None:
         if name == "create_user":
             bench.rows += [
                 Row(f"4a. POST /users, {plan.connections} connections (median of rounds)",
-                    f"{rps:.0f}/s", "≥ 1500/s", rps / 1500, rps >= 1500 and errors == 0, note),
+                    f"{rps:.0f}/s", "≥ 2000/s", rps / 2000, rps >= 2000 and errors == 0, note),
                 Row("4b. POST /users p99 latency (median of rounds)",
                     f"{p99:.1f} ms ({p99_range})", "< 50 ms", p99 / 50, p99 < 50),
             ]  # fmt: skip
