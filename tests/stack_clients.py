@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from typing import Any
 
 from common.platform.runtime import Services
-from common.settings import Settings
+from common.settings import JobQueueKind, Settings
 from devstack import NativeStack
+
+
+class RecordingQueue:
+    """A cloud job queue without the cloud: what would be sent is kept for the test to deliver
+    (the stack's own worker polls only the Postgres queue, so it never sees these jobs)."""
+
+    def __init__(self, kind: JobQueueKind = JobQueueKind.SQS) -> None:
+        self.kind = kind
+        self.sent: list[uuid.UUID] = []
+
+    def enqueue(self, upload_id: uuid.UUID) -> None:
+        self.sent.append(upload_id)
+
 
 _CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 

@@ -36,7 +36,7 @@ from conftest import ROOT, Client
 from devstack import NativeStack
 from sqlalchemy.engine import make_url
 from stack import free_port
-from stack_clients import build_services
+from stack_clients import RecordingQueue, build_services
 
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
 PROJECT = "records-prod"
@@ -281,16 +281,6 @@ def google() -> Iterator[Google]:
     fake.server.shutdown()
 
 
-class KeptTasks:
-    kind = JobQueueKind.CLOUD_TASKS
-
-    def __init__(self) -> None:
-        self.sent: list[uuid.UUID] = []
-
-    def enqueue(self, upload_id: uuid.UUID) -> None:
-        self.sent.append(upload_id)
-
-
 @pytest.fixture
 def tasks_app(
     stack: NativeStack, google: Google
@@ -303,7 +293,7 @@ def tasks_app(
         tasks_service_account=TASKS_ACCOUNT,
         tasks_certs_url=google.certs_url,
     )
-    services = dataclasses.replace(services, queue=KeptTasks())
+    services = dataclasses.replace(services, queue=RecordingQueue(JobQueueKind.CLOUD_TASKS))
     set_services(services)
     import functions_framework
 

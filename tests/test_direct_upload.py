@@ -34,21 +34,9 @@ from common.settings import JobQueueKind
 from conftest import Client
 from devstack import NativeStack
 from stack import free_port
-from stack_clients import build_services
+from stack_clients import RecordingQueue, build_services
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
-
-
-class RecordingQueue:
-    """A message queue that keeps what it is sent (the worker of the stack never sees it)."""
-
-    kind = JobQueueKind.SQS
-
-    def __init__(self) -> None:
-        self.sent: list[uuid.UUID] = []
-
-    def enqueue(self, upload_id: uuid.UUID) -> None:
-        self.sent.append(upload_id)
 
 
 @pytest.fixture(scope="module")

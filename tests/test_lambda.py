@@ -32,7 +32,7 @@ from conftest import ROOT, Client
 from devstack import NativeStack
 from lambda_events import event, event_fixture, multipart, parse_response
 from moto import mock_aws
-from stack_clients import build_services
+from stack_clients import RecordingQueue, build_services
 
 pytestmark = pytest.mark.integration
 
@@ -342,18 +342,6 @@ def poll_status(invoke: Any, upload_id: str, user: dict[str, str]) -> dict[str, 
             return body
         assert answer.headers["retry-after"]
         time.sleep(0.2)
-
-
-class RecordingQueue:
-    """JOB_QUEUE=sqs without AWS: what would be sent is kept, to be delivered by the test."""
-
-    kind = JobQueueKind.SQS
-
-    def __init__(self) -> None:
-        self.sent: list[uuid.UUID] = []
-
-    def enqueue(self, upload_id: uuid.UUID) -> None:
-        self.sent.append(upload_id)
 
 
 def sqs_event(*bodies: str) -> dict[str, Any]:
