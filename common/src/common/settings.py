@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
+from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_DATABASE_URL = "postgresql+pg8000://records:records@127.0.0.1:55432/records"
@@ -50,6 +51,8 @@ class JobQueueKind(StrEnum):
     SQS = "sqs"  # AWS: an SQS queue whose event source mapping invokes upload_record
     CLOUD_TASKS = "cloudtasks"  # Cloud Run: HTTP tasks pushed to upload_record's /_tasks/convert
 
+
+_Choice = TypeVar("_Choice", bound=StrEnum)
 
 GOOGLE_OIDC_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 
@@ -130,7 +133,7 @@ class Settings:
             mp3_bitrate_kbps=int_setting(e, "MP3_BITRATE_KBPS", 192, minimum=32),
             convert_timeout_seconds=_float(e, "CONVERT_TIMEOUT_SECONDS", 600.0),
             ffmpeg_binary=e.get("FFMPEG_BINARY", "") or _discover_ffmpeg(),
-            download_mode=_download_mode(e.get("DOWNLOAD_MODE", "stream")),
+            download_mode=_choice(DownloadMode, e, "DOWNLOAD_MODE", DownloadMode.STREAM),
             presign_expires_seconds=int_setting(e, "PRESIGN_EXPIRES_SECONDS", 300, minimum=1),
             public_base_url=_optional_url(e, "PUBLIC_BASE_URL"),
             retry_after_seconds=int_setting(e, "RETRY_AFTER_SECONDS", 5, minimum=1),
@@ -145,7 +148,7 @@ class Settings:
             origin_verify_secret=_origin_verify_secret(e),
             idempotency_lease_seconds=int_setting(e, "IDEMPOTENCY_LEASE_SECONDS", 60, minimum=5),
             erase_deadline_seconds=_float(e, "ERASE_DEADLINE_SECONDS", 20.0),
-            job_queue=_job_queue(e.get("JOB_QUEUE", "")),
+            job_queue=_choice(JobQueueKind, e, "JOB_QUEUE", JobQueueKind.POSTGRES),
             job_queue_url=_optional_url(e, "JOB_QUEUE_URL"),
             cloud_tasks_queue=e.get("CLOUD_TASKS_QUEUE", "").strip() or None,
             tasks_target_url=_optional_url(e, "TASKS_TARGET_URL"),
@@ -269,19 +272,12 @@ def _origin_verify_secret(env: Mapping[str, str]) -> str | None:
     return raw or None
 
 
-def _job_queue(raw: str) -> JobQueueKind:
+def _choice(kind: type[_Choice], env: Mapping[str, str], name: str, default: _Choice) -> _Choice:
+    """The member of ``kind`` that ``env[name]`` names (case-insensitive; unset: ``default``)."""
+    raw = env.get(name, "")
     try:
-        return JobQueueKind(raw.strip().lower() or "postgres")
+        return kind(raw.strip().lower() or default.value)
     except ValueError as exc:
-        raise SettingsError(
-            f"JOB_QUEUE must be 'postgres', 'sqs' or 'cloudtasks', got {raw!r}"
-        ) from exc
-
-
-def _download_mode(raw: str) -> DownloadMode:
-    try:
-        return DownloadMode(raw.strip().lower() or "stream")
-    except ValueError as exc:
-        raise SettingsError(
-            f"DOWNLOAD_MODE must be 'stream', 'redirect' or 'accel', got {raw!r}"
-        ) from exc
+        values = [f"'{member.value}'" for member in kind]
+        listed = f"{', '.join(values[:-1])} or {values[-1]}"
+        raise SettingsError(f"{name} must be {listed}, got {raw!r}") from exc
