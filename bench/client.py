@@ -29,6 +29,18 @@ def file_chunks(path: Path, chunk: int = 1024 * 1024) -> Iterator[bytes]:
             yield data
 
 
+def multipart_frame(user: User, filename: str = "bench.wav") -> tuple[bytes, bytes, str]:
+    """(what goes before the WAV, what goes after it, Content-Type) of a POST /records form."""
+    boundary = uuid.uuid4().hex
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user.id}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="token"\r\n\r\n{user.token}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="{filename}"\r\nContent-Type: audio/wav\r\n\r\n'
+    ).encode()
+    return head, f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 class Client:
     """Requests to ``host:port`` over one kept-alive connection: one client per thread."""
 
@@ -79,14 +91,7 @@ class Client:
         self, user: User, chunks: Iterator[bytes], wav_size: int
     ) -> tuple[float, dict[str, Any]]:
         """POST /records as multipart/form-data streamed from ``chunks``; (seconds, body)."""
-        boundary = uuid.uuid4().hex
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user.id}\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="token"\r\n\r\n{user.token}\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-            f'filename="bench.wav"\r\nContent-Type: audio/wav\r\n\r\n'
-        ).encode()
-        tail = f"\r\n--{boundary}--\r\n".encode()
+        head, tail, content_type = multipart_frame(user)
 
         def body() -> Iterator[bytes]:
             yield head
@@ -94,7 +99,7 @@ class Client:
             yield tail
 
         headers = {
-            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Type": content_type,
             "Content-Length": str(len(head) + wav_size + len(tail)),
         }
         with Client(self.host, self.port, self.timeout) as own:  # uploads may run in threads

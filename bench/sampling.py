@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import psutil
@@ -67,7 +67,20 @@ class MemorySampler(threading.Thread):
         self.join()
 
 
-def _machine_busy_seconds() -> float:
+def tree_cpu_seconds(roots: Iterable[int]) -> float:
+    """CPU seconds (user + system, reaped children included) of the trees under ``roots``."""
+    processes = {p.pid: p for root in roots for p in process_tree(root)}
+    total = 0.0
+    for process in processes.values():
+        try:
+            t = process.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy since boot, all cores together."""
     t = psutil.cpu_times()
     return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
@@ -80,20 +93,12 @@ class CpuMeter:
         self.roots = roots
 
     def _ours(self) -> float:
-        processes = {p.pid: p for root in self.roots() for p in process_tree(root)}
-        total = 0.0
-        for process in processes.values():
-            try:
-                t = process.cpu_times()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            total += t.user + t.system + t.children_user + t.children_system
-        return total
+        return tree_cpu_seconds(self.roots())
 
     @contextlib.contextmanager
     def measure(self, noise: Noise, name: str) -> Iterator[None]:
-        start, busy, ours = time.monotonic(), _machine_busy_seconds(), self._ours()
+        start, busy, ours = time.monotonic(), machine_busy_seconds(), self._ours()
         yield
         elapsed = time.monotonic() - start
-        other = (_machine_busy_seconds() - busy) - (self._ours() - ours)
+        other = (machine_busy_seconds() - busy) - (self._ours() - ours)
         noise.samples[name] = max(0.0, other / max(elapsed, 1e-6))

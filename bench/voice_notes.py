@@ -17,8 +17,6 @@ the machine's load average and the CPU time other processes used are reported ne
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import shutil
 import statistics
@@ -26,15 +24,17 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import wavgen
 from devstack import NativeStack
 from stack import free_ports, make_data_dir
 
+from bench.client import Client, User, multipart_frame
 from bench.core import Bench, Row, log
+from bench.sampling import machine_busy_seconds, tree_cpu_seconds
 
 CLIP_SECONDS = 5.0
 CLIENTS = 4
@@ -87,150 +87,91 @@ def clip() -> bytes:
     return wavgen.wav(seconds=CLIP_SECONDS, channels=2, rate=44100, bits=16)
 
 
-def _loadavg() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def _busy_ticks() -> int:
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    values = [int(v) for v in fields]
-    return sum(values) - values[3] - values[4]  # minus idle and iowait
-
-
-def _tree_ticks(roots: list[int]) -> int:
-    """CPU ticks (user + system, children reaped included) of ``roots`` and descendants."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parts = raw[raw.rindex(")") + 2 :].split()
-        stats[int(entry.name)] = parts
-        children.setdefault(int(parts[1]), []).append(int(entry.name))
-    total, todo = 0, list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            p = stats[pid]
-            total += int(p[11]) + int(p[12]) + int(p[13]) + int(p[14])
-        todo.extend(children.get(pid, []))
-    return total
-
-
 def _settle(roots: list[int], timeout: float = 10.0) -> None:
     """Wait until the stack is idle (under 5% of a core for 0.5 s): the store and the
     database finish what the uploads left them before the bare ffmpeg is timed."""
-    hz = os.sysconf("SC_CLK_TCK")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        before = _tree_ticks(roots[1:])  # not the bench process itself
+        before = tree_cpu_seconds(roots[1:])  # not the bench process itself
         time.sleep(0.5)
-        if (_tree_ticks(roots[1:]) - before) / hz < 0.025:
+        if tree_cpu_seconds(roots[1:]) - before < 0.025:
             return
+
+
+def _run_for(threads: list[threading.Thread], stop: threading.Event, seconds: float) -> float:
+    """Run ``threads`` until ``stop`` is set after ``seconds``; the seconds they ran."""
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
 
 
 class _Uploader:
     """Posts the clip in a loop on one keep-alive connection until told to stop."""
 
-    def __init__(self, host: str, port: int, user: tuple[str, str], wav: bytes) -> None:
-        boundary = uuid.uuid4().hex
-        self.body = (
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user[0]}\r\n'
-                f'--{boundary}\r\nContent-Disposition: form-data; name="token"\r\n\r\n{user[1]}\r\n'
-                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-                f'filename="note.wav"\r\nContent-Type: audio/wav\r\n\r\n'
-            ).encode()
-            + wav
-            + f"\r\n--{boundary}--\r\n".encode()
-        )
-        self.headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    def __init__(self, host: str, port: int, user: User, wav: bytes) -> None:
+        head, tail, content_type = multipart_frame(user, "note.wav")
+        self.body = head + wav + tail
+        self.headers = {"Content-Type": content_type}
         self.host, self.port = host, port
         self.done = 0
         self.errors: list[str] = []
 
     def loop(self, stop: threading.Event) -> None:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
-        try:
+        with Client(self.host, self.port, timeout=60) as client:
             while not stop.is_set():
-                conn.request("POST", "/records", body=self.body, headers=self.headers)
-                response = conn.getresponse()
-                raw = response.read()
-                if response.status != 201:
-                    self.errors.append(f"{response.status} {raw[:200]!r}")
+                status, raw = client.request("POST", "/records", self.body, self.headers)
+                if status != 201:
+                    self.errors.append(f"{status} {raw[:200]!r}")
                     return
                 self.done += 1
-        finally:
-            conn.close()
-
-
-def _create_user(host: str, port: int) -> tuple[str, str]:
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    try:
-        conn.request("POST", "/users", body=b'{"name": "voice notes"}',
-                     headers={"Content-Type": "application/json"})  # fmt: skip
-        response = conn.getresponse()
-        body = json.loads(response.read())
-        if response.status != 201:
-            raise RuntimeError(f"POST /users answered {response.status}: {body}")
-        return body["id"], body["token"]
-    finally:
-        conn.close()
 
 
 @dataclass
 class _Cpu:
-    """CPU ticks and item counts accumulated over the rounds."""
+    """CPU seconds and item counts accumulated over the rounds."""
 
-    ticks: int = 0
+    seconds: float = 0.0
     items: int = 0
 
     def ms_per_item(self) -> float:
-        return self.ticks / os.sysconf("SC_CLK_TCK") / max(1, self.items) * 1000
+        return self.seconds / max(1, self.items) * 1000
 
 
-def _own_ticks() -> int:
+def _own_seconds() -> float:
     times = os.times()
-    return round((times.user + times.system) * os.sysconf("SC_CLK_TCK"))
+    return times.user + times.system
 
 
-def _children_ticks() -> int:
+def _children_seconds() -> float:
     times = os.times()
-    return round((times.children_user + times.children_system) * os.sysconf("SC_CLK_TCK"))
+    return times.children_user + times.children_system
 
 
 def measure_uploads(
     stack: NativeStack,
-    user: tuple[str, str],
+    user: User,
     wav: bytes,
     seconds: float,
     cpu: _Cpu | None = None,
 ) -> float:
     """Completed uploads per second with CLIENTS clients for about ``seconds``."""
     roots = [p.pid for p in stack.processes.values()]
-    ticks = _tree_ticks(roots) + _own_ticks()
-    host, port = "127.0.0.1", stack.ports.router
-    uploaders = [_Uploader(host, port, user, wav) for _ in range(CLIENTS)]
+    used = tree_cpu_seconds(roots) + _own_seconds()
+    uploaders = [_Uploader("127.0.0.1", stack.ports.router, user, wav) for _ in range(CLIENTS)]
     stop = threading.Event()
     threads = [threading.Thread(target=u.loop, args=(stop,)) for u in uploaders]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+    elapsed = _run_for(threads, stop, seconds)
     errors = [e for u in uploaders for e in u.errors]
     if errors:
         raise RuntimeError(f"uploads failed: {errors[:3]}")
     done = sum(u.done for u in uploaders)
     if cpu is not None:
-        cpu.ticks += _tree_ticks(roots) + _own_ticks() - ticks
+        cpu.seconds += tree_cpu_seconds(roots) + _own_seconds() - used
         cpu.items += done
     return done / elapsed
 
@@ -240,7 +181,7 @@ def measure_bare(
 ) -> float:
     """Conversions per second of ``ffmpeg`` run BARE_PROCESSES at a time for ``seconds``."""
     counts = [0] * BARE_PROCESSES
-    ticks = _children_ticks()
+    used = _children_seconds()
     stop = threading.Event()
 
     def worker(i: int) -> None:
@@ -255,17 +196,11 @@ def measure_bare(
             counts[i] += 1
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(BARE_PROCESSES)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
+    elapsed = _run_for(threads, stop, seconds)
     if cpu is not None:
-        cpu.ticks += _children_ticks() - ticks
+        cpu.seconds += _children_seconds() - used
         cpu.items += sum(counts)
-    return sum(counts) / (time.perf_counter() - start)
+    return sum(counts) / elapsed
 
 
 def run(bench: Bench) -> list[Row]:
@@ -283,15 +218,16 @@ def measure(stack: NativeStack, *, rounds: int = 9, seconds: float = 4.0) -> Voi
         shutil.which("ffmpeg") or "ffmpeg"
     )
     wav = clip()
-    user = _create_user("127.0.0.1", stack.ports.router)
+    with Client("127.0.0.1", stack.ports.router, timeout=30) as client:
+        user = client.create_user("voice notes")
     roots = [os.getpid(), *(p.pid for p in stack.processes.values())]
     with tempfile.TemporaryDirectory(prefix="voice-notes-") as tmp:
         workdir = Path(tmp)
         wav_path = workdir / "note.wav"
         wav_path.write_bytes(wav)
         measure_uploads(stack, user, wav, 1.0)  # warm: connections, caches, first imports
-        load_before = _loadavg()
-        busy0, ours0 = _busy_ticks(), _tree_ticks(roots)
+        load_before = psutil.getloadavg()[0]
+        busy0, ours0 = machine_busy_seconds(), tree_cpu_seconds(roots)
         started = time.perf_counter()
         results: list[tuple[float, float]] = []
         bare_cpu, upload_cpu = _Cpu(), _Cpu()
@@ -301,16 +237,15 @@ def measure(stack: NativeStack, *, rounds: int = 9, seconds: float = 4.0) -> Voi
             uploads = measure_uploads(stack, user, wav, seconds, upload_cpu)
             results.append((bare, uploads))
         elapsed = time.perf_counter() - started
-        busy1, ours1 = _busy_ticks(), _tree_ticks(roots)
-    hz = os.sysconf("SC_CLK_TCK")
-    other = max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / hz / elapsed)
+        busy1, ours1 = machine_busy_seconds(), tree_cpu_seconds(roots)
+    other = max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / elapsed)
     return VoiceNoteFigures(
         ratio=statistics.median(u / b for b, u in results),
         uploads_per_second=statistics.median(u for _, u in results),
         bare_per_second=statistics.median(b for b, _ in results),
         rounds=results,
         load_before=load_before,
-        load_after=_loadavg(),
+        load_after=psutil.getloadavg()[0],
         other_cpu_cores=other,
         bare_cpu_ms=bare_cpu.ms_per_item(),
         upload_cpu_ms=upload_cpu.ms_per_item(),
