@@ -243,19 +243,6 @@ def test_the_encoder_runs_as_a_batch_process_at_normal_priority() -> None:
 
 # --- the exact length header --------------------------------------------------------------
 
-# (bits, tag, extensible, channels, rate): every kind of WAV the gate accepts
-VARIANTS = [
-    (8, wavgen.PCM, False, 1, 8000),
-    (16, wavgen.PCM, False, 2, 44100),
-    (24, wavgen.PCM, False, 2, 48000),
-    (32, wavgen.PCM, False, 1, 22050),
-    (32, wavgen.FLOAT, False, 2, 44100),
-    (64, wavgen.FLOAT, False, 1, 16000),
-    (24, wavgen.PCM, True, 6, 48000),
-    (16, wavgen.PCM, True, 2, 96000),
-    (16, wavgen.PCM, False, 1, 11025),
-]
-
 
 def reference_mp3(command: list[str], wav: bytes, tmp_path: Path) -> bytes:
     """What ffmpeg itself writes to a seekable file with the same arguments."""
@@ -272,7 +259,11 @@ def service_command(wav: bytes, options: EncodingOptions | None = None) -> list[
     return ffmpeg_command(FFMPEG, header, encoding, "/unused")
 
 
-@pytest.mark.parametrize(("bits", "tag", "extensible", "channels", "rate"), VARIANTS)
+@pytest.mark.parametrize(
+    ("bits", "tag", "extensible", "channels", "rate"),
+    wavgen.ACCEPTED_VARIANTS,
+    ids=wavgen.VARIANT_IDS,
+)
 def test_the_mp3_is_ffmpegs_own_seekable_file_byte_for_byte(
     bits: int, tag: int, extensible: bool, channels: int, rate: int, tmp_path: Path
 ) -> None:

@@ -70,31 +70,10 @@ def test_readme_journey_with_curl(stack: NativeStack, tmp_path: Path) -> None:
     assert abs(info.duration - 3.0) < 0.1
 
 
-VARIANTS = [
-    # (bits, tag, extensible, channels, rate)
-    (8, wavgen.PCM, False, 1, 8000),
-    (16, wavgen.PCM, False, 2, 44100),
-    (24, wavgen.PCM, False, 2, 48000),
-    (32, wavgen.PCM, False, 1, 22050),
-    (32, wavgen.FLOAT, False, 2, 44100),
-    (64, wavgen.FLOAT, False, 1, 16000),
-    (24, wavgen.PCM, True, 6, 48000),
-    (32, wavgen.FLOAT, True, 8, 96000),
-    (16, wavgen.PCM, True, 2, 192000),
-    (16, wavgen.PCM, False, 3, 11025),
-    (16, wavgen.PCM, False, 2, 88200),
-    (16, wavgen.PCM, False, 1, 32000),
-    (16, wavgen.PCM, False, 2, 12000),
-]
-
-
 @pytest.mark.parametrize(
     ("bits", "tag", "extensible", "channels", "rate"),
-    VARIANTS,
-    ids=[
-        f"{'ext-' if e else ''}{'f' if t == wavgen.FLOAT else 'i'}{b}-{c}ch-{r}"
-        for b, t, e, c, r in VARIANTS
-    ],
+    wavgen.ACCEPTED_VARIANTS,
+    ids=wavgen.VARIANT_IDS,
 )
 def test_every_supported_variant_converts(
     client: Client, bits: int, tag: int, extensible: bool, channels: int, rate: int

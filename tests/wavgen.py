@@ -163,3 +163,28 @@ def id3_chunk(*, title: str, picture: bool = False, version: int = 3, more: bool
     buf = io.BytesIO()
     tag.save(buf, v2_version=version, padding=lambda info: 0)
     return chunk(b"id3 ", buf.getvalue())
+
+
+# Every kind of WAV the header gate accepts, as (bits, tag, extensible, channels, rate): the
+# variants the conversion and end-to-end tests run through.
+ACCEPTED_VARIANTS = [
+    (8, PCM, False, 1, 8000),
+    (16, PCM, False, 2, 44100),
+    (24, PCM, False, 2, 48000),
+    (32, PCM, False, 1, 22050),
+    (32, FLOAT, False, 2, 44100),
+    (64, FLOAT, False, 1, 16000),
+    (24, PCM, True, 6, 48000),
+    (32, FLOAT, True, 8, 96000),
+    (16, PCM, True, 2, 96000),
+    (16, PCM, True, 2, 192000),
+    (16, PCM, False, 1, 11025),
+    (16, PCM, False, 3, 11025),
+    (16, PCM, False, 2, 88200),
+    (16, PCM, False, 1, 32000),
+    (16, PCM, False, 2, 12000),
+]
+VARIANT_IDS = [
+    f"{'ext-' if e else ''}{'f' if t == FLOAT else 'i'}{b}-{c}ch-{r}"
+    for b, t, e, c, r in ACCEPTED_VARIANTS
+]
