@@ -246,6 +246,14 @@ class Storage:
         with self.translate_errors():
             self.client.delete_object(Bucket=self.bucket, Key=key)
 
+    def discard(self, key: str) -> None:
+        """Delete ``key`` if the store lets us now; a failure is logged, not raised (what is
+        left is found later: by ``make sweep``, or the bucket's lifecycle rule for uploads/)."""
+        try:
+            self.delete(key)
+        except (DependencyUnavailable, ObjectMissing) as exc:
+            log.warning("could not delete %s: %s", key, exc)
+
     def list_keys(self, prefix: str) -> Iterator[list[str]]:
         """The keys under ``prefix``, a page (at most 1000) at a time."""
         with self.translate_errors():

@@ -175,7 +175,7 @@ def run_claimed(db: Database, storage: Storage, settings: Settings, job: Claimed
     if job.attempts > settings.job_max_attempts:
         log.error("conversion job abandoned", extra=extra)
         mark_failed(db, job.id, abandoned(settings.job_max_attempts))
-        _discard(storage, job.object_key)
+        storage.discard(job.object_key)
         return Outcome.FAILED
     log.info("conversion job started", extra=extra)
     if job.attempts > 1:
@@ -205,7 +205,7 @@ def run_claimed(db: Database, storage: Storage, settings: Settings, job: Claimed
             raise  # an outage: the queue delivers the job again
         log.info("conversion job failed: %s", exc.detail, extra=extra)
         mark_failed(db, job.id, exc)
-        _discard(storage, job.object_key)
+        storage.discard(job.object_key)
         return Outcome.FAILED
     finally:
         heartbeat.stop()
@@ -219,10 +219,10 @@ def run_claimed(db: Database, storage: Storage, settings: Settings, job: Claimed
             raise
         # The user was erased meanwhile: their rows, this job's included, are gone.
         log.info("conversion job of an erased user dropped", extra=extra)
-        _discard(storage, stored.key)
-        _discard(storage, job.object_key)
+        storage.discard(stored.key)
+        storage.discard(job.object_key)
         return Outcome.SKIPPED
-    _discard(storage, job.object_key)
+    storage.discard(job.object_key)
     log.info("conversion job done", extra={**extra, "mp3_bytes": stored.record.size_bytes})
     return Outcome.DONE
 
@@ -338,10 +338,3 @@ def _abort_stale_parts(storage: Storage, job: ClaimedJob) -> None:
                     log.info("aborted an earlier attempt's multipart upload", extra={"key": key})
     except (ServiceError, ObjectMissing) as exc:  # the lifecycle rule and make sweep remain
         log.warning("could not list the earlier attempt's multipart uploads: %s", exc)
-
-
-def _discard(storage: Storage, key: str) -> None:
-    try:
-        storage.delete(key)
-    except (ServiceError, ObjectMissing) as exc:  # the lifecycle rule removes it later
-        log.warning("could not delete the pending upload %s: %s", key, exc)

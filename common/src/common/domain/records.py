@@ -20,11 +20,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.models import FILENAME_MAX_LENGTH, Record
-from common.adapters.storage import ObjectMissing, Storage
+from common.adapters.storage import Storage
 from common.domain.conversion import convert_wav_stream
 from common.domain.encoding import EncodingOptions
 from common.domain.users import parse_uuid
-from common.errors import InvalidCursor, InvalidField, NotFound, ServiceError, Unauthorized
+from common.errors import InvalidCursor, InvalidField, NotFound, Unauthorized
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def create_record(
     try:
         db.execute(INSERT_RECORD, stored.row)
     except BaseException as exc:
-        _delete_quietly(storage, stored.key)  # no object without its row
+        storage.discard(stored.key)  # no object without its row
         if is_foreign_key_violation(exc):  # the user was erased while the upload streamed
             raise Unauthorized("The user was erased while this upload was converted.") from exc
         raise
@@ -197,13 +197,6 @@ def new_record(record: Record) -> NewRecord:
 def get_record(db: Database, record_id: uuid.UUID) -> Record | None:
     rows = db.execute(_SELECT_RECORD, {"id": record_id})
     return Record(**rows[0]._asdict()) if rows else None
-
-
-def _delete_quietly(storage: Storage, key: str) -> None:
-    try:
-        storage.delete(key)
-    except Exception as exc:  # make sweep removes an object without a row
-        log.warning("could not delete %s: %s", key, exc)
 
 
 def find_record(db: Database, raw_id: str | None, raw_user: str | None) -> Record:
@@ -349,9 +342,5 @@ def delete_record(
     rows = db.execute(_DELETE_RECORD, {"id": record_id, "user": user_id})
     if not rows:
         raise NotFound("No record with this id exists for this user.")
-    key = rows[0][0]
-    try:
-        storage.delete(key)
-    except (ServiceError, ObjectMissing) as exc:  # the row is gone: the sweep removes it
-        log.warning("could not delete the object of a deleted record: %s", exc)
+    storage.discard(rows[0][0])  # the row is gone already: the sweep removes a leftover
     log.info("record deleted", extra={"record_id": str(record_id)})

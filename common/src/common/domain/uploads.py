@@ -233,7 +233,7 @@ def complete_upload(
         )
         error = _problem_json(too_large, upload_id)
         if db.execute(_QUEUE_CLAIM_FAILED, {"id": upload_id, "user_id": user_id, "error": error}):
-            _discard(storage, row["object_key"])
+            storage.discard(row["object_key"])
             raise too_large
     else:
         won = db.execute(
@@ -343,13 +343,6 @@ def _clean_filename(raw: str | None) -> str | None:
         return None
     name = "".join(ch for ch in raw if ch.isprintable()).strip()
     return name[:FILENAME_MAX_LENGTH] or None
-
-
-def _discard(storage: Storage, key: str) -> None:
-    try:
-        storage.delete(key)
-    except (ServiceError, ObjectMissing) as exc:  # the lifecycle rule removes it later
-        log.warning("could not delete the pending upload %s: %s", key, exc)
 
 
 def _not_found() -> NotFound:
