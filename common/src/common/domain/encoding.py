@@ -14,11 +14,11 @@ service writes the ID3v2.4 tag itself, see :mod:`common.domain.id3`).
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.domain.text import first_control, without_controls
 from common.errors import InvalidField
 from common.settings import MP3_BITRATES_MPEG1, MP3_BITRATES_MPEG2
 
@@ -41,7 +41,6 @@ OPTION_FIELDS = ("bitrate_kbps", "vbr_quality", "channels", "sample_rate")
 # ID3v2.4 section 4: the timestamp format TDRC takes.
 _TIMESTAMP = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}(:\d{2}(:\d{2})?)?)?)?)?$")
 _ANY_BITRATE = tuple(sorted({*MP3_BITRATES_MPEG1, *MP3_BITRATES_MPEG2}))
-_BAD_CATEGORIES = frozenset({"Cc", "Cs"})  # control characters, lone surrogates
 
 
 class InvalidOption(InvalidField):
@@ -185,8 +184,7 @@ def clean_file_tag(name: str, raw: str) -> str | None:
     leading ``yyyy[-MM[-dd]]`` if it has one.
     """
     text = "".join(" " if ch in "\t\r\n" else ch for ch in raw)
-    text = "".join(ch for ch in text if unicodedata.category(ch) not in _BAD_CATEGORIES)
-    text = text.strip()
+    text = without_controls(text).strip()
     if name == "date":
         match = re.match(r"^\d{4}(-\d{2}(-\d{2})?)?", text)
         text = text if _TIMESTAMP.match(text) else (match.group(0) if match else "")
@@ -212,7 +210,7 @@ def _tag(fields: Mapping[str, object], name: str) -> str | None:
         return None
     if not isinstance(raw, str):
         raise InvalidOption(name, f"'{name}' must be a string.")
-    bad = next((ch for ch in raw if unicodedata.category(ch) in _BAD_CATEGORIES), None)
+    bad = first_control(raw)
     if bad is not None:
         raise InvalidOption(
             name, f"'{name}' contains a control character (U+{ord(bad):04X}); send plain text."

@@ -34,7 +34,6 @@ import logging
 import os
 import random
 import threading
-import unicodedata
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common.adapters.db import Database, sql
+from common.domain.text import first_control
 from common.errors import IdempotencyKeyReused, InvalidField, RequestInProgress
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def validate_key(raw: str, *, anonymous: bool = False) -> str:
         raise InvalidField("'Idempotency-Key' must not be empty.")
     if len(key) > KEY_MAX_LENGTH:
         raise InvalidField(f"'Idempotency-Key' must be at most {KEY_MAX_LENGTH} characters.")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in key):
+    if first_control(key) is not None:
         raise InvalidField("'Idempotency-Key' must not contain control characters.")
     if anonymous and len(key) < ANONYMOUS_KEY_MIN_LENGTH:
         raise InvalidField(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import unicodedata
 import uuid
 from dataclasses import dataclass
 
 from common.adapters.db import Database, sql
 from common.adapters.models import NAME_MAX_LENGTH
+from common.domain.text import first_control
 from common.domain.tokens import hash_token, new_token, token_matches
 from common.errors import InvalidField, Unauthorized
 
@@ -27,7 +27,7 @@ def validate_name(raw: object) -> str:
         raise InvalidField("'name' must not be empty.")
     if len(name) > NAME_MAX_LENGTH:
         raise InvalidField(f"'name' must be at most {NAME_MAX_LENGTH} characters.")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
+    if first_control(name) is not None:
         raise InvalidField("'name' must not contain control characters.")
     return name
 
