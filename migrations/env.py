@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 from logging.config import fileConfig
 
+import pg8000.dbapi
 from alembic import context
-from common.adapters.db import tls_connect_args, use_credentials
+from common.adapters.db import connect_params, login
 from common.adapters.models import Base
 from common.adapters.secrets import SecretCredentials
 from common.settings import DEFAULT_DATABASE_URL, normalise_database_url
@@ -33,11 +34,15 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    tls = tls_connect_args(os.environ.get("DB_TLS", "off").strip().lower() or "off")
-    engine = create_engine(_url(), poolclass=pool.NullPool, connect_args=tls)
+    tls = os.environ.get("DB_TLS", "off").strip().lower() or "off"
+    params = connect_params(_url(), tls=tls, timeout=None)
     secret_arn = os.environ.get("DATABASE_SECRET_ARN", "").strip()
-    if secret_arn:
-        use_credentials(engine, SecretCredentials(secret_arn))
+    credentials = SecretCredentials(secret_arn) if secret_arn else None
+    engine = create_engine(
+        _url(),
+        poolclass=pool.NullPool,
+        creator=lambda: login(pg8000.dbapi.connect, params, credentials),
+    )
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata)
         with context.begin_transaction():

@@ -152,7 +152,7 @@ def test_postgres_over_its_unix_socket(stack: NativeStack) -> None:
         try:
             db.check()
         finally:
-            db.engine.dispose()
+            db.dispose()
 
 
 @pytest.mark.integration

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import wavgen
+from common.adapters.db import sql
 from common.platform.runtime import Services
 from conftest import Client
-from sqlalchemy import text
 from stack import ScratchStack
 
 pytestmark = pytest.mark.e2e
@@ -28,7 +28,7 @@ POOL_SIZE, POOL_OVERFLOW = 2, 1
 CAP = POOL_SIZE + POOL_OVERFLOW
 THREADS = 16
 REQUESTS = 240
-CONNECTIONS_OF = text(
+CONNECTIONS_OF = sql(
     "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
 )  # fmt: skip
 

@@ -17,12 +17,11 @@ from typing import Any
 
 import boto3
 import pytest
-from common.adapters.db import Database
+from common.adapters.db import Database, sql
 from common.errors import DependencyUnavailable
 from common.settings import Settings
 from devstack import NativeStack
 from moto import mock_aws
-from sqlalchemy import text
 
 pytestmark = pytest.mark.integration
 
@@ -34,12 +33,12 @@ def role(stack: NativeStack, stack_settings: Settings) -> Iterator[tuple[str, st
     name = f"rotating_{uuid.uuid4().hex[:10]}"
     password = secrets.token_urlsafe(16)
     admin = Database.from_settings(stack_settings)
-    admin.execute(text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
+    admin.execute(sql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
     try:
         yield name, password
     finally:
-        admin.execute(text(f"DROP ROLE IF EXISTS {name}"))
-        admin.engine.dispose()
+        admin.execute(sql(f"DROP ROLE IF EXISTS {name}"))
+        admin.dispose()
 
 
 @pytest.fixture
@@ -69,22 +68,22 @@ def test_rotation_needs_no_restart(
     )["ARN"]
     db = Database.from_settings(_settings_without_password(stack, stack_settings, arn))
     try:
-        assert db.execute(text("SELECT current_user"))[0][0] == name
+        assert db.execute(sql("SELECT current_user"))[0][0] == name
 
         new_password = secrets.token_urlsafe(16)
         admin = Database.from_settings(stack_settings)
-        admin.execute(text(f"ALTER ROLE {name} PASSWORD '{new_password}'"))
-        admin.engine.dispose()
+        admin.execute(sql(f"ALTER ROLE {name} PASSWORD '{new_password}'"))
+        admin.dispose()
         secret_store.put_secret_value(
             SecretId=arn, SecretString=json.dumps({"username": name, "password": new_password})
         )
-        db.engine.dispose()  # the next request needs a new connection: a login
+        db.dispose()  # the next request needs a new connection: a login
         logging.getLogger("common.adapters.db").disabled = False  # whatever ran before
         with caplog.at_level(logging.WARNING, logger="common.adapters.db"):
-            assert db.execute(text("SELECT current_user"))[0][0] == name  # the same engine
+            assert db.execute(sql("SELECT current_user"))[0][0] == name  # the same pool
         assert "secret read again" in caplog.text
     finally:
-        db.engine.dispose()
+        db.dispose()
 
 
 def test_a_wrong_secret_is_an_outage_not_a_loop(
@@ -97,9 +96,9 @@ def test_a_wrong_secret_is_an_outage_not_a_loop(
     db = Database.from_settings(_settings_without_password(stack, stack_settings, arn))
     try:
         with pytest.raises(DependencyUnavailable):
-            db.execute(text("SELECT 1"))
+            db.execute(sql("SELECT 1"))
     finally:
-        db.engine.dispose()
+        db.dispose()
 
 
 def test_the_url_holds_no_password_and_the_secret_is_read_at_start(
@@ -115,6 +114,6 @@ def test_the_url_holds_no_password_and_the_secret_is_read_at_start(
     db = Database.from_settings(settings)  # reads the secret now
     secret_store.delete_secret(SecretId=arn, ForceDeleteWithoutRecovery=True)
     try:  # the login read at start serves new connections without another read
-        assert db.execute(text("SELECT current_user"))[0][0] == name
+        assert db.execute(sql("SELECT current_user"))[0][0] == name
     finally:
-        db.engine.dispose()
+        db.dispose()

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import requests
 import wavgen
-from common.adapters.models import Record
 from common.domain.conversion import ffmpeg_command
 from common.domain.encoding import EncodingOptions
-from common.domain.records import create_record
+from common.domain.records import create_record, get_record
 from common.domain.users import create_user
 from common.domain.wav import parse_header
 from conftest import Client
@@ -52,10 +51,9 @@ def test_a_multipart_mp3_is_ffmpegs_seekable_file_byte_for_byte(
     start = audio_start(stored)
     assert stored[start:] == reference.read_bytes()
     assert decoded_samples(stored, 44100) == int(seconds * 44100)
-    with services.db.session() as session:
-        row = session.get(Record, record.id)
-        assert row is not None
-        assert (row.bitrate_kbps, row.vbr_quality, row.tags) == (320, None, {"title": "Long"})
+    row = get_record(services.db, record.id)
+    assert row is not None
+    assert (row.bitrate_kbps, row.vbr_quality, row.tags) == (320, None, {"title": "Long"})
 
 
 def multipart_upload(

@@ -263,16 +263,17 @@ def test_storage_outage_is_503_and_leaves_no_row(
     body = assert_problem(response, 503)
     assert response.headers["Retry-After"].isdigit()
     assert "object store" in str(body["detail"])
-    from common.adapters.db import Database
+    from common.adapters.db import Database, sql
     from common.settings import Settings
-    from sqlalchemy import text
 
     db = Database.from_settings(Settings.from_env(stack.app_env()))
-    with db.session() as session:
-        count = session.execute(
-            text("SELECT count(*) FROM records WHERE user_id = :u"), {"u": uuid.UUID(user["id"])}
-        ).scalar_one()
-    assert count == 0
+    try:
+        rows = db.execute(
+            sql("SELECT count(*) FROM records WHERE user_id = :u"), {"u": uuid.UUID(user["id"])}
+        )
+    finally:
+        db.dispose()
+    assert rows[0][0] == 0
 
 
 # --- GET /record -------------------------------------------------------------------------

@@ -38,13 +38,12 @@ def test_users_authenticate_only_with_their_own_token(services: Services) -> Non
 
 
 def test_tokens_are_stored_as_hashes(services: Services) -> None:
-    from sqlalchemy import text
+    from common.adapters.db import sql
 
     user = create_user(services.db, "Hashed")
-    with services.db.session() as session:
-        stored = session.execute(
-            text("SELECT token_hash FROM users WHERE id = :id"), {"id": user.id}
-        ).scalar_one()
+    stored = services.db.execute(
+        sql("SELECT token_hash FROM users WHERE id = :id"), {"id": user.id}
+    )[0][0]
     assert len(stored) == 32
     assert user.token.encode() not in bytes(stored)
 

@@ -24,8 +24,7 @@ from typing import Any
 import pg8000.native
 import pytest
 import requests
-from common.adapters.db import Database
-from common.adapters.models import Record, User
+from common.adapters.db import Database, sql
 from common.adapters.queue import make_queue
 from common.adapters.storage import Storage
 from common.ops.sweep import sweep
@@ -33,8 +32,6 @@ from common.platform.runtime import Services
 from common.settings import Settings
 from conftest import running_stack
 from devstack import DB_NAME, DB_USER, NativeStack
-from sqlalchemy import create_engine, func, select
-from sqlalchemy.pool import NullPool
 from stack import ScratchStack
 from test_hostile_uploads import ffmpeg_descendants
 from wavgen import fmt_chunk, wav
@@ -60,9 +57,9 @@ def fault_stack() -> Iterator[ScratchStack]:
 
 @pytest.fixture(scope="module")
 def fault_services(fault_stack: NativeStack) -> Services:
-    """The test's own view of the stack: no connection pool, so no state across outages."""
+    """The test's own view of the stack."""
     settings = Settings.from_env(fault_stack.app_env())
-    db = Database(create_engine(settings.database_url, poolclass=NullPool))
+    db = Database.from_settings(settings)
     return Services(settings, db, Storage.from_settings(settings), make_queue(settings))
 
 
@@ -73,12 +70,13 @@ def new_user(stack: NativeStack, name: str = "Faulty") -> dict[str, str]:
     return body
 
 
+_RECORD_COUNT = sql("SELECT count(*) FROM records WHERE user_id = :user")
+_USERS_IN = sql("SELECT id FROM users WHERE id = ANY(:ids)")
+_RECORDS_IN = sql("SELECT id, user_id, etag, size_bytes FROM records WHERE id = ANY(:ids)")
+
+
 def record_rows(services: Services, user_id: str) -> int:
-    with services.db.session() as session:
-        count = session.scalar(
-            select(func.count()).select_from(Record).where(Record.user_id == uuid.UUID(user_id))
-        )
-    return int(count or 0)
+    return int(services.db.execute(_RECORD_COUNT, {"user": uuid.UUID(user_id)})[0][0])
 
 
 def user_objects(services: Services, user_id: str) -> list[str]:
@@ -428,8 +426,7 @@ def test_load_users_and_uploads_all_exist_once_and_intact(
     ids = {uuid.UUID(u["id"]) for u in users}
     assert len(ids) == 1000
     assert len({u["token"] for u in users}) == 1000
-    with fault_services.db.session() as db:
-        stored = db.scalars(select(User.id).where(User.id.in_(ids))).all()
+    stored = [row.id for row in fault_services.db.execute(_USERS_IN, {"ids": list(ids)})]
     assert sorted(stored) == sorted(ids)
 
     uploaders = users[:200]
@@ -453,11 +450,8 @@ def test_load_users_and_uploads_all_exist_once_and_intact(
     records = [body for _, body in uploaded]
     assert len({r["id"] for r in records}) == 200
 
-    with fault_services.db.session() as db:
-        rows = db.scalars(
-            select(Record).where(Record.id.in_([uuid.UUID(r["id"]) for r in records]))
-        ).all()
-        by_id = {str(row.id): (str(row.user_id), row.etag, row.size_bytes) for row in rows}
+    rows = fault_services.db.execute(_RECORDS_IN, {"ids": [uuid.UUID(r["id"]) for r in records]})
+    by_id = {str(row.id): (str(row.user_id), row.etag, row.size_bytes) for row in rows}
     assert len(by_id) == 200
 
     def download(pair: tuple[dict[str, str], dict[str, Any]]) -> tuple[str, bool]:

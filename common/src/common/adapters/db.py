@@ -1,12 +1,10 @@
-"""PostgreSQL through one SQLAlchemy engine (pg8000 DB-API driver), and outages as 503s.
+"""PostgreSQL through pg8000's native API: prepared statements on one pool, outages as 503s.
 
-Every connection a process opens comes from the engine's one pool, capped at
-``DB_POOL_SIZE`` + ``DB_POOL_OVERFLOW``. The engine runs in autocommit mode, so the
-single-statement requests (create a user, check a token, find a record) cost one statement
-and no BEGIN/COMMIT; :meth:`Database.transaction` and :meth:`Database.session` open a real
-transaction for work that spans statements. Statements are SQLAlchemy Core constructs
-(``text()`` with ``:name`` parameters, or ``select``/``insert``) built once at import, so
-each is compiled once and then found in the engine's compiled cache.
+Every connection a process opens comes from one SQLAlchemy ``QueuePool``, capped at
+``DB_POOL_SIZE`` + ``DB_POOL_OVERFLOW``. Each connection prepares a statement the first time
+it runs it (``pg8000.native.Connection.prepare``) and from then on runs it in one round
+trip, without BEGIN/COMMIT: outside :meth:`Database.transaction` every statement commits on
+its own. Statements are :func:`sql` constants with ``:name`` parameters, built at import.
 """
 
 from __future__ import annotations
@@ -14,14 +12,18 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import namedtuple
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Executable, Row, TextClause, create_engine, event, text
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from pg8000 import native
+from pg8000.exceptions import DatabaseError, InterfaceError
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 
 from common.adapters.secrets import Credentials, SecretCredentials
 from common.errors import DependencyUnavailable
@@ -32,32 +34,105 @@ log = logging.getLogger(__name__)
 # A pooled connection idle longer than this is pinged before use: a connection in steady use
 # needs no round trip for it, and one that breaks anyway is retried by Database.execute.
 PING_AFTER_IDLE_SECONDS = 5.0
-_LAST_USED = "last_used"
-# The isolation level of multi-statement work (the engine itself autocommits).
-TRANSACTION_ISOLATION = "READ COMMITTED"
-# PostgreSQL's SQLSTATE for a refused password (invalid_password).
+RECYCLE_SECONDS = 1800
+# SQLSTATEs that mean "the database can't serve now", not "this statement is wrong": 503.
+# 08 connection exception, 53 insufficient resources, 57P0x shutdown, 28 login refused.
+_OUTAGE_CLASSES = ("08", "53", "28")
+_OUTAGE_CODES = ("57P01", "57P02", "57P03", "57014")
 AUTH_FAILED = "28P01"
+FOREIGN_KEY_VIOLATION = "23503"
+# A prepared statement whose table changed shape under it (a migration ran): prepare anew.
+_PLAN_CHANGED = "0A000"
+
+# A row: a named tuple of the statement's columns (row.name, row[0], row._asdict()).
+Row = Any
+C = TypeVar("C")
 
 
-def make_engine(settings: Settings, credentials: SecretCredentials | None = None) -> Engine:
-    """The process's one engine; with ``credentials``, every new connection takes its login
-    from them (``DATABASE_SECRET_ARN``) instead of from ``DATABASE_URL``."""
-    engine = create_engine(
-        settings.database_url,
-        isolation_level="AUTOCOMMIT",
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_pool_overflow,
-        pool_timeout=settings.db_connect_timeout_seconds,
-        pool_recycle=1800,
-        connect_args={
-            "timeout": settings.db_connect_timeout_seconds,
-            **tls_connect_args(settings.db_tls),
-        },
-    )
-    _ping_idle_connections(engine)
-    if credentials is not None:
-        use_credentials(engine, credentials)
-    return engine
+class Statement:
+    """One SQL statement with ``:name`` parameters; its rows come back as named tuples."""
+
+    __slots__ = ("_row", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._row: Callable[[Any], Row] | None = None
+
+    def rows(self, raw: list[list[Any]] | None) -> list[Row]:
+        if not raw:
+            return []
+        assert self._row is not None, "rows before the statement's columns are known"
+        return [self._row(values) for values in raw]
+
+    def learn_columns(self, columns: list[dict[str, Any]] | None) -> None:
+        names = [column["name"] for column in columns or []]
+        row_type: Any = namedtuple("Row", names, rename=True)  # type: ignore[misc]
+        self._row = row_type._make
+
+    @property
+    def columns_known(self) -> bool:
+        return self._row is not None
+
+    def __repr__(self) -> str:
+        return f"sql({self.text!r})"
+
+
+def sql(text: str) -> Statement:
+    """A statement with ``:name`` parameters, built once at import."""
+    return Statement(text)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A server error that says the database can't serve now (as opposed to a bad statement)."""
+    code = sqlstate(exc)
+    return code is not None and (code.startswith(_OUTAGE_CLASSES) or code in _OUTAGE_CODES)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a server error: pg8000 carries the error's fields (C = code) in args[0]."""
+    fields = exc.args[0] if isinstance(exc, DatabaseError) and exc.args else None
+    code = fields.get("C") if isinstance(fields, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def is_foreign_key_violation(exc: BaseException) -> bool:
+    """SQLSTATE 23503: a row refers to one that is gone (its user was erased meanwhile)."""
+    return sqlstate(exc) == FOREIGN_KEY_VIOLATION
+
+
+class Connection:
+    """One pooled pg8000 connection and the statements prepared on it.
+
+    It has the DB-API's ``rollback``/``commit``/``close``, which is what the pool calls.
+    """
+
+    def __init__(self, raw: native.Connection) -> None:
+        self.raw = raw
+        self._prepared: dict[str, native.PreparedStatement] = {}
+
+    def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> list[Row]:
+        """Run ``statement``; its rows (empty for a statement that returns none)."""
+        values = dict(params or {})
+        if not statement.columns_known:  # its first run in this process names its columns
+            rows = self.raw.run(statement.text, **values)
+            statement.learn_columns(self.raw.columns)
+            return statement.rows(rows)
+        prepared = self._prepared.get(statement.text)
+        if prepared is None:
+            prepared = self._prepared[statement.text] = self.raw.prepare(statement.text)
+        return statement.rows(prepared.run(**values))
+
+    def forget(self, statement: Statement) -> None:
+        self._prepared.pop(statement.text, None)
+
+    def commit(self) -> None:
+        self.raw.run("COMMIT")
+
+    def rollback(self) -> None:
+        self.raw.run("ROLLBACK")
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 def tls_connect_args(mode: str) -> dict[str, Any]:
@@ -71,6 +146,16 @@ def tls_connect_args(mode: str) -> dict[str, Any]:
     return {"ssl_context": context}
 
 
+def connect_params(database_url: str, *, tls: str, timeout: float | None) -> dict[str, Any]:
+    """pg8000 ``connect()`` keyword arguments from DATABASE_URL and DB_TLS."""
+    url = make_url(database_url)
+    params: dict[str, Any] = url.translate_connect_args(username="user")
+    params.update(url.query)  # e.g. unix_sock=/cloudsql/.../.s.PGSQL.5432
+    params.update(tls_connect_args(tls))
+    params["timeout"] = timeout
+    return params
+
+
 def credentials_from_settings(settings: Settings) -> SecretCredentials | None:
     """The secret named by DATABASE_SECRET_ARN, read now (at start); None without one."""
     if not settings.database_secret_arn:
@@ -78,96 +163,118 @@ def credentials_from_settings(settings: Settings) -> SecretCredentials | None:
     return SecretCredentials(settings.database_secret_arn)
 
 
-def use_credentials(engine: Engine, credentials: SecretCredentials) -> None:
-    """Connect with the secret's current login; after a refused password, re-read it once.
+def login(
+    connect: Callable[..., C], params: Mapping[str, Any], credentials: SecretCredentials | None
+) -> C:
+    """``connect(**params)``, with the secret's current login when there is a secret.
 
-    SQLAlchemy's documented ``do_connect`` event: the listener makes the DB-API connection
-    itself. Connections already in the pool keep working across a rotation (PostgreSQL
-    checks the password only at login); a new one that the server refuses with 28P01 makes
-    the secret be read again and the connection tried once more with what it holds now.
+    Connections already open keep working across a rotation (PostgreSQL checks the password
+    only at login); a new one that the server refuses with 28P01 makes the secret be read
+    again and the login tried once more with what it holds now. Used by the pool here and
+    by the migrations' engine.
     """
-
-    @event.listens_for(engine, "do_connect")
-    def connect(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
-        used = credentials.current()
-        try:
-            return dialect.dbapi.connect(*cargs, **{**cparams, **used.connect_params()})
-        except dialect.dbapi.DatabaseError as exc:
-            if not _auth_failed(exc):
-                raise
-            fresh: Credentials = credentials.refresh(used)
-            log.warning("database login refused; connecting with the secret read again")
-        try:
-            return dialect.dbapi.connect(*cargs, **{**cparams, **fresh.connect_params()})
-        except dialect.dbapi.DatabaseError as exc:
-            if not _auth_failed(exc):
-                raise
-            # Refused with the secret's newest login too: the database is unusable (503).
-            raise dialect.dbapi.OperationalError(*exc.args) from exc
+    if credentials is None:
+        return connect(**params)
+    used = credentials.current()
+    try:
+        return connect(**{**params, **used.connect_params()})
+    except DatabaseError as exc:
+        if sqlstate(exc) != AUTH_FAILED:
+            raise
+        fresh: Credentials = credentials.refresh(used)
+        log.warning("database login refused; connecting with the secret read again")
+    return connect(**{**params, **fresh.connect_params()})
 
 
-def _auth_failed(exc: BaseException) -> bool:
-    """pg8000 carries the server's error fields (C = SQLSTATE) in its first argument."""
-    fields = exc.args[0] if exc.args else None
-    return isinstance(fields, dict) and fields.get("C") == AUTH_FAILED
+def make_pool(settings: Settings, credentials: SecretCredentials | None = None) -> QueuePool:
+    """The process's one pool of connections."""
+    params = connect_params(
+        settings.database_url, tls=settings.db_tls, timeout=settings.db_connect_timeout_seconds
+    )
+
+    def create() -> Any:
+        return Connection(login(native.Connection, params, credentials))
+
+    pool = QueuePool(
+        create,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_overflow,
+        timeout=settings.db_connect_timeout_seconds,
+        recycle=RECYCLE_SECONDS,
+        reset_on_return=None,  # every transaction ends before its connection goes back
+    )
+    _ping_idle_connections(pool)
+    return pool
 
 
-def _ping_idle_connections(engine: Engine) -> None:
-    """pool_pre_ping, but only for connections idle longer than PING_AFTER_IDLE_SECONDS."""
+def _ping_idle_connections(pool: QueuePool) -> None:
+    """A pre-ping, but only for connections idle longer than PING_AFTER_IDLE_SECONDS."""
+    last_used = "last_used"
 
-    @event.listens_for(engine, "checkin")
-    def on_checkin(_dbapi_connection: Any, record: Any) -> None:
-        record.info[_LAST_USED] = time.monotonic()
+    @event.listens_for(pool, "checkin")
+    def on_checkin(_connection: Any, record: Any) -> None:
+        record.info[last_used] = time.monotonic()
 
-    @event.listens_for(engine, "checkout")
-    def on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        last_used = record.info.get(_LAST_USED)
-        if last_used is not None and time.monotonic() - last_used < PING_AFTER_IDLE_SECONDS:
+    @event.listens_for(pool, "checkout")
+    def on_checkout(connection: Connection, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get(last_used)
+        if idle_since is not None and time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
             return
         try:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("SELECT 1")
-            cursor.fetchall()
+            connection.raw.run("SELECT 1")
         except Exception as exc:
             raise DisconnectionError(str(exc)) from exc  # the pool connects afresh
 
 
-def sql(statement: str) -> TextClause:
-    """A statement with ``:name`` parameters, built once at import (cached when compiled)."""
-    return text(statement)
+class _Lost(Exception):
+    """The connection broke under a statement: it is discarded, and may be retried."""
 
 
 class Database:
-    def __init__(self, engine: Engine, *, retry_after: int = 5) -> None:
-        self.engine = engine
+    def __init__(self, pool: QueuePool, *, retry_after: int = 5) -> None:
+        self.pool = pool
         self.retry_after = retry_after
-        self._transactional = engine.execution_options(isolation_level=TRANSACTION_ISOLATION)
-        self._sessions = sessionmaker(self._transactional, expire_on_commit=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
-        engine = make_engine(settings, credentials_from_settings(settings))
-        return cls(engine, retry_after=settings.retry_after_seconds)
+        pool = make_pool(settings, credentials_from_settings(settings))
+        return cls(pool, retry_after=settings.retry_after_seconds)
+
+    def unavailable(self, exc: BaseException, what: str) -> DependencyUnavailable:
+        log.error("database %s: %s", what, exc)
+        error = DependencyUnavailable("database", self.retry_after)
+        error.__cause__ = exc
+        return error
 
     @contextmanager
-    def translate_errors(self) -> Iterator[None]:
+    def _connection(self) -> Iterator[Connection]:
+        """A pooled connection; one that a failure may have left half-way is discarded."""
         try:
-            yield
-        except (OperationalError, InterfaceError, PoolTimeout) as exc:
-            log.error("database unavailable: %s", exc)
-            raise DependencyUnavailable("database", self.retry_after) from exc
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                log.error("database connection lost: %s", exc)
-                raise DependencyUnavailable("database", self.retry_after) from exc
+            proxy: PoolProxiedConnection = self.pool.connect()
+        except (PoolTimeout, DisconnectionError, DatabaseError, InterfaceError, OSError) as exc:
+            if isinstance(exc, DatabaseError) and not is_outage(exc):
+                raise
+            raise self.unavailable(exc, "unreachable") from exc
+        connection = cast(Connection, proxy.dbapi_connection)
+        try:
+            yield connection
+        except DatabaseError as exc:  # the server answered: the connection is in step
+            if is_outage(exc):
+                proxy.invalidate(exc)
+                raise _Lost() from exc
             raise
-        except OSError as exc:  # a socket error the driver let through while connecting
-            log.error("database unreachable: %s", exc)
-            raise DependencyUnavailable("database", self.retry_after) from exc
+        except InterfaceError as exc:
+            proxy.invalidate(exc)
+            raise _Lost() from exc
+        except Exception:  # the caller's own error, raised between statements
+            raise
+        except BaseException as exc:  # an exit in the middle of a reply leaves it out of step
+            proxy.invalidate(exc)
+            raise
+        finally:
+            proxy.close()
 
-    def execute(
-        self, statement: Executable, params: Mapping[str, Any] | None = None
-    ) -> Sequence[Row[Any]]:
+    def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> list[Row]:
         """Run one autocommitted statement; its rows (empty for a statement without any).
 
         A connection found broken is discarded and the statement retried once on a fresh
@@ -176,45 +283,44 @@ class Database:
         """
         for attempt in (1, 2):
             try:
-                with self.translate_errors(), self.engine.connect() as conn:
-                    result = conn.execute(statement, dict(params or {}))
-                    return result.all() if result.returns_rows else []
-            except DependencyUnavailable as exc:
-                if attempt == 2 or not _connection_lost(exc):
-                    raise
+                with self._connection() as conn:
+                    try:
+                        return conn.execute(statement, params)
+                    except DatabaseError as exc:
+                        if sqlstate(exc) != _PLAN_CHANGED:
+                            raise
+                        conn.forget(statement)
+                        return conn.execute(statement, params)
+            except _Lost as exc:
+                if attempt == 2:
+                    raise self.unavailable(exc.__cause__ or exc, "connection lost") from exc
         raise AssertionError("unreachable")
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """A Core connection in a transaction, committed on success; outages become 503."""
-        with self.translate_errors(), self._transactional.begin() as conn:
-            yield conn
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        """An ORM session in a transaction, committed on success; outages become 503."""
-        with self.translate_errors(), self._sessions() as session, session.begin():
-            yield session
+        """A connection in a transaction, committed on success; outages become 503."""
+        try:
+            with self._connection() as conn:
+                conn.raw.run("BEGIN")
+                try:
+                    yield conn
+                except BaseException as exc:
+                    try:
+                        conn.rollback()
+                    except Exception as failed:
+                        raise failed from exc  # the connection is judged by this error
+                    raise
+                conn.commit()
+        except _Lost as exc:
+            raise self.unavailable(exc.__cause__ or exc, "connection lost") from exc
 
     def check(self) -> None:
         """SELECT 1 (the health check); a connection found broken is retried once."""
         self.execute(_SELECT_ONE)
 
+    def dispose(self) -> None:
+        """Close every pooled connection (tests; a fork)."""
+        self.pool.dispose()
+
 
 _SELECT_ONE = sql("SELECT 1")
-
-
-def _connection_lost(exc: DependencyUnavailable) -> bool:
-    cause = exc.__cause__
-    return isinstance(cause, DBAPIError) and cause.connection_invalidated
-
-
-def is_foreign_key_violation(exc: BaseException) -> bool:
-    """SQLSTATE 23503: a row refers to one that is gone (its user was erased meanwhile).
-
-    pg8000 reports it as a ProgrammingError, not an IntegrityError: read the code itself.
-    """
-    if not isinstance(exc, DBAPIError):
-        return False
-    fields = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
-    return isinstance(fields, dict) and fields.get("C") == "23503"

@@ -57,7 +57,7 @@ def erase_user(db: Database, storage: Storage, settings: Settings, user_id: uuid
     deadline = time.monotonic() + settings.erase_deadline_seconds
     with db.transaction() as conn:
         conn.execute(_MARK, {"id": user_id})
-        if not conn.execute(_DELETE_USER, {"id": user_id}).all():
+        if not conn.execute(_DELETE_USER, {"id": user_id}):
             raise NotFound("No such user.")  # erased concurrently: the other request won
     deleted, complete = purge_objects(storage, user_id, deadline)
     log.info(

@@ -15,9 +15,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-
 from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.models import FILENAME_MAX_LENGTH, Record
 from common.adapters.storage import Storage
@@ -31,15 +28,20 @@ log = logging.getLogger(__name__)
 
 _UNSAFE_FILENAME = re.compile(r'[\\/:*?"<>|]+')
 
-# Single statements on the lean path (Database.execute): no ORM unit of work per request.
 _RECORD_COLUMNS = (
     "id", "user_id", "object_key", "filename", "size_bytes", "etag", "duration_seconds",
     "bitrate_kbps", "sample_rate", "channels", "vbr_quality", "tags",
 )  # fmt: skip
 # A retried insert that had landed finds its own row: nothing happens.
-INSERT_RECORD = pg_insert(Record).on_conflict_do_nothing(index_elements=["id"])
-_SELECT_RECORD = select(*(Record.__table__.c[c] for c in _RECORD_COLUMNS)).where(
-    Record.id == bindparam("id")
+INSERT_RECORD = sql(
+    "INSERT INTO records (id, user_id, object_key, filename, size_bytes, etag, "
+    "duration_seconds, bitrate_kbps, sample_rate, channels, vbr_quality, tags) "
+    "VALUES (:id, :user_id, :object_key, :filename, :size_bytes, :etag, :duration_seconds, "
+    ":bitrate_kbps, :sample_rate, :channels, :vbr_quality, :tags) ON CONFLICT (id) DO NOTHING"
+)
+_SELECT_RECORD = sql(
+    "SELECT id, user_id, object_key, filename, size_bytes, etag, duration_seconds, "
+    "bitrate_kbps, sample_rate, channels, vbr_quality, tags FROM records WHERE id = :id"
 )
 
 

@@ -34,10 +34,9 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from common.adapters.db import Database, sql
-from common.adapters.models import FILENAME_MAX_LENGTH, Upload
+from common.adapters.models import FILENAME_MAX_LENGTH
 from common.adapters.queue import JobQueue
 from common.adapters.storage import ObjectMissing, Storage
 from common.domain.encoding import EncodingOptions
@@ -65,7 +64,10 @@ _UPLOAD_PATH = re.compile(r"^/records/uploads/([^/]+)(/complete)?/?$")
 # How often a completion that waits (Prefer: wait=N) looks at its job.
 WAIT_POLL_SECONDS = 0.25
 
-_INSERT_UPLOAD = pg_insert(Upload).on_conflict_do_nothing(index_elements=["id"])
+_INSERT_UPLOAD = sql(
+    "INSERT INTO uploads (id, user_id, object_key, filename, options) "
+    "VALUES (:id, :user_id, :object_key, :filename, :options) ON CONFLICT (id) DO NOTHING"
+)
 _SELECT_UPLOAD = sql(
     "SELECT id, user_id, object_key, status, progress, record_id, error, attempts, "
     "lease_until < now() AS lease_expired FROM uploads WHERE id = :id AND user_id = :user_id"

@@ -32,13 +32,11 @@ import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
-
-from common.adapters.db import Database
-from common.adapters.models import Record
+from common.adapters.db import Database, sql
 from common.domain.erasure import continue_erasures
 from common.domain.idempotency import purge_expired
 from common.domain.jobs import forget_abandoned_uploads, requeue_stalled
+from common.domain.records import RECORD_PREFIX
 from common.platform.logs import configure_logging
 from common.platform.runtime import Services
 from common.settings import get_settings
@@ -47,8 +45,8 @@ log = logging.getLogger("common.ops.sweep")
 
 DEFAULT_GRACE_SECONDS = 3600
 RECORD_KEY = re.compile(r"^users/[0-9a-f-]{36}/records/[0-9a-f-]{36}\.mp3$")
-RECORD_PREFIX = "users/"
 _BATCH = 500
+_KEYS_WITH_ROWS = sql("SELECT object_key FROM records WHERE object_key = ANY(:keys)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +60,7 @@ class SweepResult:
 
 
 def _keys_with_rows(db: Database, keys: list[str]) -> set[str]:
-    with db.session() as session:
-        found = session.scalars(select(Record.object_key).where(Record.object_key.in_(keys)))
-        return set(found)
+    return {row.object_key for row in db.execute(_KEYS_WITH_ROWS, {"keys": keys})}
 
 
 def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None) -> SweepResult:
