@@ -114,16 +114,23 @@ class Connection:
         """Run ``statement``; its rows (empty for a statement that returns none)."""
         values = dict(params or {})
         if not statement.columns_known:  # its first run in this process names its columns
-            rows = self.raw.run(statement.text, **values)
-            statement.learn_columns(self.raw.columns)
-            return statement.rows(rows)
+            return self._run_and_learn(statement, values)
         prepared = self._prepared.get(statement.text)
         if prepared is None:
             prepared = self._prepared[statement.text] = self.raw.prepare(statement.text)
         return statement.rows(prepared.run(**values))
 
-    def forget(self, statement: Statement) -> None:
-        self._prepared.pop(statement.text, None)
+    def prepare_again(self, statement: Statement, params: Mapping[str, Any] | None) -> list[Row]:
+        """Run ``statement`` whose table changed shape (a migration): its columns anew."""
+        prepared = self._prepared.pop(statement.text, None)
+        if prepared is not None:
+            prepared.close()
+        return self._run_and_learn(statement, dict(params or {}))
+
+    def _run_and_learn(self, statement: Statement, values: dict[str, Any]) -> list[Row]:
+        rows = self.raw.run(statement.text, **values)
+        statement.learn_columns(self.raw.columns)
+        return statement.rows(rows)
 
     def commit(self) -> None:
         self.raw.run("COMMIT")
@@ -289,8 +296,7 @@ class Database:
                     except DatabaseError as exc:
                         if sqlstate(exc) != _PLAN_CHANGED:
                             raise
-                        conn.forget(statement)
-                        return conn.execute(statement, params)
+                        return conn.prepare_again(statement, params)
             except _Lost as exc:
                 if attempt == 2:
                     raise self.unavailable(exc.__cause__ or exc, "connection lost") from exc
