@@ -128,3 +128,24 @@ def test_a_connection_the_server_ends_is_replaced_and_the_statement_retried(
     pid = db.execute(BACKEND)[0].pid
     assert admin.execute(TERMINATE, {"pid": pid})[0].ok
     assert db.execute(BACKEND)[0].pid != pid  # no error reached the caller
+
+
+@pytest.mark.usefixtures("table")
+def test_without_prepared_statements_nothing_is_prepared(stack_settings: Settings) -> None:
+    unprepared = dataclasses.replace(
+        stack_settings, db_pool_size=1, db_pool_overflow=0, db_prepared_statements=False
+    )
+    db = Database.from_settings(unprepared)
+    try:
+        marker = str(uuid.uuid4())
+        probe = sql(f"SELECT CAST(:n AS integer) + 1 AS next /* {marker} */")
+        assert [row.next for _ in range(3) for row in db.execute(probe, {"n": 1})] == [2] * 3
+        assert not any(marker in row.statement for row in db.execute(PREPARED_HERE))
+        db.execute(INSERT, {"id": 1, "n": 1})
+        assert [row._asdict() for row in db.execute(EVERYTHING)] == [{"id": 1, "n": 1}]
+        db.execute(ADD_COLUMN)
+        assert [row._asdict() for row in db.execute(EVERYTHING)] == [
+            {"id": 1, "n": 1, "label": "x"}
+        ]
+    finally:
+        db.dispose()

@@ -15,6 +15,7 @@ def test_defaults_are_safe_for_the_local_stack() -> None:
     assert s.s3_bucket == "records"
     assert s.s3_endpoint_url is None  # AWS itself unless configured
     assert s.public_base_url is None
+    assert s.db_prepared_statements is True
 
 
 def test_values_are_read_and_typed() -> None:
@@ -27,8 +28,10 @@ def test_values_are_read_and_typed() -> None:
             "S3_ENDPOINT_URL": "http://storage:8333/",
             "PUBLIC_BASE_URL": "https://records.example.com/",
             "FFMPEG_BINARY": "ffmpeg",
+            "DB_PREPARED_STATEMENTS": "False",
         }
     )
+    assert s.db_prepared_statements is False
     assert s.database_url == "postgresql+pg8000://u:p@db:5432/x"
     assert s.max_upload_bytes == 1048576
     assert s.mp3_bitrate_kbps == 128
@@ -48,6 +51,7 @@ def test_values_are_read_and_typed() -> None:
         ("CONVERT_TIMEOUT_SECONDS", "-1", "positive"),
         ("DATABASE_URL", "mysql://x", "postgresql"),
         ("PRESIGN_EXPIRES_SECONDS", "999999999", "7 days"),
+        ("DB_PREPARED_STATEMENTS", "sometimes", "true or false"),
     ],
 )
 def test_bad_values_refuse_to_start(name: str, value: str, message: str) -> None:

@@ -88,6 +88,9 @@ class Settings:
     database_secret_arn: str | None = None
     # TLS to the database: off, require (encrypted, not verified) or verify (system CAs).
     db_tls: str = "off"
+    # Named prepared statements (one round trip each); off behind a proxy that multiplexes
+    # sessions per transaction (RDS Proxy, PgBouncer): it would pin each session instead.
+    db_prepared_statements: bool = True
     # Keys the stored idempotent replies (with each raw Idempotency-Key) and the list cursors.
     idempotency_secret: str = field(default=DEV_IDEMPOTENCY_SECRET, repr=False)
     # AWS: the value CloudFront puts in X-Origin-Verify; when set, the Lambda handler refuses
@@ -98,7 +101,6 @@ class Settings:
     # DELETE /users/<id> removes objects for at most this long, then leaves the rest to the
     # sweep (the rows, and with them the token, are gone before the first object).
     erase_deadline_seconds: float = 20.0
-    # get_record keeps recently served MP3s in memory (per process); 0 turns it off.
     # Conversion jobs of direct uploads (common.domain.jobs).
     job_queue: JobQueueKind = JobQueueKind.POSTGRES
     job_queue_url: str | None = None
@@ -144,6 +146,7 @@ class Settings:
             google_cloud_project=e.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
             database_secret_arn=e.get("DATABASE_SECRET_ARN", "").strip() or None,
             db_tls=(e.get("DB_TLS", "off").strip().lower() or "off"),
+            db_prepared_statements=bool_setting(e, "DB_PREPARED_STATEMENTS", True),
             idempotency_secret=_idempotency_secret(e),
             origin_verify_secret=_origin_verify_secret(e),
             idempotency_lease_seconds=int_setting(e, "IDEMPOTENCY_LEASE_SECONDS", 60, minimum=5),
@@ -223,6 +226,18 @@ def int_setting(env: Mapping[str, str], name: str, default: int, *, minimum: int
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def bool_setting(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """``true``/``false`` (also 1/0, yes/no, on/off) in ``env[name]``; ``default`` when unset."""
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("true", "1", "yes", "on"):
+        return True
+    if raw in ("false", "0", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

@@ -5,6 +5,8 @@ Every connection a process opens comes from one SQLAlchemy ``QueuePool``, capped
 it runs it (``pg8000.native.Connection.prepare``) and from then on runs it in one round
 trip, without BEGIN/COMMIT: outside :meth:`Database.transaction` every statement commits on
 its own. Statements are :func:`sql` constants with ``:name`` parameters, built at import.
+With ``DB_PREPARED_STATEMENTS=false`` (behind RDS Proxy or PgBouncer, which would pin a
+session that prepares) every statement runs unnamed, in pg8000's three round trips.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ C = TypeVar("C")
 class Statement:
     """One SQL statement with ``:name`` parameters; its rows come back as named tuples."""
 
-    __slots__ = ("_row", "text")
+    __slots__ = ("_names", "_row", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
+        self._names: list[str] | None = None
         self._row: Callable[[Any], Row] | None = None
 
     def rows(self, raw: list[list[Any]] | None) -> list[Row]:
@@ -66,6 +69,9 @@ class Statement:
 
     def learn_columns(self, columns: list[dict[str, Any]] | None) -> None:
         names = [column["name"] for column in columns or []]
+        if names == self._names:
+            return
+        self._names = names
         row_type: Any = namedtuple("Row", names, rename=True)  # type: ignore[misc]
         self._row = row_type._make
 
@@ -106,14 +112,15 @@ class Connection:
     It has the DB-API's ``rollback``/``commit``/``close``, which is what the pool calls.
     """
 
-    def __init__(self, raw: native.Connection) -> None:
+    def __init__(self, raw: native.Connection, *, prepare: bool = True) -> None:
         self.raw = raw
+        self.prepare = prepare  # False: every statement unnamed (DB_PREPARED_STATEMENTS)
         self._prepared: dict[str, native.PreparedStatement] = {}
 
     def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> list[Row]:
         """Run ``statement``; its rows (empty for a statement that returns none)."""
         values = dict(params or {})
-        if not statement.columns_known:  # its first run in this process names its columns
+        if not self.prepare or not statement.columns_known:  # the first run names its columns
             return self._run_and_learn(statement, values)
         prepared = self._prepared.get(statement.text)
         if prepared is None:
@@ -129,7 +136,7 @@ class Connection:
 
     def _run_and_learn(self, statement: Statement, values: dict[str, Any]) -> list[Row]:
         rows = self.raw.run(statement.text, **values)
-        statement.learn_columns(self.raw.columns)
+        statement.learn_columns(self.raw.columns)  # the same names again: nothing to do
         return statement.rows(rows)
 
     def commit(self) -> None:
@@ -200,7 +207,8 @@ def make_pool(settings: Settings, credentials: SecretCredentials | None = None) 
     )
 
     def create() -> Any:
-        return Connection(login(native.Connection, params, credentials))
+        raw = login(native.Connection, params, credentials)
+        return Connection(raw, prepare=settings.db_prepared_statements)
 
     pool = QueuePool(
         create,
