@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from common.adapters.db import Database, is_foreign_key_violation, sql
+from common.errors import DependencyUnavailable
 from common.settings import Settings
 from pg8000.exceptions import DatabaseError
 
@@ -16,6 +17,8 @@ pytestmark = pytest.mark.integration
 BACKEND = sql("SELECT pg_backend_pid() AS pid")
 PREPARED_HERE = sql("SELECT statement FROM pg_prepared_statements")
 TERMINATE = sql("SELECT pg_terminate_backend(:pid, 5000) AS ok")  # waits up to 5 s for it
+SHORT_TIMEOUT = sql("SET statement_timeout = 50")  # this session only: the fixture's pool
+SLEEP = sql("SELECT pg_sleep(2)")
 # A scratch table of this module's, made and dropped by the `table` fixture.
 CREATE = sql("CREATE TABLE db_test_scratch (id integer PRIMARY KEY, n integer NOT NULL)")
 DROP = sql("DROP TABLE IF EXISTS db_test_scratch")
@@ -149,3 +152,12 @@ def test_without_prepared_statements_nothing_is_prepared(stack_settings: Setting
         ]
     finally:
         db.dispose()
+
+
+def test_a_statement_timeout_is_an_outage_on_a_connection_kept(db: Database) -> None:
+    pid = db.execute(BACKEND)[0].pid
+    db.execute(SHORT_TIMEOUT)
+    with pytest.raises(DependencyUnavailable) as raised:
+        db.execute(SLEEP)
+    assert raised.value.status == 503
+    assert db.execute(BACKEND)[0].pid == pid  # the connection was kept

@@ -38,9 +38,12 @@ log = logging.getLogger(__name__)
 PING_AFTER_IDLE_SECONDS = 5.0
 RECYCLE_SECONDS = 1800
 # SQLSTATEs that mean "the database can't serve now", not "this statement is wrong": 503.
-# 08 connection exception, 53 insufficient resources, 57P0x shutdown, 28 login refused.
-_OUTAGE_CLASSES = ("08", "53", "28")
-_OUTAGE_CODES = ("57P01", "57P02", "57P03", "57014")
+# The session is gone: 08 connection exception, 57P01-03 shutdown, crash, not yet accepting.
+_SESSION_GONE_CLASS = "08"
+_SESSION_GONE_CODES = ("57P01", "57P02", "57P03")
+# The session is fine: 53 insufficient resources, 28 login refused, 57014 statement timeout.
+_BUSY_CLASSES = ("53", "28")
+_BUSY_CODES = ("57014",)
 AUTH_FAILED = "28P01"
 FOREIGN_KEY_VIOLATION = "23503"
 # A prepared statement whose table changed shape under it (a migration ran): prepare anew.
@@ -91,7 +94,17 @@ def sql(text: str) -> Statement:
 def is_outage(exc: BaseException) -> bool:
     """A server error that says the database can't serve now (as opposed to a bad statement)."""
     code = sqlstate(exc)
-    return code is not None and (code.startswith(_OUTAGE_CLASSES) or code in _OUTAGE_CODES)
+    return code is not None and (
+        session_gone(exc) or code.startswith(_BUSY_CLASSES) or code in _BUSY_CODES
+    )
+
+
+def session_gone(exc: BaseException) -> bool:
+    """A server error after which the connection can't be used again."""
+    code = sqlstate(exc)
+    return code is not None and (
+        code.startswith(_SESSION_GONE_CLASS) or code in _SESSION_GONE_CODES
+    )
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -274,9 +287,11 @@ class Database:
         try:
             yield connection
         except DatabaseError as exc:  # the server answered: the connection is in step
-            if is_outage(exc):
+            if session_gone(exc):
                 proxy.invalidate(exc)
                 raise _Lost() from exc
+            if is_outage(exc):  # e.g. a statement timeout: the connection stays in use
+                raise self.unavailable(exc, "unavailable") from exc
             raise
         except InterfaceError as exc:
             proxy.invalidate(exc)
