@@ -10,7 +10,7 @@ import pytest
 from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.errors import DependencyUnavailable
 from common.settings import Settings
-from pg8000.exceptions import DatabaseError
+from pg8000.native import DatabaseError
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
 from pg8000 import native
-from pg8000.exceptions import DatabaseError, InterfaceError
+from pg8000.native import DatabaseError, InterfaceError
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError

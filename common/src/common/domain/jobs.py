@@ -37,7 +37,6 @@ from enum import StrEnum
 from typing import Any
 
 from botocore.exceptions import BotoCoreError
-from pg8000.exceptions import DatabaseError
 
 from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.queue import JobQueue
@@ -214,7 +213,7 @@ def run_claimed(db: Database, storage: Storage, settings: Settings, job: Claimed
         with db.transaction() as conn:  # the record and "done" land together, or neither does
             conn.execute(INSERT_RECORD, stored.row)
             conn.execute(_DONE, {"id": job.id})
-    except DatabaseError as exc:
+    except Exception as exc:
         if not is_foreign_key_violation(exc):
             raise
         # The user was erased meanwhile: their rows, this job's included, are gone.
