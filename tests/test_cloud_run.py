@@ -25,7 +25,7 @@ import flask.testing
 import pytest
 import requests
 import wavgen
-from common.adapters.db import Database, sql
+from common.adapters.db import Database, connect_params, sql
 from common.adapters.queue import CloudTasksQueue
 from common.domain import uploads
 from common.errors import DependencyUnavailable
@@ -122,9 +122,8 @@ def test_google_cloud_project_setting() -> None:
 )
 def test_cloud_sql_socket_urls_reach_pg8000_as_unix_sock(url: str, expected: str) -> None:
     normalised = Settings.from_env({"DATABASE_URL": url}).database_url
-    parsed = make_url(normalised)
-    assert parsed.drivername == "postgresql+pg8000"
-    _args, kwargs = parsed.get_dialect()().create_connect_args(parsed)
+    assert make_url(normalised).drivername == "postgresql+pg8000"
+    kwargs = connect_params(normalised, tls="off", timeout=5.0)  # what the pool connects with
     assert kwargs["unix_sock"] == expected
     assert kwargs["user"] == "records"
     assert kwargs["password"] == "pw"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 from common.settings import DownloadMode, Settings, SettingsError, normalise_database_url
 
@@ -91,3 +93,22 @@ def test_idempotency_secret_is_required_in_the_clouds() -> None:
     assert Settings.from_env(env).idempotency_secret == secret
     with pytest.raises(SettingsError, match="at least 32"):
         Settings.from_env({"FFMPEG_BINARY": "ffmpeg", "IDEMPOTENCY_SECRET": "short"})
+
+
+def test_database_url_becomes_pg8000_connect_arguments() -> None:
+    from common.adapters.db import connect_params
+
+    url = "postgresql+pg8000://u:p%40ss@db.internal:6543/records?application_name=records"
+    assert connect_params(url, tls="off", timeout=3.0) == {
+        "user": "u",
+        "password": "p@ss",
+        "host": "db.internal",
+        "port": 6543,
+        "database": "records",
+        "application_name": "records",
+        "timeout": 3.0,
+    }
+    verified = connect_params(url, tls="verify", timeout=None)["ssl_context"]
+    assert verified.check_hostname and verified.verify_mode == ssl.CERT_REQUIRED
+    unverified = connect_params(url, tls="require", timeout=None)["ssl_context"]
+    assert not unverified.check_hostname and unverified.verify_mode == ssl.CERT_NONE
