@@ -269,10 +269,9 @@ class Database:
         return cls(pool, retry_after=settings.retry_after_seconds)
 
     def unavailable(self, exc: BaseException, what: str) -> DependencyUnavailable:
+        """The 503 for ``exc`` (logged); the caller raises it ``from`` the driver's error."""
         log.error("database %s: %s", what, exc)
-        error = DependencyUnavailable("database", self.retry_after)
-        error.__cause__ = exc
-        return error
+        return DependencyUnavailable("database", self.retry_after)
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
@@ -322,7 +321,8 @@ class Database:
                         return conn.prepare_again(statement, params)
             except _Lost as exc:
                 if attempt == 2:
-                    raise self.unavailable(exc.__cause__ or exc, "connection lost") from exc
+                    cause = exc.__cause__ or exc
+                    raise self.unavailable(cause, "connection lost") from cause
         raise AssertionError("unreachable")
 
     @contextmanager
@@ -341,7 +341,8 @@ class Database:
                     raise
                 conn.commit()
         except _Lost as exc:
-            raise self.unavailable(exc.__cause__ or exc, "connection lost") from exc
+            cause = exc.__cause__ or exc
+            raise self.unavailable(cause, "connection lost") from cause
 
     def check(self) -> None:
         """SELECT 1 (the health check); a connection found broken is retried once."""
