@@ -16,12 +16,12 @@ install: ## create .venv from the lock file (installs uv with pip if it is missi
 	$(UV) sync --frozen
 
 tools: install ## install ffmpeg and nginx if missing, build the minimal ffmpeg (root on Debian)
-	$(PYTHON) scripts/devstack.py --install-tools
+	$(PYTHON) -m devstack --install-tools
 
 lint: install ## ruff (lint + format check) and mypy --strict
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
-	$(UV) run --frozen mypy common/src functions scripts migrations tests bench
+	$(UV) run --frozen mypy common/src devstack/src functions scripts migrations tests bench
 
 infra-check: ## checkov on infra/ (every skip carries its reason in the template)
 	$(UV) tool run --from checkov==$(CHECKOV_VERSION) checkov -d infra --quiet --compact --skip-download
@@ -36,7 +36,7 @@ test-tools: ## install Chromium if missing (the /docs page test; apt-get as root
 	  else echo "install Chromium (Debian: sudo apt-get install chromium)" >&2; exit 1; fi; }
 
 test-reliability: install tools ## fault injection and load on a stack of their own (a few minutes)
-	$(UV) run --frozen pytest -m reliability
+	$(UV) run --frozen pytest tests/reliability -m reliability
 
 sweep: install ## remove record objects without rows and stale multipart uploads (SWEEP_GRACE_SECONDS)
 	$(UV) run --frozen python -m common.ops.sweep
@@ -45,10 +45,10 @@ audit: install ## known vulnerabilities in the locked dependencies (pip-audit; s
 	$(PYTHON) scripts/audit.py
 
 test-unit: install ## only the tests that need no servers
-	$(UV) run --frozen pytest -m "not integration and not e2e"
+	$(UV) run --frozen pytest tests/unit
 
 dev: install tools ## start the whole native stack on http://127.0.0.1:$${PORT:-8080}
-	$(PYTHON) scripts/devstack.py
+	$(PYTHON) -m devstack
 
 migrate: install ## apply the database migrations to DATABASE_URL
 	$(UV) run --frozen alembic upgrade head
@@ -66,7 +66,7 @@ test-compose: install tools ## the compose tier on a real Docker engine (docker-
 	$(UV) run --frozen pytest -m compose tests/compose -v -s
 
 image-report: install ## each function image's size and docker-run-to-first-200 time (stack up)
-	$(PYTHON) scripts/image_report.py --project $${COMPOSE_PROJECT_NAME:-record-service}
+	$(PYTHON) -m devstack.images --project $${COMPOSE_PROJECT_NAME:-record-service}
 
 bench: install tools ## performance figures on the native stack (minutes); writes bench/results.md
 	$(PYTHON) -m bench $(if $(SMOKE),--smoke,)

@@ -1,6 +1,6 @@
 """``make bench``: the service's performance figures, measured on the native stack through nginx.
 
-``python -m bench`` starts its own stack (``tests/stack.py``: a temporary directory, free
+``python -m bench`` starts its own stack (:mod:`devstack.scratch`: a temporary directory, free
 ports, the stack's default server settings), then measures, with warm-up and counted rounds:
 
 1. upload latency: POST of a 10-minute 44.1 kHz stereo WAV to its 201 (sent by curl, as in the
@@ -25,11 +25,6 @@ works; its figures mean nothing).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The stack launcher (scripts/devstack.py) and the tests' helpers (tests/stack.py, wavgen).
-for _folder in (ROOT / "scripts", ROOT / "tests"):
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))

@@ -6,10 +6,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devstack import NativeStack
-
 from bench.client import Client, User
 from bench.sampling import CpuMeter, Noise
+from devstack import NativeStack
 
 MIB = 1024 * 1024
 RATE, CHANNELS, SAMPLE_BYTES = 44100, 2, 2

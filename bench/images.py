@@ -1,4 +1,4 @@
-"""Figure 6: each function image's size and cold start, from the compose stack's own script."""
+"""Figure 6: each function image's size and cold start, from the compose stack's image report."""
 
 from __future__ import annotations
 
@@ -9,29 +9,25 @@ import subprocess
 import sys
 from typing import Any
 
-from bench import ROOT
 from bench.core import Bench, Row, log
 
 # It measures the images of the running compose stack (make up).
-IMAGE_SCRIPT = "scripts/image_report.py"
+IMAGE_MODULE = "devstack.images"
 
 
 def measure_images(bench: Bench) -> None:
-    """Rows from the compose stack's scripts/image_report.py, or why there are none."""
-    script = ROOT / IMAGE_SCRIPT
+    """Rows from the compose stack's image report (devstack.images), or why there are none."""
     reason = ""
-    if not script.exists():
-        reason = f"{IMAGE_SCRIPT} is not in the repository"
-    elif shutil.which("docker") is None:
+    if shutil.which("docker") is None:
         reason = "no docker command on this machine"
     elif subprocess.run(["docker", "info"], capture_output=True, check=False).returncode:
         reason = "no Docker engine reachable"
     reports: list[dict[str, Any]] = []
     if not reason:
-        log(f"6. image sizes and cold starts with {IMAGE_SCRIPT}")
+        log(f"6. image sizes and cold starts with python -m {IMAGE_MODULE}")
         done = subprocess.run(
             [
-                sys.executable, str(script), "--json", "--runs", str(bench.plan.rounds),
+                sys.executable, "-m", IMAGE_MODULE, "--json", "--runs", str(bench.plan.rounds),
                 "--project", os.environ.get("COMPOSE_PROJECT_NAME", "record-service"),
             ],
             capture_output=True, text=True, timeout=1800, check=False,
@@ -39,7 +35,7 @@ def measure_images(bench: Bench) -> None:
         reports = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
         if not reports:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            reason = f"{IMAGE_SCRIPT} measured nothing ({tail[:120]}; the compose stack "
+            reason = f"{IMAGE_MODULE} measured nothing ({tail[:120]}; the compose stack "
             reason += "must be up: make up)"
     if reason:
         for figure, target in (

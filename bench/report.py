@@ -12,12 +12,12 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import minimal_ffmpeg
 import psutil
-from devstack import FUNCTIONS, NativeStack
 
 from bench import ROOT
 from bench.core import Bench
+from devstack import FUNCTIONS, NativeStack
+from devstack import ffmpeg as minimal_ffmpeg
 
 RESULTS = ROOT / "bench" / "results.md"
 

@@ -13,9 +13,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from devstack import NativeStack, StackError
-from stack import free_ports, make_data_dir
-
 from bench import ROOT
 from bench.client import Client
 from bench.core import MIB, Bench, Plan, Row, audio_bytes, log
@@ -25,6 +22,7 @@ from bench.sampling import CpuMeter
 from bench.small import measure_small_requests, measure_stalls
 from bench.uploads import measure_latency, measure_memory, measure_throughput, write_wav
 from bench.wrk import ensure_wrk
+from devstack import NativeStack, StackError, free_ports, make_data_dir
 
 Step = Callable[[Bench], None]
 # The measurements, in the order they run (--only picks some; a partial run writes no results).

@@ -10,10 +10,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import wavgen
-
 from bench.core import BITRATE_KBPS, MIB, Bench, Row, duration, log
 from bench.sampling import MemorySampler, tree_memory
+from devstack import wavgen
 
 
 def wav_stream(data_bytes: int) -> tuple[Iterator[bytes], int]:

@@ -28,13 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import wavgen
-from devstack import NativeStack
-from stack import free_ports, make_data_dir
 
 from bench.client import Client, User, multipart_frame
 from bench.core import Bench, Row, log
 from bench.sampling import machine_busy_seconds, tree_cpu_seconds
+from devstack import NativeStack, free_ports, make_data_dir, wavgen
 
 CLIP_SECONDS = 5.0
 CLIENTS = 4

@@ -9,9 +9,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from devstack import StackError
-
 from bench.core import Plan, log
+from devstack import StackError
 
 WRK_SCRIPT = """
 local max_responses = tonumber(os.getenv("BENCH_MAX_RESPONSES") or "0")

@@ -101,7 +101,7 @@ REGISTRY="$REGION-docker.pkg.dev/$PROJECT_ID/$REPOSITORY"
 export CLOUD_TASKS_QUEUE="projects/$PROJECT_ID/locations/$REGION/queues/records-jobs"
 
 render() {  # render 'VARS' < template: ${NAME} for the names in VARS, from the environment
-    python3 scripts/render_template.py "$1"
+    "${PYTHON:-.venv/bin/python}" -m devstack.templates "$1"
 }
 run() {
     if [[ "$DRY" == 1 ]]; then printf '+ %s\n' "$*"; else "$@"; fi

@@ -6,7 +6,7 @@
 # ffmpeg maps its many into every conversion's memory, this one none, and it encodes as fast
 # (docs/performance.md, "Memory").
 #
-# Used by both the image (Dockerfile, stage "ffmpeg") and the native stack (scripts/devstack.py
+# Used by both the image (Dockerfile, stage "ffmpeg") and the native stack (devstack/src/devstack/native.py
 # --install-tools, which keeps the result in .tools/ffmpeg/). It needs a C compiler, make, nasm,
 # pkg-config and libmp3lame's static library (Debian: gcc libc6-dev make nasm pkg-config
 # libmp3lame-dev).

@@ -20,7 +20,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from urllib.parse import urlsplit
@@ -28,13 +27,12 @@ from urllib.parse import urlsplit
 import pg8000.native
 import pytest
 import requests
-import wavgen
 from common.domain.encoding import mp3_sample_rate
 
-from .conftest import ROOT, Compose
+from devstack import images as image_report
+from devstack import wavgen
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import image_report
+from .conftest import ROOT, Compose
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]
 
@@ -129,7 +127,7 @@ def test_images_are_small_non_root_and_start(compose: Compose) -> None:
         has_ffmpeg = compose.docker("exec", container, "sh", "-c", "command -v ffmpeg || true")
         assert bool(has_ffmpeg.strip()) == (function == "upload_record"), function
     # Sizes are exact, so they are checked here. Start-up time is a speed target: it is measured
-    # and printed by the benchmark (make bench, which runs scripts/image_report.py), not asserted
+    # and printed by the benchmark (make bench, which runs python -m devstack.images), not asserted
     # by a timed test on a shared machine.
     for r in image_report.report(compose.project, runs=1, env=compose.env):
         assert r.size_bytes <= image_report.MAX_IMAGE_BYTES, r

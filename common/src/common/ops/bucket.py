@@ -27,7 +27,7 @@ log = logging.getLogger("common.ops.bucket")
 ABORT_INCOMPLETE_AFTER_DAYS = 1
 EXPIRE_PENDING_UPLOADS_AFTER_DAYS = 1
 # The one statement of the bucket's lifecycle. The clouds' copies (infra/aws/template.yaml,
-# infra/gcp/bucket-lifecycle.json) are checked against it by tests/test_infra.py.
+# infra/gcp/bucket-lifecycle.json) are checked against it by tests/unit/test_infra.py.
 LIFECYCLE_RULES: list[LifecycleRuleTypeDef] = [
     {
         "ID": "abort-incomplete-uploads",

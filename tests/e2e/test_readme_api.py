@@ -1,0 +1,100 @@
+"""The README's API table, run as written: every curl line, in the table's order, against the
+native stack through the router (only ``localhost:8080`` becomes the stack's address)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from devstack import ScratchStack, wavgen
+from tests.support import ROOT
+
+_ROW = re.compile(r"^\| ([^|]+) \| `(curl [^`]+)`")
+# What each call answers when it works (the complete call may finish within its Prefer: wait).
+EXPECTED = {
+    "create a user": {201},
+    "upload a WAV": {201},
+    "upload with encoding options and tags": {201},
+    "download the MP3": {200},
+    "list your records": {200},
+    "start a direct upload (large WAV)": {201},
+    "complete it (a job: 202)": {201, 202},
+    "poll the job": {200},
+    "delete a record": {204},
+    "rotate the token": {200},
+    "erase the user": {204},
+}
+
+
+def api_rows() -> list[tuple[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## API") : text.index("## Configuration")]
+    return [
+        (m.group(1).strip(), m.group(2)) for line in section.splitlines() if (m := _ROW.match(line))
+    ]
+
+
+def run(command: str, base: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    line = command.replace("localhost:8080", base) + " -w '\\n%{http_code}'"
+    done = subprocess.run(
+        ["bash", "-c", line], capture_output=True, text=True, env=env, cwd=cwd, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, (line, done.stderr)
+    output, _, code = done.stdout.rpartition("\n")
+    return int(code), output
+
+
+def body_of(output: str) -> Any:
+    """The JSON body of an answer (after the headers when curl printed them with -i)."""
+    if output.startswith("HTTP/"):
+        output = output.split("\r\n\r\n", 1)[1]
+    return json.loads(output)
+
+
+def test_every_curl_line_of_the_api_table_works_as_written(
+    stack: ScratchStack, tmp_path: Path
+) -> None:
+    assert shutil.which("curl"), "the README's examples use curl"
+    rows = api_rows()
+    assert [name for name, _ in rows] == list(EXPECTED), "the table and this test disagree"
+    (tmp_path / "take.wav").write_bytes(wavgen.wav(seconds=1.0))
+    base = stack.base_url.removeprefix("http://")
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(tmp_path)}
+    for name, command in rows:
+        code, output = run(command, base, env, tmp_path)
+        assert code in EXPECTED[name], (name, code, output)
+        if name == "create a user":
+            user = body_of(output)
+            env |= {"USER_ID": user["id"], "TOKEN": user["token"]}
+        elif name == "upload a WAV":
+            env["RECORD_ID"] = body_of(output)["id"]
+        elif name == "upload with encoding options and tags":
+            record = body_of(output)
+            assert record["channels"] == 1 and record["vbr_quality"] == 2
+            assert record["tags"]["title"] == "First take"
+        elif name == "download the MP3":
+            assert (tmp_path / "take.mp3").stat().st_size > 0
+        elif name == "list your records":
+            assert len(body_of(output)["records"]) == 2
+        elif name == "start a direct upload (large WAV)":
+            started = body_of(output)
+            env["UPLOAD_ID"] = started["id"]
+            form = started["upload"]
+            sent = requests.post(
+                form["url"],
+                data=form["fields"],
+                files={form["file_field"]: ("take.wav", (tmp_path / "take.wav").read_bytes())},
+                timeout=60,
+            )
+            assert sent.status_code in (200, 201, 204), sent.text
+        elif name == "poll the job":
+            assert body_of(output)["status"] in ("queued", "converting", "done")
+        elif name == "rotate the token":
+            env["TOKEN"] = body_of(output)["token"]

@@ -1,0 +1,130 @@
+"""Integration: common's modules against the real PostgreSQL and SeaweedFS of the stack."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import requests
+from common.adapters.storage import ObjectMissing
+from common.domain.records import create_record, find_record
+from common.domain.users import authenticate, create_user
+from common.errors import NotFound, Unauthorized
+from common.platform.runtime import Services
+
+from devstack import wavgen
+
+MIB = 1024 * 1024
+
+
+def keys_under(services: Services, prefix: str) -> list[str]:
+    listing = services.storage.client.list_objects_v2(Bucket=services.storage.bucket, Prefix=prefix)
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+def test_users_authenticate_only_with_their_own_token(services: Services) -> None:
+    alice, bob = create_user(services.db, "Alice"), create_user(services.db, "Bob")
+    assert authenticate(services.db, str(alice.id), alice.token) == alice.id
+    assert authenticate(services.db, f"  {alice.id}  ", f" {alice.token.upper()} ") == alice.id
+    for user_id, token in [
+        (str(alice.id), bob.token),
+        (str(bob.id), alice.token),
+        (str(uuid.uuid4()), alice.token),
+        (str(alice.id), ""),
+        (str(alice.id), None),
+    ]:
+        with pytest.raises(Unauthorized):
+            authenticate(services.db, user_id, token)
+
+
+def test_tokens_are_stored_as_hashes(services: Services) -> None:
+    from common.adapters.db import sql
+
+    user = create_user(services.db, "Hashed")
+    stored = services.db.execute(
+        sql("SELECT token_hash FROM users WHERE id = :id"), {"id": user.id}
+    )[0][0]
+    assert len(stored) == 32
+    assert user.token.encode() not in bytes(stored)
+
+
+def test_multipart_writer_against_seaweedfs(services: Services) -> None:
+    storage = services.storage
+    key = f"it/{uuid.uuid4()}.mp3"
+    writer = storage.open_writer(key)
+    piece = bytes(range(256)) * 4096
+    for _ in range(storage.part_size // MIB + 3):  # more than one part
+        writer.write(piece)
+    assert keys_under(services, key) == []  # nothing visible before completion
+    stored = writer.complete()
+    assert stored.size == (storage.part_size // MIB + 3) * MIB
+    body = b"".join(storage.open_read(key))
+    assert body == piece * (storage.part_size // MIB + 3)
+    assert b"".join(storage.open_read(key, (MIB - 2, MIB + 1))) == piece[-2:] + piece[:2]
+    storage.delete(key)
+    with pytest.raises(ObjectMissing):
+        storage.open_read(key)
+
+
+def test_aborted_multipart_upload_leaves_nothing(services: Services) -> None:
+    key = f"it/{uuid.uuid4()}.mp3"
+    writer = services.storage.open_writer(key)
+    writer.write(bytes(services.storage.part_size + 100))
+    writer.abort()
+    assert keys_under(services, key) == []
+    uploads = services.storage.client.list_multipart_uploads(Bucket=services.storage.bucket)
+    assert all(u["Key"] != key for u in uploads.get("Uploads", []))
+
+
+def test_record_is_object_and_row_together(services: Services) -> None:
+    user = create_user(services.db, "Atomic")
+    record = create_record(
+        services.db,
+        services.storage,
+        services.settings,
+        user_id=user.id,
+        audio=iter([wavgen.wav(seconds=0.5)]),
+        filename="atomic.wav",
+    )
+    found = find_record(services.db, str(record.id), str(user.id))
+    assert found.object_key == f"users/{user.id}/records/{record.id}.mp3"
+    assert keys_under(services, found.object_key) == [found.object_key]
+    assert found.size_bytes == record.size_bytes
+    with pytest.raises(NotFound):
+        find_record(services.db, str(record.id), str(uuid.uuid4()))
+
+
+def test_failed_row_insert_deletes_the_object(services: Services) -> None:
+    """A record for a user id that no row matches: the insert fails, the object must go."""
+    ghost = uuid.uuid4()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the database refuses the foreign key
+        create_record(
+            services.db,
+            services.storage,
+            services.settings,
+            user_id=ghost,
+            audio=iter([wavgen.wav(seconds=0.3)]),
+            filename="ghost.wav",
+        )
+    assert keys_under(services, f"users/{ghost}/") == []
+
+
+def test_presigned_url_is_signed_for_the_public_endpoint(services: Services) -> None:
+    key = f"it/{uuid.uuid4()}.mp3"
+    services.storage.client.put_object(Bucket=services.storage.bucket, Key=key, Body=b"ID3...")
+    url = services.storage.presigned_get(
+        key, expires=60, filename_header='attachment; filename="a.mp3"'
+    )
+    assert services.settings.s3_public_endpoint_url
+    assert url.startswith(services.settings.s3_public_endpoint_url + "/")
+    response = requests.get(url, timeout=10)
+    assert response.status_code == 200
+    assert response.content == b"ID3..."
+    assert response.headers["Content-Disposition"] == 'attachment; filename="a.mp3"'
+    tampered = url.replace(key, key.replace(".mp3", "x.mp3"))
+    assert requests.get(tampered, timeout=10).status_code == 403
+
+
+def test_health_checks_pass(services: Services) -> None:
+    services.db.check()
+    services.storage.check()
