@@ -1,4 +1,4 @@
-"""Lambda Function URL / HTTP API (payload 2.0) events from the JSON fixtures in tests/support/events/.
+"""Lambda Function URL / HTTP API (payload 2.0) events from the JSON fixtures in support/events/.
 
 The fixtures are real event payloads as the Lambda service delivers them; :func:`event` fills
 in the parts a test varies (path, method, query string, headers, body) the way Lambda would:
