@@ -1,8 +1,9 @@
 """The HTTP edge shared by the three functions: problem responses, health, public URLs.
 
 Handlers wrap themselves in :func:`function_handler`, which turns every ServiceError into its
-problem document, any other exception into a logged, generic 500, and keeps
-functions-framework from reading an unread request body into memory after an error.
+problem document, any other exception into a logged, generic 500, keeps functions-framework
+from reading an unread request body into memory after an error, and reads what is left of the
+body once the answer is handed to the server, so an early refusal reaches the client.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -26,11 +28,14 @@ from common.errors import (
     MethodNotAllowed,
     ServiceError,
 )
-from common.settings import Settings
+from common.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[flask.Request], flask.Response]
+# Reading what is left of a refused request body: the read size and the most time it may take.
+DRAIN_READ_BYTES = 64 * 1024
+DRAIN_SECONDS = 30.0
 HEALTH_PATH = "/healthz"
 # host[:port], or [IPv6]:port: anything else in a Host header is not put into a URL.
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
@@ -79,9 +84,32 @@ def function_handler(func: Handler) -> Handler:
         except Exception:
             log.exception("unhandled error", extra={"path": request.path})
             response = problem_response(InternalError(), request.path)
-        return _without_body_read(response)
+        response = _without_body_read(response)
+        response.call_on_close(lambda: drain_body(request))
+        return response
 
     return wrapper
+
+
+def drain_body(request: flask.Request) -> None:
+    """Read and drop what the handler left of the request body (a refusal before the end).
+
+    The server closes a connection whose request body is unread, and a router still sending
+    that body then sees a reset before the answer (nginx: ``writev() failed (32: Broken
+    pipe)`` and a 502). This runs when the answer has been handed over: the router reads it,
+    stops sending, closes, and the read ends; a client sending straight to the function is
+    read to the end of its body. Bounded by ``MAX_UPLOAD_BYTES`` (a longer declared body is
+    left alone) and :data:`DRAIN_SECONDS`.
+    """
+    length = request.content_length
+    if not length or length > get_settings().max_upload_bytes:
+        return
+    deadline = time.monotonic() + DRAIN_SECONDS
+    try:
+        while time.monotonic() < deadline and request.stream.read(DRAIN_READ_BYTES):
+            pass
+    except (OSError, ValueError, HTTPException):  # the peer went away: nothing left to read
+        log.debug("request body not drained", extra={"path": request.path})
 
 
 def _log_problem(request: flask.Request, exc: ServiceError) -> None:
