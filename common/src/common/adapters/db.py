@@ -1,7 +1,8 @@
 """PostgreSQL through pg8000's native API: prepared statements on one pool, outages as 503s.
 
-Every connection a process opens comes from one SQLAlchemy ``QueuePool``, capped at
-``DB_POOL_SIZE`` + ``DB_POOL_OVERFLOW``. Each connection prepares a statement the first time
+Every connection a process opens comes from one :class:`common.adapters.pool.Pool`, capped at
+``DB_POOL_SIZE`` + ``DB_POOL_OVERFLOW`` (the services never import SQLAlchemy; only the
+migrations do). Each connection prepares a statement the first time
 it runs it (``pg8000.native.Connection.prepare``) and from then on runs it in one round
 trip, without BEGIN/COMMIT: outside :meth:`Database.transaction` every statement commits on
 its own. Statements are :func:`sql` constants with ``:name`` parameters, built at import.
@@ -13,20 +14,16 @@ from __future__ import annotations
 
 import logging
 import ssl
-import time
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pg8000 import native
 from pg8000.native import DatabaseError, InterfaceError
-from sqlalchemy import event
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 
+from common.adapters.pool import Pool, PoolTimeout
 from common.adapters.secrets import Credentials, SecretCredentials
 from common.errors import DependencyUnavailable
 from common.settings import Settings
@@ -122,7 +119,7 @@ def is_foreign_key_violation(exc: BaseException) -> bool:
 class Connection:
     """One pooled pg8000 connection and the statements prepared on it.
 
-    It has the DB-API's ``rollback``/``commit``/``close``, which is what the pool calls.
+    The pool closes it with ``close``; ``ping`` is its check after a while idle.
     """
 
     def __init__(self, raw: native.Connection, *, prepare: bool = True) -> None:
@@ -161,6 +158,12 @@ class Connection:
     def close(self) -> None:
         self.raw.close()
 
+    def ping(self) -> None:
+        self.raw.run("SELECT 1")
+
+
+DbPool = Pool[Connection]
+
 
 def tls_connect_args(mode: str) -> dict[str, Any]:
     """pg8000's ssl_context for DB_TLS (RDS for PostgreSQL 15+ refuses plain connections)."""
@@ -175,9 +178,16 @@ def tls_connect_args(mode: str) -> dict[str, Any]:
 
 def connect_params(database_url: str, *, tls: str, timeout: float | None) -> dict[str, Any]:
     """pg8000 ``connect()`` keyword arguments from DATABASE_URL and DB_TLS."""
-    url = make_url(database_url)
-    params: dict[str, Any] = url.translate_connect_args(username="user")
-    params.update(url.query)  # e.g. unix_sock=/cloudsql/.../.s.PGSQL.5432
+    parts = urlsplit(database_url)
+    given = {
+        "host": parts.hostname,
+        "port": parts.port,
+        "database": unquote(parts.path.lstrip("/")),
+        "user": unquote(parts.username or ""),
+        "password": unquote(parts.password or ""),
+    }
+    params: dict[str, Any] = {key: value for key, value in given.items() if value}
+    params.update(parse_qsl(parts.query))  # e.g. unix_sock=/cloudsql/.../.s.PGSQL.5432
     params.update(tls_connect_args(tls))
     params["timeout"] = timeout
     return params
@@ -213,45 +223,26 @@ def login(
     return connect(**{**params, **fresh.connect_params()})
 
 
-def make_pool(settings: Settings, credentials: SecretCredentials | None = None) -> QueuePool:
+def make_pool(settings: Settings, credentials: SecretCredentials | None = None) -> DbPool:
     """The process's one pool of connections."""
     params = connect_params(
         settings.database_url, tls=settings.db_tls, timeout=settings.db_connect_timeout_seconds
     )
 
-    def create() -> Any:
+    def create() -> Connection:
         raw = login(native.Connection, params, credentials)
         return Connection(raw, prepare=settings.db_prepared_statements)
 
-    pool = QueuePool(
+    # Every transaction ends before its connection goes back: the pool resets nothing.
+    return Pool(
         create,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_pool_overflow,
+        size=settings.db_pool_size,
+        overflow=settings.db_pool_overflow,
         timeout=settings.db_connect_timeout_seconds,
         recycle=RECYCLE_SECONDS,
-        reset_on_return=None,  # every transaction ends before its connection goes back
+        ping=Connection.ping,
+        ping_after=PING_AFTER_IDLE_SECONDS,
     )
-    _ping_idle_connections(pool)
-    return pool
-
-
-def _ping_idle_connections(pool: QueuePool) -> None:
-    """A pre-ping, but only for connections idle longer than PING_AFTER_IDLE_SECONDS."""
-    last_used = "last_used"
-
-    @event.listens_for(pool, "checkin")
-    def on_checkin(_connection: Any, record: Any) -> None:
-        record.info[last_used] = time.monotonic()
-
-    @event.listens_for(pool, "checkout")
-    def on_checkout(connection: Connection, record: Any, _proxy: Any) -> None:
-        idle_since = record.info.get(last_used)
-        if idle_since is not None and time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
-            return
-        try:
-            connection.raw.run("SELECT 1")
-        except Exception as exc:
-            raise DisconnectionError(str(exc)) from exc  # the pool connects afresh
 
 
 class _Lost(Exception):
@@ -259,7 +250,7 @@ class _Lost(Exception):
 
 
 class Database:
-    def __init__(self, pool: QueuePool, *, retry_after: int = 5) -> None:
+    def __init__(self, pool: DbPool, *, retry_after: int = 5) -> None:
         self.pool = pool
         self.retry_after = retry_after
 
@@ -277,31 +268,31 @@ class Database:
     def _connection(self) -> Iterator[Connection]:
         """A pooled connection; one that a failure may have left half-way is discarded."""
         try:
-            proxy: PoolProxiedConnection = self.pool.connect()
-        except (PoolTimeout, DisconnectionError, DatabaseError, InterfaceError, OSError) as exc:
+            lease = self.pool.acquire()
+        except (PoolTimeout, DatabaseError, InterfaceError, OSError) as exc:
             if isinstance(exc, DatabaseError) and not is_outage(exc):
                 raise
             raise self.unavailable(exc, "unreachable") from exc
-        connection = cast(Connection, proxy.dbapi_connection)
+        discard = False
         try:
-            yield connection
+            yield lease.connection
         except DatabaseError as exc:  # the server answered: the connection is in step
             if session_gone(exc):
-                proxy.invalidate(exc)
+                discard = True
                 raise _Lost() from exc
             if is_outage(exc):  # e.g. a statement timeout: the connection stays in use
                 raise self.unavailable(exc, "unavailable") from exc
             raise
         except InterfaceError as exc:
-            proxy.invalidate(exc)
+            discard = True
             raise _Lost() from exc
         except Exception:  # the caller's own error, raised between statements
             raise
-        except BaseException as exc:  # an exit in the middle of a reply leaves it out of step
-            proxy.invalidate(exc)
+        except BaseException:  # an exit in the middle of a reply leaves it out of step
+            discard = True
             raise
         finally:
-            proxy.close()
+            self.pool.release(lease, discard=discard)
 
     def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> list[Row]:
         """Run one autocommitted statement; its rows (empty for a statement without any).
