@@ -13,8 +13,9 @@ import struct
 
 import pytest
 import requests
-from conftest import Client
-from stack import ScratchStack
+
+from devstack import ScratchStack
+from tests.support import Client
 
 pytestmark = pytest.mark.e2e
 
