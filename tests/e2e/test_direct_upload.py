@@ -478,33 +478,22 @@ def test_completion_rechecks_the_size(stack: NativeStack, client: Client) -> Non
     assert final["error"]["status"] == 413
 
 
-def test_upload_presigned_before_the_uploads_table_still_completes(
-    client: Client, store: Services
-) -> None:
-    """A WAV presigned by the previous release (no row) gets its row at completion."""
-    user = client.create_user("Legacy")
-    upload_id = uuid.uuid4()
-    key = direct_upload.pending_key(uuid.UUID(user["id"]), upload_id)
-    store.storage.client.put_object(
-        Bucket=store.storage.bucket, Key=key, Body=wavgen.wav(seconds=0.2),
-        Metadata={"filename": "old.wav"},
-    )  # fmt: skip
-    complete_url = f"{client.base_url}/records/uploads/{upload_id}/complete"
-    upload = {"id": str(upload_id), "complete_url": complete_url}
-    assert converted(client, upload, user)["filename"] == "old.mp3"
-
-
-def test_store_outage_at_completion_is_a_503(stack: NativeStack) -> None:
+def test_store_outage_at_completion_is_a_503(stack: NativeStack, client: Client) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     services = build_services(stack, s3_endpoint_url=dead, s3_timeout_seconds=2.0)
+    user_id = uuid.UUID(client.create_user("Outage")["id"])
+    # Signing the form needs no store; looking for the WAV at completion does.
+    started = direct_upload.start_upload(
+        services.db, services.storage, services.settings, user_id=user_id, filename=None
+    )
     with pytest.raises(DependencyUnavailable) as caught:
         direct_upload.complete_upload(
             services.db,
             services.storage,
             services.queue,
             services.settings,
-            user_id=uuid.uuid4(),
-            raw_upload_id=str(uuid.uuid4()),
+            user_id=user_id,
+            raw_upload_id=str(started.id),
         )
     assert caught.value.status == 503
     assert caught.value.headers["Retry-After"]

@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -216,7 +216,7 @@ def complete_upload(
 ) -> Completion:
     """Queue the conversion of upload ``raw_upload_id``, unless an earlier call did."""
     upload_id = parse_upload_id(raw_upload_id)
-    row = _find(db, user_id, upload_id) or _adopt_legacy_upload(db, storage, user_id, upload_id)
+    row = _find(db, user_id, upload_id)
     if row is None:
         raise _not_found()
     if row["status"] != "uploading":
@@ -290,25 +290,6 @@ def parse_upload_id(raw: str) -> uuid.UUID:
 def _find(db: Database, user_id: uuid.UUID, upload_id: uuid.UUID) -> dict[str, Any] | None:
     rows = db.execute(_SELECT_UPLOAD, {"id": upload_id, "user_id": user_id})
     return rows[0]._asdict() if rows else None
-
-
-def _adopt_legacy_upload(
-    db: Database, storage: Storage, user_id: uuid.UUID, upload_id: uuid.UUID
-) -> dict[str, Any] | None:
-    """A pending WAV presigned by the release before the uploads table: give it its row."""
-    key = pending_key(user_id, upload_id)
-    try:
-        with storage.translate_errors():
-            head = storage.client.head_object(Bucket=storage.bucket, Key=key)
-    except ObjectMissing:
-        return None
-    filename = unquote(head.get("Metadata", {}).get(FILENAME_META, "")) or None
-    db.execute(
-        _INSERT_UPLOAD,
-        {"id": upload_id, "user_id": user_id, "object_key": key,
-         "filename": _clean_filename(filename), "options": EncodingOptions().to_json()},
-    )  # fmt: skip
-    return _find(db, user_id, upload_id)
 
 
 def _status_of(db: Database, settings: Settings, row: dict[str, Any]) -> JobStatus:
