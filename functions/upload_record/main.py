@@ -22,19 +22,17 @@ import functions_framework
 from common.domain.encoding import EncodingOptions
 from common.domain.jobs import Outcome, run_job
 from common.domain.records import create_record, delete_record
-from common.domain.uploads import (
-    UPLOADS_PATH,
-    complete_upload,
-    start_upload,
-    upload_status,
-    upload_target,
-    wait_for_job,
-)
+from common.domain.uploads import complete_upload, start_upload, upload_status, wait_for_job
 from common.domain.users import authenticate
-from common.errors import ConversionInProgress
 from common.http.auth import authenticated_user, bearer_token
 from common.http.idempotency import idempotent, idempotent_upload
-from common.http.jobs import completion_response, preferred_wait, status_response
+from common.http.jobs import (
+    completion_response,
+    conversion_in_progress,
+    preferred_wait,
+    presigned_upload_body,
+    status_response,
+)
 from common.http.record_response import record_created_response
 from common.http.request_body import RequestBody, check_content_length, read_upload
 from common.http.responses import (
@@ -45,7 +43,14 @@ from common.http.responses import (
     public_base_url,
     require_method,
 )
-from common.http.routes import COMPLETE_ROUTE, RECORD_PATH, RECORDS_PATH, same_path
+from common.http.routes import (
+    COMPLETE_ROUTE,
+    RECORD_PATH,
+    RECORDS_PATH,
+    UPLOADS_PATH,
+    same_path,
+    upload_target,
+)
 from common.http.tasks import is_task_push, pushed_job
 from common.platform.runtime import Services, get_services
 
@@ -115,7 +120,7 @@ def presign_upload(request: flask.Request, services: Services) -> flask.Response
             filename=fields.get("filename"),
             options=EncodingOptions.from_fields(fields),
         )
-        body = upload.to_json(public_base_url(request, services.settings))
+        body = presigned_upload_body(upload, public_base_url(request, services.settings))
         return json_response(body, status=201, headers={"Cache-Control": "no-store"})
 
     return idempotent(
@@ -161,9 +166,9 @@ def convert_pushed_task(request: flask.Request, services: Services) -> flask.Res
     upload_id = pushed_job(request, services.settings)
     outcome = run_job(services.db, services.storage, services.settings, upload_id)
     if outcome is Outcome.BUSY:  # another delivery holds the job: Cloud Tasks retries later
-        raise ConversionInProgress(
+        raise conversion_in_progress(
             "Another worker is converting this upload.",
-            location=f"{UPLOADS_PATH}/{upload_id}",
-            retry_after=services.settings.job_lease_seconds,
+            upload_id,
+            services.settings.job_lease_seconds,
         )
     return json_response({"upload_id": str(upload_id), "outcome": outcome.value})

@@ -27,6 +27,7 @@ from common.domain import jobs
 from common.domain import uploads as direct_upload
 from common.domain.encoding import EncodingOptions
 from common.errors import DependencyUnavailable, PayloadTooLarge
+from common.http.jobs import presigned_upload_body
 from common.ops import bucket
 from common.platform.runtime import Services
 from common.settings import JobQueueKind
@@ -439,7 +440,7 @@ def test_store_refuses_a_file_over_the_policy_limit(stack: NativeStack, client: 
 
     over = direct_upload.start_upload(services.db, services.storage, services.settings,
                                       user_id=user_id, filename=None)  # fmt: skip
-    body = over.to_json(client.base_url)
+    body = presigned_upload_body(over, client.base_url)
     refused = send_to_bucket(body, secrets.token_bytes(limit + 1))
     assert refused.status_code == 400, refused.text
     assert "EntityTooLarge" in refused.text
@@ -447,7 +448,9 @@ def test_store_refuses_a_file_over_the_policy_limit(stack: NativeStack, client: 
 
     at_limit = direct_upload.start_upload(services.db, services.storage, services.settings,
                                           user_id=user_id, filename=None)  # fmt: skip
-    accepted = send_to_bucket(at_limit.to_json(client.base_url), secrets.token_bytes(limit))
+    accepted = send_to_bucket(
+        presigned_upload_body(at_limit, client.base_url), secrets.token_bytes(limit)
+    )
     assert accepted.status_code in (200, 201, 204), accepted.text
     assert pending_exists(services, user["id"], str(at_limit.id))
 

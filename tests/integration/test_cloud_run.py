@@ -26,6 +26,7 @@ from common.adapters.db import Database, sql
 from common.adapters.queue import CloudTasksQueue
 from common.domain import uploads
 from common.errors import DependencyUnavailable
+from common.http.jobs import presigned_upload_body
 from common.platform.runtime import Services, set_services
 from common.settings import JobQueueKind, Settings
 
@@ -220,7 +221,7 @@ def queued_for_tasks(client: Client, services: Services, wav: bytes) -> tuple[st
     user = client.create_user("Tasha")
     started = uploads.start_upload(services.db, services.storage, services.settings,
                                    user_id=uuid.UUID(user["id"]), filename="t.wav")  # fmt: skip
-    body = started.to_json(client.base_url)["upload"]
+    body = presigned_upload_body(started, client.base_url)["upload"]
     requests.post(body["url"], data=body["fields"], files={"file": ("t.wav", wav)}, timeout=60)
     completion = uploads.complete_upload(
         services.db, services.storage, services.queue, services.settings,

@@ -128,8 +128,8 @@ class ConversionInProgress(Conflict):
     slug = "conversion-in-progress"
     title = "Conversion In Progress"
 
-    def __init__(self, detail: str, *, location: str, retry_after: int) -> None:
-        super().__init__(detail, headers={"Location": location, "Retry-After": str(retry_after)})
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
 class PayloadTooLarge(ServiceError):

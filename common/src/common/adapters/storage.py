@@ -16,8 +16,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote, urlsplit
 
 import boto3
 from botocore.config import Config
@@ -28,7 +29,7 @@ from common.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, LifecycleRuleTypeDef
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +98,45 @@ class StoredObject:
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class PresignedPost:
+    """A browser-style form upload to the store: POST ``fields`` and the file to ``url``."""
+
+    url: str
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ListedObject:
+    key: str
+    last_modified: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MultipartUpload:
+    """A multipart upload that was started and not yet completed or aborted."""
+
+    key: str
+    upload_id: str
+    initiated: datetime
+
+
 @dataclass(slots=True)
 class ObjectStream:
     """An open read of (part of) an object; iterate it to stream the bytes."""
 
     body: Any
     length: int
+    retry_after: int = 5
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self.body.iter_chunks(DOWNLOAD_CHUNK)
         except (BotoCoreError, OSError) as exc:
-            # The status line is already sent: all we can do is cut the response short.
+            # A download has sent its status line already and can only be cut short; a job
+            # reading its WAV is retried by its queue.
             log.warning("object store read failed mid-stream: %s", exc)
-            raise
+            raise DependencyUnavailable("object store", self.retry_after) from exc
         finally:
             self.body.close()
 
@@ -193,7 +219,40 @@ class Storage:
                 response = self.client.get_object(
                     Bucket=self.bucket, Key=key, Range=f"bytes={first}-{last}"
                 )
-        return ObjectStream(response["Body"], int(response["ContentLength"]))
+        return ObjectStream(response["Body"], int(response["ContentLength"]), self.retry_after)
+
+    def size(self, key: str) -> int:
+        """The size of ``key`` in bytes (a HEAD); :class:`ObjectMissing` if there is none."""
+        with self.translate_errors():
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        return int(head["ContentLength"])
+
+    def presigned_post(
+        self,
+        key: str,
+        *,
+        content_type: str,
+        metadata: dict[str, str],
+        max_bytes: int,
+        expires: int,
+    ) -> PresignedPost:
+        """A form upload of ``key`` on the public endpoint: the policy pins the key, its type
+        and metadata (values percent-encoded: S3 keeps ASCII), and the store refuses a file of
+        more than ``max_bytes``."""
+        fields = {"Content-Type": content_type}
+        fields.update({f"x-amz-meta-{k}": quote(v, safe="") for k, v in metadata.items()})
+        conditions: list[Any] = [
+            ["content-length-range", 1, max_bytes],
+            *({name: value} for name, value in fields.items()),
+        ]
+        try:
+            post = self.presign_client.generate_presigned_post(
+                self.bucket, key, Fields=fields, Conditions=conditions, ExpiresIn=expires
+            )
+        except (BotoCoreError, ClientError) as exc:  # no credentials to sign with
+            log.error("could not presign an upload: %s", exc)
+            raise DependencyUnavailable("object store", self.retry_after) from exc
+        return PresignedPost(post["url"], {k: str(v) for k, v in post["fields"].items()})
 
     def presigned_get(
         self, key: str, *, expires: int, filename_header: str, method: str = "GET"
@@ -265,6 +324,32 @@ class Storage:
                 if keys:
                     yield keys
 
+    def list_objects(self, prefix: str) -> Iterator[ListedObject]:
+        """Every object under ``prefix``, with the time it was written."""
+        with self.translate_errors():
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": DELETE_BATCH}
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield ListedObject(obj["Key"], obj["LastModified"])
+
+    def multipart_uploads(self, prefix: str = "") -> Iterator[MultipartUpload]:
+        """The multipart uploads under ``prefix`` that are neither completed nor aborted."""
+        with self.translate_errors():
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    yield MultipartUpload(upload["Key"], upload["UploadId"], upload["Initiated"])
+
+    def abort_multipart(self, upload: MultipartUpload) -> None:
+        with self.translate_errors():
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
+            )
+
     def delete_many(self, keys: list[str]) -> None:
         """Delete ``keys`` with DeleteObjects, 1000 per call (S3's, GCS's and SeaweedFS's cap).
 
@@ -285,6 +370,33 @@ class Storage:
     def check(self) -> None:
         with self.translate_errors():
             self.client.head_bucket(Bucket=self.bucket)
+
+    def ensure_bucket(self, lifecycle_rules: list[dict[str, Any]], *, attempts: int = 30) -> None:
+        """Create the bucket unless it exists (waiting up to ``attempts`` seconds for the store
+        to answer), then install ``lifecycle_rules`` (S3's LifecycleConfiguration shape)."""
+        for attempt in range(attempts):
+            try:
+                try:
+                    self.client.head_bucket(Bucket=self.bucket)
+                except ClientError as exc:
+                    code = str(exc.response.get("Error", {}).get("Code"))
+                    if code not in ("404", "NoSuchBucket"):
+                        raise
+                    self.client.create_bucket(Bucket=self.bucket)
+                    log.info("created bucket %s", self.bucket)
+                break
+            except (BotoCoreError, ClientError) as exc:
+                if attempt == attempts - 1:
+                    raise
+                log.info("object store not ready (%s); retrying", exc)
+                time.sleep(1)
+        rules = cast("list[LifecycleRuleTypeDef]", lifecycle_rules)
+        try:
+            self.client.put_bucket_lifecycle_configuration(
+                Bucket=self.bucket, LifecycleConfiguration={"Rules": rules}
+            )
+        except ClientError as exc:  # some stores have no lifecycle API: `make sweep` covers them
+            log.warning("could not set the bucket lifecycle rule: %s", exc)
 
 
 class _UrlCache:

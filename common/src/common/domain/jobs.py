@@ -36,21 +36,18 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from botocore.exceptions import BotoCoreError
-
 from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.queue import JobQueue
-from common.adapters.storage import ObjectMissing, ObjectStream, Storage
+from common.adapters.storage import ObjectMissing, Storage
 from common.domain.encoding import EncodingOptions
 from common.domain.records import INSERT_RECORD, object_key, store_mp3
-from common.errors import DependencyUnavailable, ServiceError, UnprocessableContent
+from common.errors import ServiceError, UnprocessableContent
 from common.settings import JobQueueKind, Settings
 
 log = logging.getLogger(__name__)
 
 # Progress is written at most this often (and the lease renewed with it).
 HEARTBEAT_SECONDS = 0.5
-UPLOADS_PATH = "/records/uploads"
 
 
 class Outcome(StrEnum):
@@ -165,8 +162,7 @@ def release(db: Database, job: ClaimedJob) -> None:
 
 
 def mark_failed(db: Database, upload_id: uuid.UUID, error: ServiceError) -> None:
-    problem = error.to_problem(f"{UPLOADS_PATH}/{upload_id}")
-    db.execute(_FAILED, {"id": upload_id, "error": json.dumps(problem)})
+    db.execute(_FAILED, {"id": upload_id, "error": json.dumps(error.to_problem())})
 
 
 def run_claimed(db: Database, storage: Storage, settings: Settings, job: ClaimedJob) -> Outcome:
@@ -191,7 +187,7 @@ def run_claimed(db: Database, storage: Storage, settings: Settings, job: Claimed
             storage,
             dataclasses.replace(settings, convert_timeout_seconds=settings.job_timeout_seconds),
             user_id=job.user_id,
-            audio=heartbeat.counted(_translated(stream, storage.retry_after)),
+            audio=heartbeat.counted(iter(stream)),
             filename=job.filename,
             options=EncodingOptions.from_json(job.options),
             record_id=job.record_id,
@@ -315,25 +311,13 @@ class _Heartbeat(threading.Thread):
             self.join()
 
 
-def _translated(stream: ObjectStream, retry_after: int) -> Iterator[bytes]:
-    """The WAV's chunks; a store failure mid-read becomes a 503 (retried), not a bug."""
-    try:
-        yield from stream
-    except (BotoCoreError, OSError) as exc:
-        raise DependencyUnavailable("object store", retry_after) from exc
-
-
 def _abort_stale_parts(storage: Storage, job: ClaimedJob) -> None:
     """Abort the multipart uploads an earlier, killed attempt left under the record's key."""
     key = object_key(job.user_id, job.record_id)
     try:
-        with storage.translate_errors():
-            listed = storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=key)
-            for upload in listed.get("Uploads", []):
-                if upload.get("Key") == key:
-                    storage.client.abort_multipart_upload(
-                        Bucket=storage.bucket, Key=key, UploadId=upload["UploadId"]
-                    )
-                    log.info("aborted an earlier attempt's multipart upload", extra={"key": key})
+        for upload in storage.multipart_uploads(prefix=key):
+            if upload.key == key:
+                storage.abort_multipart(upload)
+                log.info("aborted an earlier attempt's multipart upload", extra={"key": key})
     except (ServiceError, ObjectMissing) as exc:  # the lifecycle rule and make sweep remain
         log.warning("could not list the earlier attempt's multipart uploads: %s", exc)

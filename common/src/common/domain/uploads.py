@@ -25,30 +25,23 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
-
-from botocore.exceptions import BotoCoreError, ClientError
 
 from common.adapters.db import Database, sql
 from common.adapters.models import FILENAME_MAX_LENGTH
 from common.adapters.queue import JobQueue
 from common.adapters.storage import ObjectMissing, Storage
 from common.domain.encoding import EncodingOptions
-from common.domain.jobs import UPLOADS_PATH as UPLOADS_PATH
 from common.domain.jobs import abandoned
 from common.domain.records import NewRecord, get_record, new_record
 from common.errors import (
-    DependencyUnavailable,
     InvalidField,
     NotFound,
     PayloadTooLarge,
-    ServiceError,
     UploadNotReceived,
 )
 from common.settings import Settings
@@ -60,7 +53,6 @@ WAV_CONTENT_TYPE = "audio/wav"
 # The form field that carries the WAV: in POST /records and in the presigned POST to the bucket.
 FILE_FIELD = "file"
 FILENAME_META = "filename"
-_UPLOAD_PATH = re.compile(r"^/records/uploads/([^/]+)(/complete)?/?$")
 # How often a completion that waits (Prefer: wait=N) looks at its job.
 WAIT_POLL_SECONDS = 0.25
 
@@ -96,12 +88,6 @@ def pending_key(user_id: uuid.UUID, upload_id: uuid.UUID) -> str:
     return f"{PENDING_PREFIX}{user_id}/{upload_id}.wav"
 
 
-def upload_target(path: str) -> tuple[str, bool] | None:
-    """(upload id segment, is the completion) of ``/records/uploads/<id>[/complete]``, else None."""
-    match = _UPLOAD_PATH.match(path)
-    return (match.group(1), bool(match.group(2))) if match else None
-
-
 @dataclass(frozen=True, slots=True)
 class PresignedUpload:
     id: uuid.UUID
@@ -109,22 +95,6 @@ class PresignedUpload:
     fields: dict[str, str]
     max_bytes: int
     expires_at: datetime
-
-    def to_json(self, base_url: str) -> dict[str, Any]:
-        return {
-            "id": str(self.id),
-            "upload": {
-                "method": "POST",
-                "url": self.url,
-                "fields": self.fields,
-                "file_field": FILE_FIELD,
-                "enctype": "multipart/form-data",
-            },
-            "max_bytes": self.max_bytes,
-            "expires_at": self.expires_at.isoformat().replace("+00:00", "Z"),
-            "complete_url": f"{base_url}{UPLOADS_PATH}/{self.id}/complete",
-            "status_url": f"{base_url}{UPLOADS_PATH}/{self.id}",
-        }
 
 
 def start_upload(
@@ -141,21 +111,14 @@ def start_upload(
     key = pending_key(user_id, upload_id)
     max_bytes = settings.max_direct_upload_bytes
     expires = settings.presign_expires_seconds
-    fields = {"Content-Type": WAV_CONTENT_TYPE}
     name = _clean_filename(filename)
-    if name:
-        fields[f"x-amz-meta-{FILENAME_META}"] = quote(name, safe="")
-    conditions: list[Any] = [
-        ["content-length-range", 1, max_bytes],
-        *({k: v} for k, v in fields.items()),
-    ]
-    try:
-        post = storage.presign_client.generate_presigned_post(
-            storage.bucket, key, Fields=fields, Conditions=conditions, ExpiresIn=expires
-        )
-    except (BotoCoreError, ClientError) as exc:  # no credentials to sign with
-        log.error("could not presign an upload: %s", exc)
-        raise DependencyUnavailable("object store", storage.retry_after) from exc
+    post = storage.presigned_post(
+        key,
+        content_type=WAV_CONTENT_TYPE,
+        metadata={FILENAME_META: name} if name else {},
+        max_bytes=max_bytes,
+        expires=expires,
+    )
     options_json = (options or EncodingOptions()).to_json()
     db.execute(
         _INSERT_UPLOAD,
@@ -165,8 +128,8 @@ def start_upload(
     log.info("direct upload started", extra={"upload_id": str(upload_id)})
     return PresignedUpload(
         id=upload_id,
-        url=post["url"],
-        fields={k: str(v) for k, v in post["fields"].items()},
+        url=post.url,
+        fields=post.fields,
         max_bytes=max_bytes,
         expires_at=datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=expires),
     )
@@ -222,18 +185,17 @@ def complete_upload(
     if row["status"] != "uploading":
         return Completion(won=False, job=_status_of(db, settings, row))
     try:
-        with storage.translate_errors():
-            head = storage.client.head_object(Bucket=storage.bucket, Key=row["object_key"])
+        size = storage.size(row["object_key"])
     except ObjectMissing as exc:
         raise UploadNotReceived(
             "The upload's file has not arrived in the bucket: send it with the presigned POST "
             "first (before it expires), then complete the upload again."
         ) from exc
-    if int(head["ContentLength"]) > settings.max_direct_upload_bytes:
+    if size > settings.max_direct_upload_bytes:
         too_large = PayloadTooLarge(
             f"The upload is larger than the limit of {settings.max_direct_upload_bytes} bytes."
         )
-        error = _problem_json(too_large, upload_id)
+        error = json.dumps(too_large.to_problem())
         if db.execute(_QUEUE_CLAIM_FAILED, {"id": upload_id, "user_id": user_id, "error": error}):
             storage.discard(row["object_key"])
             raise too_large
@@ -300,7 +262,7 @@ def _status_of(db: Database, settings: Settings, row: dict[str, Any]) -> JobStat
         and row["attempts"] >= settings.job_max_attempts
     ):
         # Its last attempt died and no queue will deliver it again (SQS: maxReceiveCount).
-        error = abandoned(settings.job_max_attempts).to_problem(f"{UPLOADS_PATH}/{row['id']}")
+        error = abandoned(settings.job_max_attempts).to_problem()
         db.execute(_ABANDON, {"id": row["id"], "error": json.dumps(error)})
         status = "failed"
     record = None
@@ -315,10 +277,6 @@ def _status_of(db: Database, settings: Settings, row: dict[str, Any]) -> JobStat
         record=record,
         error=error if status == "failed" else None,
     )
-
-
-def _problem_json(error: ServiceError, upload_id: uuid.UUID) -> str:
-    return json.dumps(error.to_problem(f"{UPLOADS_PATH}/{upload_id}"))
 
 
 def _clean_filename(raw: str | None) -> str | None:

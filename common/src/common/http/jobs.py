@@ -12,14 +12,16 @@ Completion answers (the one promise: never two records for one upload):
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import flask
 
-from common.domain.uploads import UPLOADS_PATH, Completion, JobStatus
+from common.domain.uploads import FILE_FIELD, Completion, JobStatus, PresignedUpload
 from common.errors import ConversionInProgress, NotFound, StoredProblem
 from common.http.record_response import record_body, record_created_response
 from common.http.responses import json_response, public_base_url
+from common.http.routes import upload_path
 from common.settings import Settings
 
 # Seconds a client polling a queued or converting job is asked to wait between looks.
@@ -42,8 +44,41 @@ def preferred_wait(request: flask.Request, settings: Settings) -> int:
     return 0
 
 
+def presigned_upload_body(upload: PresignedUpload, base_url: str) -> dict[str, Any]:
+    """The answer to ``POST /records/uploads``: the form to send the WAV with, and what next."""
+    status_url = f"{base_url}{upload_path(upload.id)}"
+    return {
+        "id": str(upload.id),
+        "upload": {
+            "method": "POST",
+            "url": upload.url,
+            "fields": upload.fields,
+            "file_field": FILE_FIELD,
+            "enctype": "multipart/form-data",
+        },
+        "max_bytes": upload.max_bytes,
+        "expires_at": upload.expires_at.isoformat().replace("+00:00", "Z"),
+        "complete_url": f"{status_url}/complete",
+        "status_url": status_url,
+    }
+
+
 def status_location(job: JobStatus) -> str:
-    return f"{UPLOADS_PATH}/{job.id}"
+    return upload_path(job.id)
+
+
+def conversion_in_progress(
+    detail: str, upload_id: uuid.UUID, retry_after: int
+) -> ConversionInProgress:
+    """The 409 of a job still queued or converting, pointing at its status URL."""
+    error = ConversionInProgress(detail, retry_after=retry_after)
+    error.headers["Location"] = upload_path(upload_id)
+    return error
+
+
+def job_problem(job: JobStatus) -> dict[str, Any]:
+    """The failed job's stored problem document, its ``instance`` the job's status URL."""
+    return {**(job.error or {}), "instance": status_location(job)}
 
 
 def status_body(request: flask.Request, settings: Settings, job: JobStatus) -> dict[str, Any]:
@@ -53,7 +88,7 @@ def status_body(request: flask.Request, settings: Settings, job: JobStatus) -> d
             record_body(public_base_url(request, settings), job.record) if job.record else None
         )
     if job.status == "failed":
-        body["error"] = job.error
+        body["error"] = job_problem(job)
     return body
 
 
@@ -69,7 +104,7 @@ def completion_response(
 ) -> flask.Response:
     job = completion.job
     if job.status == "failed":
-        raise StoredProblem(job.error or {})
+        raise StoredProblem(job_problem(job))
     if job.status == "done":
         if job.record is None:
             raise NotFound("The upload was converted, but its record has been deleted since.")
@@ -80,10 +115,10 @@ def completion_response(
             response.headers["Preference-Applied"] = f"wait={waited}"
         return response
     if not completion.won:
-        raise ConversionInProgress(
+        raise conversion_in_progress(
             f"The upload's conversion is {job.status} already; poll its status URL.",
-            location=status_location(job),
-            retry_after=POLL_RETRY_AFTER_SECONDS,
+            job.id,
+            POLL_RETRY_AFTER_SECONDS,
         )
     headers = {
         "Location": status_location(job),

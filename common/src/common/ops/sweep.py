@@ -37,9 +37,7 @@ from common.domain.erasure import continue_erasures
 from common.domain.idempotency import purge_expired
 from common.domain.jobs import forget_abandoned_uploads, requeue_stalled
 from common.domain.records import RECORD_PREFIX
-from common.platform.logs import configure_logging
-from common.platform.runtime import Services
-from common.settings import get_settings
+from common.platform.runtime import Services, get_services
 
 log = logging.getLogger("common.ops.sweep")
 
@@ -67,8 +65,6 @@ def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None
     """Remove orphan record objects and stale multipart uploads older than the grace period."""
     cutoff = (now or datetime.now(UTC)) - timedelta(seconds=grace_seconds)
     storage = services.storage
-    client = storage.client
-    bucket = storage.bucket
     deleted: list[str] = []
     aborted: list[str] = []
     # Erasures first: their objects are not orphans to wait a grace period for.
@@ -81,32 +77,25 @@ def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None
         storage,
         cutoff=cutoff - timedelta(seconds=services.settings.presign_expires_seconds + 86400),
     )
-    with storage.translate_errors():
-        candidates: list[str] = []
-        for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=RECORD_PREFIX
-        ):
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
-                if RECORD_KEY.match(key) and obj["LastModified"] < cutoff:
-                    candidates.append(key)
-        for start in range(0, len(candidates), _BATCH):
-            batch = candidates[start : start + _BATCH]
-            referenced = _keys_with_rows(services.db, batch)
-            orphans = [key for key in batch if key not in referenced]
-            if orphans:
-                storage.delete_many(orphans)
-            for key in orphans:
-                deleted.append(key)
-                log.info("deleted orphan object", extra={"key": key})
-        for uploads in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
-            for upload in uploads.get("Uploads", []):
-                if upload["Initiated"] < cutoff:
-                    client.abort_multipart_upload(
-                        Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-                    aborted.append(upload["Key"])
-                    log.info("aborted stale multipart upload", extra={"key": upload["Key"]})
+    candidates = [
+        obj.key
+        for obj in storage.list_objects(RECORD_PREFIX)
+        if RECORD_KEY.match(obj.key) and obj.last_modified < cutoff
+    ]
+    for start in range(0, len(candidates), _BATCH):
+        batch = candidates[start : start + _BATCH]
+        referenced = _keys_with_rows(services.db, batch)
+        orphans = [key for key in batch if key not in referenced]
+        if orphans:
+            storage.delete_many(orphans)
+        for key in orphans:
+            deleted.append(key)
+            log.info("deleted orphan object", extra={"key": key})
+    for upload in storage.multipart_uploads():
+        if upload.initiated < cutoff:
+            storage.abort_multipart(upload)
+            aborted.append(upload.key)
+            log.info("aborted stale multipart upload", extra={"key": upload.key})
     return SweepResult(
         orphans_deleted=deleted,
         uploads_aborted=aborted,
@@ -128,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.grace_seconds < 0:
         parser.error("--grace-seconds must not be negative")
-    settings = get_settings()
-    configure_logging(settings.log_level)
-    result = sweep(Services.from_settings(settings), args.grace_seconds)
+    result = sweep(get_services(), args.grace_seconds)
     log.info(
         "sweep done",
         extra={

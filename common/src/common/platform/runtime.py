@@ -24,9 +24,14 @@ class Services:
         return cls(
             settings,
             Database.from_settings(settings),
-            Storage.from_settings(settings),
+            make_storage(settings),
             make_queue(settings),
         )
+
+
+def make_storage(settings: Settings) -> Storage:
+    """The object store alone (the bucket setup needs no database)."""
+    return Storage.from_settings(settings)
 
 
 _lock = threading.Lock()
