@@ -54,7 +54,6 @@ BRIEF_ROUTES = {
 PLATFORM_VARIABLES = {
     "FUNCTION_TARGET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WORKERS", "THREADS",
     "IDEMPOTENCY_SECRET_ARN", "ORIGIN_VERIFY_SECRET_ARN",  # aws_lambda.export_secrets
-    "SWEEP_GRACE_SECONDS",  # common.ops.sweep
 }  # fmt: skip
 
 

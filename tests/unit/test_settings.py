@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import ssl
+from pathlib import Path
 
 import pytest
-from common.settings import DownloadMode, Settings, SettingsError, normalise_database_url
+from common.settings import (
+    DatabaseLogin,
+    DownloadMode,
+    Settings,
+    SettingsError,
+    normalise_database_url,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_are_safe_for_the_local_stack() -> None:
@@ -112,3 +123,53 @@ def test_database_url_becomes_pg8000_connect_arguments() -> None:
     assert verified.check_hostname and verified.verify_mode == ssl.CERT_REQUIRED
     unverified = connect_params(url, tls="require", timeout=None)["ssl_context"]
     assert not unverified.check_hostname and unverified.verify_mode == ssl.CERT_NONE
+
+
+def test_every_default_is_the_fields_own() -> None:
+    """from_env of an empty environment is the dataclass's defaults: one value each, not two."""
+    read = Settings.from_env({})
+    assert read == dataclasses.replace(Settings(), ffmpeg_binary=read.ffmpeg_binary)
+
+
+def test_migrations_read_the_database_login_with_the_same_rules() -> None:
+    login = DatabaseLogin.from_env({"DATABASE_URL": "postgres://u:p@db/x", "DB_TLS": " Verify "})
+    assert login == DatabaseLogin("postgresql+pg8000://u:p@db/x", "verify", None)
+    settings = Settings.from_env({"DATABASE_URL": "postgres://u:p@db/x", "DB_TLS": "verify"})
+    assert (settings.database_url, settings.db_tls) == (login.url, login.tls)
+    with pytest.raises(SettingsError, match="DB_TLS"):
+        DatabaseLogin.from_env({"DB_TLS": "sometimes"})
+
+
+# The modules that may read the environment: settings, and the entry points' choice of target.
+ENVIRONMENT_READERS = {
+    "common/src/common/settings.py",
+    "common/src/common/platform/entrypoint.py",
+    "common/src/common/platform/aws_lambda.py",
+    "common/src/common/platform/serve.py",
+}
+
+
+_READERS = {"environ", "getenv", "environb"}
+
+
+def _reads_environment(source: str) -> bool:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in _READERS:
+            return True
+        names = {a.name for a in node.names} if isinstance(node, ast.ImportFrom) else set()
+        if isinstance(node, ast.ImportFrom) and node.module == "os" and names & _READERS:
+            return True
+    return False
+
+
+def test_only_settings_and_the_entry_points_read_the_environment() -> None:
+    sources = [
+        *(ROOT / "common" / "src").rglob("*.py"),
+        *(ROOT / "functions").rglob("*.py"),
+        *(ROOT / "migrations").rglob("*.py"),
+    ]
+    readers = {str(p.relative_to(ROOT)) for p in sources if _reads_environment(p.read_text())}
+    assert readers <= ENVIRONMENT_READERS, readers - ENVIRONMENT_READERS
+    assert _reads_environment("import os\nX = os.environ.get('A')\n")
+    assert _reads_environment("from os import getenv\n")
+    assert not _reads_environment("import os\nX = os.defpath\n")

@@ -1,8 +1,10 @@
 """One typed settings object, read from the environment once.
 
-Every setting has a safe default for the local stack; each one is listed in the README.
-Platform variables keep their platform's spelling (``PORT``, ``AWS_ACCESS_KEY_ID`` ...);
-the project's own are plain upper-case names grouped by prefix (``S3_``, ``DB_``, ``MAX_``).
+Every setting has a safe default for the local stack, written once: on its field. Each one is
+listed in docs/configuration.md. Platform variables keep their platform's spelling (``PORT``,
+``AWS_ACCESS_KEY_ID`` ...); the project's own are upper-case names grouped by prefix (``S3_``,
+``DB_``, ``MAX_``). This is the only module that reads the environment, besides the entry
+points' choice of what to run (``common.platform.entrypoint``, ``aws_lambda``, ``serve``).
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_DATABASE_URL = "postgresql+pg8000://records:records@127.0.0.1:55432/records"
@@ -27,7 +29,7 @@ ORIGIN_VERIFY_SECRET_MIN_LENGTH = 32
 CLOUD_MARKERS = ("AWS_LAMBDA_FUNCTION_NAME", "K_SERVICE")
 MIB = 1024 * 1024
 
-DB_TLS_MODES = ("off", "require", "verify")
+DB_TLS_MODES = ("off", "require", "verify")  # the first is the default
 
 # The one table of MP3 (MPEG audio Layer III) bitrates, kbit/s, in the order of the frame
 # header's bitrate index 1-14. It lives here because MP3_BITRATE_KBPS is checked against it at
@@ -55,39 +57,63 @@ class JobQueueKind(StrEnum):
 _Choice = TypeVar("_Choice", bound=StrEnum)
 
 GOOGLE_OIDC_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+# glibc reads these itself: the process tunes malloc only where the operator did not.
+GLIBC_MALLOC_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseLogin:
+    """Where the database is and how to log in: all the migrations need of the settings (their
+    Lambda function has none of the functions' secrets, which :class:`Settings` insists on)."""
+
+    url: str = DEFAULT_DATABASE_URL
+    # TLS to the database: off, require (encrypted, not verified) or verify (system CAs).
+    tls: str = DB_TLS_MODES[0]
+    # AWS Secrets Manager secret with the database login (JSON: username, password ...).
+    secret_arn: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DatabaseLogin:
+        e = os.environ if env is None else env
+        tls = e.get("DB_TLS", "").strip().lower() or DB_TLS_MODES[0]
+        if tls not in DB_TLS_MODES:
+            raise SettingsError(f"DB_TLS must be one of {', '.join(DB_TLS_MODES)}")
+        return cls(
+            url=normalise_database_url(e.get("DATABASE_URL", "") or DEFAULT_DATABASE_URL),
+            tls=tls,
+            secret_arn=e.get("DATABASE_SECRET_ARN", "").strip() or None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    database_url: str
-    db_pool_size: int
-    db_pool_overflow: int
-    db_connect_timeout_seconds: float
-    s3_endpoint_url: str | None
-    s3_public_endpoint_url: str | None
-    s3_region: str
+    database_url: str = DEFAULT_DATABASE_URL
+    db_pool_size: int = 10
+    db_pool_overflow: int = 0
+    db_connect_timeout_seconds: float = 5.0
+    s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
     # boto3's own variable names; unset means its default chain (instance/task role, profile).
-    aws_access_key_id: str | None = field(repr=False)
-    aws_secret_access_key: str | None = field(repr=False)
-    aws_session_token: str | None = field(repr=False)
-    s3_bucket: str
-    s3_part_size_bytes: int
-    s3_timeout_seconds: float
-    max_upload_bytes: int
-    mp3_bitrate_kbps: int
-    convert_timeout_seconds: float
-    ffmpeg_binary: str
-    download_mode: DownloadMode
-    presign_expires_seconds: int
-    public_base_url: str | None
-    retry_after_seconds: int
-    log_level: str
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    aws_session_token: str | None = field(default=None, repr=False)
+    s3_bucket: str = "records"
+    s3_part_size_bytes: int = 8 * MIB
+    s3_timeout_seconds: float = 10.0
+    max_upload_bytes: int = 256 * MIB
+    mp3_bitrate_kbps: int = 192
+    convert_timeout_seconds: float = 600.0
+    ffmpeg_binary: str = "ffmpeg"  # from_env: FFMPEG_BINARY, else the ffmpeg on PATH
+    download_mode: DownloadMode = DownloadMode.STREAM
+    presign_expires_seconds: int = 300
+    public_base_url: str | None = None
+    retry_after_seconds: int = 5
+    log_level: str = "INFO"
     max_direct_upload_bytes: int = 4 * 1024 * MIB
     google_cloud_project: str | None = None
-    # AWS Secrets Manager secret with the database login (JSON: username, password ...).
-    database_secret_arn: str | None = None
-    # TLS to the database: off, require (encrypted, not verified) or verify (system CAs).
-    db_tls: str = "off"
+    database_secret_arn: str | None = None  # DatabaseLogin
+    db_tls: str = DB_TLS_MODES[0]  # DatabaseLogin
     # Named prepared statements (one round trip each); off behind a proxy that multiplexes
     # sessions per transaction (RDS Proxy, PgBouncer): it would pin each session instead.
     db_prepared_statements: bool = True
@@ -113,58 +139,82 @@ class Settings:
     job_lease_seconds: int = 60
     job_max_attempts: int = 3
     job_timeout_seconds: float = 3300.0
+    # make sweep touches only what is older than this (an upload in flight never is).
+    sweep_grace_seconds: int = 3600
+    # The PostgreSQL queue's worker touches this file; its health check reads the age.
+    worker_alive_file: str = "/tmp/upload-worker.alive"  # noqa: S108
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         e = os.environ if env is None else env
+        d = _DEFAULTS
+        login = DatabaseLogin.from_env(e)
         settings = cls(
-            database_url=normalise_database_url(e.get("DATABASE_URL", DEFAULT_DATABASE_URL)),
-            db_pool_size=int_setting(e, "DB_POOL_SIZE", 10, minimum=1),
-            db_pool_overflow=int_setting(e, "DB_POOL_OVERFLOW", 0),
-            db_connect_timeout_seconds=_float(e, "DB_CONNECT_TIMEOUT_SECONDS", 5.0),
+            database_url=login.url,
+            db_pool_size=int_setting(e, "DB_POOL_SIZE", d["db_pool_size"], minimum=1),
+            db_pool_overflow=int_setting(e, "DB_POOL_OVERFLOW", d["db_pool_overflow"]),
+            db_connect_timeout_seconds=_float(
+                e, "DB_CONNECT_TIMEOUT_SECONDS", d["db_connect_timeout_seconds"]
+            ),
             s3_endpoint_url=_optional_url(e, "S3_ENDPOINT_URL"),
             s3_public_endpoint_url=_optional_url(e, "S3_PUBLIC_ENDPOINT_URL"),
-            s3_region=e.get("S3_REGION", "us-east-1") or "us-east-1",
+            s3_region=e.get("S3_REGION", "") or d["s3_region"],
             aws_access_key_id=e.get("AWS_ACCESS_KEY_ID") or None,
             aws_secret_access_key=e.get("AWS_SECRET_ACCESS_KEY") or None,
             aws_session_token=e.get("AWS_SESSION_TOKEN") or None,
-            s3_bucket=e.get("S3_BUCKET", "records") or "records",
-            s3_part_size_bytes=int_setting(e, "S3_PART_SIZE_BYTES", 8 * MIB, minimum=5 * MIB),
-            s3_timeout_seconds=_float(e, "S3_TIMEOUT_SECONDS", 10.0),
-            max_upload_bytes=int_setting(e, "MAX_UPLOAD_BYTES", 256 * MIB, minimum=1024),
-            mp3_bitrate_kbps=int_setting(e, "MP3_BITRATE_KBPS", 192, minimum=32),
-            convert_timeout_seconds=_float(e, "CONVERT_TIMEOUT_SECONDS", 600.0),
-            ffmpeg_binary=e.get("FFMPEG_BINARY", "") or _discover_ffmpeg(),
-            download_mode=_choice(DownloadMode, e, "DOWNLOAD_MODE", DownloadMode.STREAM),
-            presign_expires_seconds=int_setting(e, "PRESIGN_EXPIRES_SECONDS", 300, minimum=1),
+            s3_bucket=e.get("S3_BUCKET", "") or d["s3_bucket"],
+            s3_part_size_bytes=int_setting(
+                e, "S3_PART_SIZE_BYTES", d["s3_part_size_bytes"], minimum=5 * MIB
+            ),
+            s3_timeout_seconds=_float(e, "S3_TIMEOUT_SECONDS", d["s3_timeout_seconds"]),
+            max_upload_bytes=int_setting(
+                e, "MAX_UPLOAD_BYTES", d["max_upload_bytes"], minimum=1024
+            ),
+            mp3_bitrate_kbps=int_setting(e, "MP3_BITRATE_KBPS", d["mp3_bitrate_kbps"], minimum=32),
+            convert_timeout_seconds=_float(
+                e, "CONVERT_TIMEOUT_SECONDS", d["convert_timeout_seconds"]
+            ),
+            ffmpeg_binary=e.get("FFMPEG_BINARY", "") or _discover_ffmpeg(d["ffmpeg_binary"]),
+            download_mode=_choice(DownloadMode, e, "DOWNLOAD_MODE", d["download_mode"]),
+            presign_expires_seconds=int_setting(
+                e, "PRESIGN_EXPIRES_SECONDS", d["presign_expires_seconds"], minimum=1
+            ),
             public_base_url=_optional_url(e, "PUBLIC_BASE_URL"),
-            retry_after_seconds=int_setting(e, "RETRY_AFTER_SECONDS", 5, minimum=1),
-            log_level=(e.get("LOG_LEVEL", "INFO") or "INFO").upper(),
+            retry_after_seconds=int_setting(
+                e, "RETRY_AFTER_SECONDS", d["retry_after_seconds"], minimum=1
+            ),
+            log_level=(e.get("LOG_LEVEL", "") or d["log_level"]).upper(),
             max_direct_upload_bytes=int_setting(
-                e, "MAX_DIRECT_UPLOAD_BYTES", 4 * 1024 * MIB, minimum=1024
+                e, "MAX_DIRECT_UPLOAD_BYTES", d["max_direct_upload_bytes"], minimum=1024
             ),
             google_cloud_project=e.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
-            database_secret_arn=e.get("DATABASE_SECRET_ARN", "").strip() or None,
-            db_tls=(e.get("DB_TLS", "off").strip().lower() or "off"),
-            db_prepared_statements=bool_setting(e, "DB_PREPARED_STATEMENTS", True),
+            database_secret_arn=login.secret_arn,
+            db_tls=login.tls,
+            db_prepared_statements=bool_setting(
+                e, "DB_PREPARED_STATEMENTS", d["db_prepared_statements"]
+            ),
             idempotency_secret=_idempotency_secret(e),
             origin_verify_secret=_origin_verify_secret(e),
-            idempotency_lease_seconds=int_setting(e, "IDEMPOTENCY_LEASE_SECONDS", 60, minimum=5),
-            erase_deadline_seconds=_float(e, "ERASE_DEADLINE_SECONDS", 20.0),
-            job_queue=_choice(JobQueueKind, e, "JOB_QUEUE", JobQueueKind.POSTGRES),
+            idempotency_lease_seconds=int_setting(
+                e, "IDEMPOTENCY_LEASE_SECONDS", d["idempotency_lease_seconds"], minimum=5
+            ),
+            erase_deadline_seconds=_float(e, "ERASE_DEADLINE_SECONDS", d["erase_deadline_seconds"]),
+            job_queue=_choice(JobQueueKind, e, "JOB_QUEUE", d["job_queue"]),
             job_queue_url=_optional_url(e, "JOB_QUEUE_URL"),
             cloud_tasks_queue=e.get("CLOUD_TASKS_QUEUE", "").strip() or None,
             tasks_target_url=_optional_url(e, "TASKS_TARGET_URL"),
             tasks_service_account=e.get("TASKS_SERVICE_ACCOUNT", "").strip() or None,
             tasks_audience=e.get("TASKS_AUDIENCE", "").strip() or None,
-            tasks_certs_url=_optional_url(e, "TASKS_CERTS_URL") or GOOGLE_OIDC_CERTS_URL,
-            job_wait_max_seconds=int_setting(e, "JOB_WAIT_MAX_SECONDS", 25),
-            job_lease_seconds=int_setting(e, "JOB_LEASE_SECONDS", 60, minimum=2),
-            job_max_attempts=int_setting(e, "JOB_MAX_ATTEMPTS", 3, minimum=1),
-            job_timeout_seconds=_float(e, "JOB_TIMEOUT_SECONDS", 3300.0),
+            tasks_certs_url=_optional_url(e, "TASKS_CERTS_URL") or d["tasks_certs_url"],
+            job_wait_max_seconds=int_setting(e, "JOB_WAIT_MAX_SECONDS", d["job_wait_max_seconds"]),
+            job_lease_seconds=int_setting(
+                e, "JOB_LEASE_SECONDS", d["job_lease_seconds"], minimum=2
+            ),
+            job_max_attempts=int_setting(e, "JOB_MAX_ATTEMPTS", d["job_max_attempts"], minimum=1),
+            job_timeout_seconds=_float(e, "JOB_TIMEOUT_SECONDS", d["job_timeout_seconds"]),
+            sweep_grace_seconds=int_setting(e, "SWEEP_GRACE_SECONDS", d["sweep_grace_seconds"]),
+            worker_alive_file=e.get("WORKER_ALIVE_FILE", "") or d["worker_alive_file"],
         )
-        if settings.db_tls not in DB_TLS_MODES:
-            raise SettingsError(f"DB_TLS must be one of {', '.join(DB_TLS_MODES)}")
         if settings.mp3_bitrate_kbps not in MP3_BITRATES_MPEG1:
             raise SettingsError(
                 f"MP3_BITRATE_KBPS must be one of {', '.join(map(str, MP3_BITRATES_MPEG1))}"
@@ -172,6 +222,16 @@ class Settings:
         if settings.presign_expires_seconds > 7 * 24 * 3600:
             raise SettingsError("PRESIGN_EXPIRES_SECONDS must be at most 604800 (7 days)")
         return settings
+
+
+# Each field's default, as from_env falls back to it.
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)}
+
+
+def glibc_malloc_overrides(env: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The names of GLIBC_MALLOC_VARIABLES that the environment sets."""
+    e = os.environ if env is None else env
+    return frozenset(name for name in GLIBC_MALLOC_VARIABLES if e.get(name))
 
 
 @lru_cache(maxsize=1)
@@ -210,8 +270,8 @@ def _libpq_socket_to_pg8000(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode([*rest, ("unix_sock", sock)], safe="/:")))
 
 
-def _discover_ffmpeg() -> str:
-    return shutil.which("ffmpeg") or "ffmpeg"
+def _discover_ffmpeg(name: str) -> str:
+    return shutil.which(name) or name
 
 
 def int_setting(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:

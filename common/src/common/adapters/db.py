@@ -26,7 +26,7 @@ from pg8000.native import DatabaseError, InterfaceError
 from common.adapters.pool import Pool, PoolTimeout
 from common.adapters.secrets import Credentials, SecretCredentials
 from common.errors import DependencyUnavailable
-from common.settings import Settings
+from common.settings import DatabaseLogin, Settings
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,16 @@ def login(
         fresh: Credentials = credentials.refresh(used)
         log.warning("database login refused; connecting with the secret read again")
     return connect(**{**params, **fresh.connect_params()})
+
+
+def migration_connector(login_to: DatabaseLogin) -> Callable[[], Any]:
+    """Alembic's connections: pg8000's DB-API with the functions' login, and no socket
+    timeout (a migration may wait long for a lock)."""
+    import pg8000.dbapi
+
+    params = connect_params(login_to.url, tls=login_to.tls, timeout=None)
+    credentials = SecretCredentials(login_to.secret_arn) if login_to.secret_arn else None
+    return lambda: login(pg8000.dbapi.connect, params, credentials)
 
 
 def make_pool(settings: Settings, credentials: SecretCredentials | None = None) -> DbPool:

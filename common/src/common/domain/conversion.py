@@ -262,7 +262,7 @@ def _run(
         stdout=subprocess.DEVNULL,
         stderr=err_fd,
         close_fds=True,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        env={"PATH": os.defpath},  # nothing of ours: ffmpeg_binary is a full path
     )
     _lower_priority(proc.pid)
     _widen_pipe(proc.stdin)

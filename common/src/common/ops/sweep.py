@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ from common.platform.runtime import Services, get_services
 
 log = logging.getLogger("common.ops.sweep")
 
-DEFAULT_GRACE_SECONDS = 3600
 RECORD_KEY = re.compile(r"^users/[0-9a-f-]{36}/records/[0-9a-f-]{36}\.mp3$")
 _BATCH = 500
 _KEYS_WITH_ROWS = sql("SELECT object_key FROM records WHERE object_key = ANY(:keys)")
@@ -111,13 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grace-seconds",
         type=int,
-        default=int(os.environ.get("SWEEP_GRACE_SECONDS") or DEFAULT_GRACE_SECONDS),
-        help="only touch what is older than this (default: $SWEEP_GRACE_SECONDS or 3600)",
+        default=None,
+        help="only touch what is older than this (default: SWEEP_GRACE_SECONDS, 3600)",
     )
     args = parser.parse_args(argv)
-    if args.grace_seconds < 0:
+    if args.grace_seconds is not None and args.grace_seconds < 0:
         parser.error("--grace-seconds must not be negative")
-    result = sweep(get_services(), args.grace_seconds)
+    services = get_services()
+    grace = (
+        services.settings.sweep_grace_seconds if args.grace_seconds is None else args.grace_seconds
+    )
+    result = sweep(services, grace)
     log.info(
         "sweep done",
         extra={

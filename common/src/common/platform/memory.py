@@ -15,6 +15,8 @@ import ctypes
 import gc
 import os
 
+from common.settings import glibc_malloc_overrides
+
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 ARENA_MAX = 2
@@ -35,9 +37,10 @@ def tune_malloc() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    if not os.environ.get("MALLOC_ARENA_MAX"):
+    overridden = glibc_malloc_overrides()
+    if "MALLOC_ARENA_MAX" not in overridden:
         mallopt(_M_ARENA_MAX, ARENA_MAX)
-    if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+    if "MALLOC_MMAP_THRESHOLD_" not in overridden:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     # A forked process shares its parent's imported modules until it writes to them; a
     # garbage collection writes to every object it visits. Objects that exist at fork time

@@ -9,7 +9,7 @@ worker killed outright (SIGKILL, out of memory) stops renewing its lease, and th
 again when the lease runs out (``JOB_LEASE_SECONDS``), up to ``JOB_MAX_ATTEMPTS`` times.
 
 ``python -m common.platform.worker --check`` is the container's health check: a thread of the
-worker touches :data:`ALIVE_FILE` every few seconds, and a stale file means it is gone.
+worker touches ``WORKER_ALIVE_FILE`` every few seconds, and a stale file means it is gone.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ from common.domain.jobs import ClaimedJob, claim_next, release, run_claimed
 from common.errors import ServiceError
 from common.platform.memory import tune_malloc
 from common.platform.runtime import Services, get_services
-from common.settings import JobQueueKind
+from common.settings import JobQueueKind, get_settings
 
 log = logging.getLogger("common.worker")
 
 POLL_SECONDS = 0.5
-ALIVE_FILE = Path(os.environ.get("WORKER_ALIVE_FILE", "/tmp/upload-worker.alive"))  # noqa: S108
 ALIVE_EVERY_SECONDS = 5.0
 ALIVE_MAX_AGE_SECONDS = 30.0
 
@@ -67,12 +66,12 @@ def _give_back(services: Services, job: ClaimedJob) -> None:
         log.warning("could not give the job back: %s", exc)
 
 
-def _touch_alive_file() -> None:
+def _touch_alive_file(alive_file: Path) -> None:
     while True:
         try:
-            ALIVE_FILE.touch()
+            alive_file.touch()
         except OSError as exc:
-            log.warning("cannot touch %s: %s", ALIVE_FILE, exc)
+            log.warning("cannot touch %s: %s", alive_file, exc)
         time.sleep(ALIVE_EVERY_SECONDS)
 
 
@@ -96,9 +95,9 @@ def _stop(signum: int, _frame: FrameType | None) -> None:
     raise Stopping(signal.Signals(signum).name)
 
 
-def check_alive() -> int:
+def check_alive(alive_file: Path) -> int:
     try:
-        age = time.time() - ALIVE_FILE.stat().st_mtime
+        age = time.time() - alive_file.stat().st_mtime
     except OSError:
         return 1
     return 0 if age < ALIVE_MAX_AGE_SECONDS else 1
@@ -107,15 +106,18 @@ def check_alive() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == ["--check"]:
-        return check_alive()
+        return check_alive(Path(get_settings().worker_alive_file))
     tune_malloc()
     services = get_services()
+    alive_file = Path(services.settings.worker_alive_file)
     if services.settings.job_queue is not JobQueueKind.POSTGRES:
         log.warning("JOB_QUEUE is %s: this worker only serves the postgres queue",
                     services.settings.job_queue.value)  # fmt: skip
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    threading.Thread(target=_touch_alive_file, name="alive-file", daemon=True).start()
+    threading.Thread(
+        target=_touch_alive_file, args=(alive_file,), name="alive-file", daemon=True
+    ).start()
     log.info("worker started", extra={"pid": os.getpid()})
     try:
         serve(services)
