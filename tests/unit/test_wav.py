@@ -12,6 +12,7 @@ from common.domain.wav import (
     SampleFormat,
     UnsupportedWav,
     parse_header,
+    trailing_metadata,
 )
 
 from devstack import wavgen
@@ -170,3 +171,45 @@ def test_truncated_header_at_eof_is_422() -> None:
     data = wavgen.wav(seconds=0.01)[:30]
     with pytest.raises(InvalidWav, match="ends before"):
         parse_header(data, at_eof=True)
+
+
+def _ambiguous(name: str) -> bytes:
+    tone = wavgen.samples(seconds=0.01, channels=2, rate=44100, bits=16)
+    fmt, data = wavgen.fmt_chunk(), wavgen.chunk(b"data", tone)
+    if name == "two fmt chunks":  # the gate kept the last, ffmpeg the first
+        return wavgen.riff(fmt, wavgen.fmt_chunk(channels=1, rate=8000), data)
+    if name == "data past the RIFF size":
+        whole = wavgen.riff(fmt, data)
+        return whole[:4] + struct.pack("<I", len(whole) - 8 - 100) + whole[8:]
+    if name == "valid bits of another sample size":  # ffmpeg reads 8-bit samples
+        ext = wavgen.fmt_chunk(bits=32, extensible=True)
+        ext = ext[:26] + struct.pack("<H", 8) + ext[28:]
+        return wavgen.riff(ext, wavgen.chunk(b"data", bytes(400)))
+    ds64 = wavgen.chunk(b"ds64", struct.pack("<QQQI", 0, 400, 100, 0))
+    return wavgen.riff(ds64, fmt, wavgen.chunk(b"data", bytes(200)), magic=b"RF64")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("two fmt chunks", "more than one 'fmt '"),
+        ("data past the RIFF size", "goes past the end its RIFF header declares"),
+        ("valid bits of another sample size", "8 valid bits in 32-bit samples"),
+        ("RF64 data size not ds64's", "ds64 chunk 400"),
+    ],
+)
+def test_a_header_two_readers_could_read_differently_is_422(name: str, message: str) -> None:
+    with pytest.raises(InvalidWav, match=message):
+        parse_header(_ambiguous(name))
+
+
+@pytest.mark.parametrize("chunk_id", [b"data", b"fmt "])
+def test_a_second_data_or_fmt_chunk_after_the_audio_is_422(chunk_id: bytes) -> None:
+    second = wavgen.chunk(chunk_id, wavgen.fmt_chunk(channels=1)[8:])
+    with pytest.raises(InvalidWav, match="second"):
+        trailing_metadata(second)
+
+
+def test_metadata_after_the_audio_is_still_read() -> None:
+    info = wavgen.info_chunk({b"INAM": "Take"})
+    assert trailing_metadata(wavgen.chunk(b"JUNK", bytes(3)) + info)[0][0] == b"LIST"

@@ -2,7 +2,11 @@
 
 Only uncompressed audio is accepted: integer PCM (8/16/24/32-bit), IEEE float (32/64-bit),
 and the same two inside WAVE_FORMAT_EXTENSIBLE; 1 to 8 channels; 8 to 192 kHz. RF64 (the
-64-bit variant) is read too. Anything else is refused here with a message that says why.
+64-bit variant) is read too. Anything else is refused here with a message that says why, and
+so is a file that two readers could read differently (ffmpeg's wav demuxer takes the first
+``fmt `` chunk and the ds64 size; others take the last, or stop at the RIFF size): a second
+``fmt `` or ``data`` chunk, audio beyond the RIFF size, extensible valid bits that do not fit
+the sample size, an RF64 data size that disagrees with ds64.
 
 The file's own tags are read here too: a ``LIST``/``INFO`` chunk (INAM, IART, IPRD, ICRD,
 ICMT) and an ``id3 `` chunk, wherever they are. Those before the audio data come with the
@@ -108,6 +112,7 @@ def parse_header(buf: bytes, *, at_eof: bool = False) -> WavHeader | None:
             raise UnsupportedWav("Big-endian WAV (RIFX) is not supported; send little-endian WAV.")
         raise NotAWav("The file is not a WAV file (it does not start with a RIFF/WAVE header).")
     rf64 = buf[:4] == b"RF64"
+    (riff_size,) = struct.unpack_from("<I", buf, 4)
     pos = 12
     fmt: tuple[SampleFormat, int, int, int, int] | None = None
     ds64_data_size: int | None = None
@@ -130,8 +135,23 @@ def parse_header(buf: bytes, *, at_eof: bool = False) -> WavHeader | None:
             declared: int | None = size
             if rf64 and size == 0xFFFFFFFF:
                 declared = ds64_data_size
+            elif rf64 and size != ds64_data_size:
+                raise InvalidWav(
+                    f"The RF64 data chunk declares {size} bytes and its ds64 chunk "
+                    f"{ds64_data_size}: refusing a file readers could take either way."
+                )
             if declared in UNKNOWN_SIZES:
                 declared = None
+            if (
+                not rf64
+                and declared is not None
+                and riff_size not in UNKNOWN_SIZES
+                and body + declared > 8 + riff_size
+            ):
+                raise InvalidWav(
+                    f"The WAV file's audio data ({declared} bytes from byte {body}) goes past "
+                    f"the end its RIFF header declares ({8 + riff_size} bytes)."
+                )
             return WavHeader(
                 sample_format, channels, rate, bits, align, body, declared, tuple(metadata)
             )
@@ -148,6 +168,10 @@ def parse_header(buf: bytes, *, at_eof: bool = False) -> WavHeader | None:
             return None
         payload = buf[body : body + size]
         if chunk_id == b"fmt ":
+            if fmt is not None:
+                raise InvalidWav(
+                    "The WAV file has more than one 'fmt ' chunk; send a file with one."
+                )
             fmt = _parse_fmt(payload)
         elif chunk_id == b"ds64" and rf64:
             if size < 24:
@@ -161,8 +185,8 @@ def parse_header(buf: bytes, *, at_eof: bool = False) -> WavHeader | None:
 def trailing_metadata(data: bytes) -> tuple[tuple[bytes, bytes], ...]:
     """The LIST and id3 chunks in ``data``, the bytes right after the audio data's chunk.
 
-    Lenient: a truncated or malformed chunk ends the search, it refuses nothing (the audio
-    has been converted by then).
+    Lenient: a truncated or malformed chunk ends the search. Only a second ``data`` or
+    ``fmt `` chunk is refused (InvalidWav): another reader might play that audio instead.
     """
     found = []
     pos = 0
@@ -173,6 +197,12 @@ def trailing_metadata(data: bytes) -> tuple[tuple[bytes, bytes], ...]:
             break
         if chunk_id in METADATA_CHUNKS:
             found.append((chunk_id, data[pos + 8 : pos + 8 + size]))
+        elif chunk_id in (b"data", b"fmt "):
+            name = chunk_id.decode("ascii").strip()
+            raise InvalidWav(
+                f"The WAV file has a second '{name}' chunk after its audio data; "
+                "send a file with one."
+            )
         pos += 8 + size + (size & 1)
     return tuple(found)
 
@@ -242,7 +272,7 @@ def _parse_fmt(payload: bytes) -> tuple[SampleFormat, int, int, int, int]:
                 "only PCM and IEEE float are supported."
             )
         (tag,) = struct.unpack_from("<H", guid, 0)
-        if valid_bits > bits:
+        if valid_bits > bits or (valid_bits and (valid_bits + 7) // 8 != bits // 8):
             raise InvalidWav(
                 f"The WAV file declares {valid_bits} valid bits in {bits}-bit samples."
             )
