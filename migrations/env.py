@@ -1,5 +1,5 @@
 """Alembic environment: the database and login of the functions' settings (DATABASE_URL, DB_TLS,
-DATABASE_SECRET_ARN), the target schema from common.adapters.models."""
+DATABASE_SECRET_ARN), no target metadata."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from logging.config import fileConfig
 
 from alembic import context
 from common.adapters.db import migration_connector
-from common.adapters.models import Base
 from common.settings import DatabaseLogin
 from sqlalchemy import create_engine, pool
 
@@ -15,7 +14,9 @@ config = context.config
 if config.config_file_name is not None:
     fileConfig(config.config_file_name)
 
-target_metadata = Base.metadata
+# The migrations and the service's SQL are the schema (docs/development.md, "Schema"): there is
+# no model to compare against, so autogenerate is off.
+target_metadata = None
 
 
 LOGIN = DatabaseLogin.from_env()

@@ -10,14 +10,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
 
 import boto3
 import flask
 import pytest
 import requests
-from common.adapters.models import Record
 from common.adapters.storage import Storage
+from common.domain.records import StoredRecord
 from common.http.downloads import download_response
 from common.settings import DownloadMode, Settings
 from moto import mock_aws
@@ -39,8 +38,8 @@ def storage(monkeypatch: pytest.MonkeyPatch) -> Iterator[Storage]:
         yield storage
 
 
-def _record(storage: Storage) -> Record:
-    return Record(
+def _record(storage: Storage) -> StoredRecord:
+    return StoredRecord(
         id=uuid.uuid4(),
         user_id=uuid.uuid4(),
         object_key=KEY,
@@ -51,7 +50,8 @@ def _record(storage: Storage) -> Record:
         bitrate_kbps=192,
         sample_rate=44100,
         channels=2,
-        created_at=datetime.now(UTC),
+        vbr_quality=None,
+        tags=None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -16,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common.adapters.db import Database, is_foreign_key_violation, sql
-from common.adapters.models import FILENAME_MAX_LENGTH, Record
 from common.adapters.storage import Storage
 from common.domain.conversion import convert_wav_stream
 from common.domain.encoding import EncodingOptions
@@ -27,11 +27,8 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 _UNSAFE_FILENAME = re.compile(r'[\\/:*?"<>|]+')
-
-_RECORD_COLUMNS = (
-    "id", "user_id", "object_key", "filename", "size_bytes", "etag", "duration_seconds",
-    "bitrate_kbps", "sample_rate", "channels", "vbr_quality", "tags",
-)  # fmt: skip
+# records.filename is VARCHAR(255) (migrations/versions/0001).
+FILENAME_MAX_LENGTH = 255
 # A retried insert that had landed finds its own row: nothing happens.
 INSERT_RECORD = sql(
     "INSERT INTO records (id, user_id, object_key, filename, size_bytes, etag, "
@@ -43,6 +40,24 @@ _SELECT_RECORD = sql(
     "SELECT id, user_id, object_key, filename, size_bytes, etag, duration_seconds, "
     "bitrate_kbps, sample_rate, channels, vbr_quality, tags FROM records WHERE id = :id"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A ``records`` row, as INSERT_RECORD writes it and _SELECT_RECORD reads it."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    object_key: str
+    filename: str
+    size_bytes: int
+    etag: str
+    duration_seconds: float
+    bitrate_kbps: int
+    sample_rate: int
+    channels: int
+    vbr_quality: int | None  # LAME -V quality of a VBR record; None for CBR
+    tags: dict[str, str] | None  # the ID3v2.4 tags written into the MP3; None: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +173,7 @@ def store_mp3(
     except BaseException:
         writer.abort()  # no object without its row
         raise
-    record = Record(
+    record = StoredRecord(
         id=record_id,
         user_id=user_id,
         object_key=key,
@@ -175,12 +190,12 @@ def store_mp3(
     )
     return StoredMp3(
         key=key,
-        row={c: getattr(record, c) for c in _RECORD_COLUMNS},
+        row=dataclasses.asdict(record),
         record=new_record(record),
     )
 
 
-def new_record(record: Record) -> NewRecord:
+def new_record(record: StoredRecord) -> NewRecord:
     """The 201 body's fields of a stored record."""
     return NewRecord(
         id=record.id,
@@ -196,12 +211,12 @@ def new_record(record: Record) -> NewRecord:
     )
 
 
-def get_record(db: Database, record_id: uuid.UUID) -> Record | None:
+def get_record(db: Database, record_id: uuid.UUID) -> StoredRecord | None:
     rows = db.execute(_SELECT_RECORD, {"id": record_id})
-    return Record(**rows[0]._asdict()) if rows else None
+    return StoredRecord(**rows[0]._asdict()) if rows else None
 
 
-def find_record(db: Database, raw_id: str | None, raw_user: str | None) -> Record:
+def find_record(db: Database, raw_id: str | None, raw_user: str | None) -> StoredRecord:
     """The record ``raw_id`` of user ``raw_user``; NotFound for anyone else's or none."""
     record_id = parse_uuid(raw_id, "id")
     user_id = parse_uuid(raw_user, "user")

@@ -32,12 +32,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common.adapters.db import Database, sql
-from common.adapters.models import FILENAME_MAX_LENGTH
 from common.adapters.queue import JobQueue
 from common.adapters.storage import ObjectMissing, Storage
 from common.domain.encoding import EncodingOptions
 from common.domain.jobs import abandoned
-from common.domain.records import NewRecord, get_record, new_record
+from common.domain.records import FILENAME_MAX_LENGTH, NewRecord, get_record, new_record
 from common.errors import (
     InvalidField,
     NotFound,

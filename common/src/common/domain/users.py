@@ -6,10 +6,12 @@ import uuid
 from dataclasses import dataclass
 
 from common.adapters.db import Database, sql
-from common.adapters.models import NAME_MAX_LENGTH
 from common.domain.text import first_control
 from common.domain.tokens import hash_token, new_token, token_matches
 from common.errors import InvalidField, Unauthorized
+
+# users.name is VARCHAR(100) (migrations/versions/0001).
+NAME_MAX_LENGTH = 100
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,8 @@ import logging
 
 import flask
 
-from common.adapters.models import Record
 from common.adapters.storage import MP3_CONTENT_TYPE, ObjectMissing, Storage
+from common.domain.records import StoredRecord
 from common.errors import NotFound, RangeNotSatisfiable
 from common.http.responses import content_disposition
 from common.settings import DownloadMode, Settings
@@ -30,7 +30,7 @@ ROUTER_STORE_PREFIX = "/_store"
 
 
 def download_response(
-    request: flask.Request, storage: Storage, settings: Settings, record: Record
+    request: flask.Request, storage: Storage, settings: Settings, record: StoredRecord
 ) -> flask.Response:
     disposition = content_disposition(record.filename)
     if settings.download_mode is DownloadMode.REDIRECT:
@@ -85,7 +85,7 @@ def download_response(
     return response
 
 
-def _requested_range(request: flask.Request, record: Record) -> tuple[int, int] | None:
+def _requested_range(request: flask.Request, record: StoredRecord) -> tuple[int, int] | None:
     """The single byte range asked for as [first, stop), or None for the whole file."""
     requested = request.range
     if requested is None or requested.units != "bytes":
