@@ -143,6 +143,10 @@ class Settings:
     sweep_grace_seconds: int = 3600
     # The PostgreSQL queue's worker touches this file; its health check reads the age.
     worker_alive_file: str = "/tmp/upload-worker.alive"  # noqa: S108
+    # The slowest request body accepted (common.platform.bridge): after the grace, at least
+    # this many bytes per second on average; a slower one is cut off with 408.
+    body_grace_seconds: float = 10.0
+    body_min_bytes_per_second: int = 16 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -214,6 +218,10 @@ class Settings:
             job_timeout_seconds=_float(e, "JOB_TIMEOUT_SECONDS", d["job_timeout_seconds"]),
             sweep_grace_seconds=int_setting(e, "SWEEP_GRACE_SECONDS", d["sweep_grace_seconds"]),
             worker_alive_file=e.get("WORKER_ALIVE_FILE", "") or d["worker_alive_file"],
+            body_grace_seconds=_float(e, "BODY_GRACE_SECONDS", d["body_grace_seconds"]),
+            body_min_bytes_per_second=int_setting(
+                e, "BODY_MIN_BYTES_PER_SECOND", d["body_min_bytes_per_second"], minimum=1
+            ),
         )
         if settings.mp3_bitrate_kbps not in MP3_BITRATES_MPEG1:
             raise SettingsError(

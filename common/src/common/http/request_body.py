@@ -38,6 +38,10 @@ READ_SIZE = 64 * 1024
 MAX_FIELD_BYTES = 4096
 MAX_FIELDS_TOTAL = 64 * 1024
 MAX_FIELDS = 32
+# The form's fields, part headers included, must end within this many bytes of the body: the
+# server reads them without holding a thread (common.platform.bridge), then the credentials
+# are checked before more is read.
+FIELDS_REGION_BYTES = 128 * 1024
 # The decoder's buffer: bounds a preamble or part headers that never end.
 MAX_DECODER_BUFFER = 1024 * 1024
 WAV_MEDIA_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
@@ -80,7 +84,7 @@ def read_upload(body: RequestBody, mimetype: str, boundary: str | None) -> Uploa
     if mimetype == "multipart/form-data":
         if not boundary:
             raise BadRequest("The multipart/form-data body has no boundary parameter.")
-        return _read_multipart(body.chunks(), boundary)
+        return _read_multipart(body, boundary)
     if mimetype in WAV_MEDIA_TYPES:
         return Upload(fields={}, filename=None, chunks=body.chunks())
     raise UnsupportedMediaType(
@@ -113,12 +117,19 @@ class _Events:
             raise BadRequest(f"The multipart body is malformed: {exc}.") from exc
 
 
-def _read_multipart(source: Iterator[bytes], boundary: str) -> Upload:
-    events = _Events(source, boundary)
+def _read_multipart(body: RequestBody, boundary: str) -> Upload:
+    events = _Events(body.chunks(), boundary)
     fields: dict[str, str] = {}
     total = 0
     while True:
         event = events.next()
+        if body.received > FIELDS_REGION_BYTES and not (
+            isinstance(event, File | Field) and event.name == FILE_FIELD
+        ):
+            raise InvalidField(
+                f"The form's 'file' part must start within the first {FIELDS_REGION_BYTES} "
+                "bytes of the body."
+            )
         if isinstance(event, Epilogue):
             raise InvalidField("The form has no 'file' part holding the WAV file.")
         if not isinstance(event, Field | File):

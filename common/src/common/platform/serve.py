@@ -11,6 +11,9 @@ environment:
 * ``PORT`` (default 8080) and ``HOST`` (default 0.0.0.0), as Cloud Run and ff spell them;
 * ``WORKERS`` (processes) and ``THREADS`` (requests each process runs at once), ff's names,
   with defaults per function (:data:`SERVER_DEFAULTS`).
+
+upload_record is served through :mod:`common.platform.bridge` (granian's ASGI interface): its
+bodies are read with deadlines, and a slow client holds no thread while it sends its fields.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ SERVER_DEFAULTS: Mapping[str, tuple[int, int]] = {
     "get_record": (1, 2),
     "upload_record": (1, 8),
 }
+# Functions served through the ASGI front of common.platform.bridge (THREADS is its pool).
+BRIDGED = frozenset({"upload_record"})
 # Connections waiting to be accepted; the router keeps a few dozen open to each function.
 BACKLOG = 1024
 # Seconds a stopping worker gets to finish its requests (an upload can take minutes).
@@ -76,6 +81,14 @@ def load_app(source_and_target: str) -> Callable[..., Any]:
 
     app: Callable[..., Any] = functions_framework.create_app(target, source)  # type: ignore[no-untyped-call]
     settle()
+    if target in BRIDGED:
+        from common.platform.bridge import BodyPace, WsgiBridge
+        from common.settings import get_settings
+
+        settings = get_settings()
+        threads = int_setting(os.environ, "THREADS", SERVER_DEFAULTS[target][1], minimum=1)
+        pace = BodyPace(settings.body_grace_seconds, settings.body_min_bytes_per_second)
+        return WsgiBridge(app, threads, pace)
     return app
 
 
@@ -99,13 +112,14 @@ def build_server(config: ServerConfig) -> Any:
     from granian.log import LogLevels
     from granian.server import Server
 
+    bridged = config.target in BRIDGED
     return Server(
         f"{config.source}::{config.target}",
         address=config.host,
         port=config.port,
-        interface=Interfaces.WSGI,
+        interface=Interfaces.ASGINL if bridged else Interfaces.WSGI,
         workers=config.workers,
-        blocking_threads=config.threads,
+        blocking_threads=1 if bridged else config.threads,
         backlog=BACKLOG,
         # A worker that dies (killed mid-conversion, out of memory) is replaced, not fatal.
         respawn_failed_workers=True,
