@@ -26,7 +26,9 @@ from devstack import NativeStack, StackError, free_ports, make_data_dir
 
 Step = Callable[[Bench], None]
 # The measurements, in the order they run (--only picks some; a partial run writes no results).
-STEPS = ("latency", "throughput", "memory", "small", "stalls", "voice_notes", "images")
+STEPS = (
+    "latency", "throughput", "memory", "small", "stalls", "voice_notes", "slow_clients", "images",
+)  # fmt: skip
 # step -> what must run for it (stalls downloads the record that small uploads).
 MEASUREMENTS: list[tuple[frozenset[str], Step]] = [
     (frozenset({"latency"}), measure_latency),
@@ -36,7 +38,7 @@ MEASUREMENTS: list[tuple[frozenset[str], Step]] = [
     (frozenset({"stalls"}), measure_stalls),
 ]
 # Steps other modules add, run when the module is there: each has run(bench) -> list[Row].
-OPTIONAL_STEPS = {"voice_notes": "bench.voice_notes"}
+OPTIONAL_STEPS = {"voice_notes": "bench.voice_notes", "slow_clients": "bench.slow_clients"}
 
 
 def settle_disk() -> None:

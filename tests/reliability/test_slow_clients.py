@@ -1,0 +1,131 @@
+"""Slow clients cannot hold upload_record, and each is cut off by its deadline, in any phase.
+
+A stack of its own with BODY_GRACE_SECONDS=3. Four times the function's threads in clients
+trickle a form field, unauthenticated (one byte a second); meanwhile requests to the same
+function keep answering. An authenticated client that stalls in the WAV header or in the
+audio gets a 408 at its deadline too, though no further byte arrives.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import statistics
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from devstack import ScratchStack
+from tests.support.stacks import running_stack
+
+GRACE = 3.0
+THREADS = 8  # running_stack's
+SLACK = 2.5  # a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def slow_stack() -> Iterator[ScratchStack]:
+    with running_stack("records-slow-", {"BODY_GRACE_SECONDS": str(GRACE)}) as native:
+        yield native
+
+
+def _user(stack: ScratchStack) -> dict[str, str]:
+    response = requests.post(f"{stack.base_url}/users", json={"name": "Slow"}, timeout=10)
+    assert response.status_code == 201
+    body: dict[str, str] = response.json()
+    return body
+
+
+def _answer_after(port: int, head: bytes, trickle: bool, out: list[tuple[float, int]]) -> None:
+    """Send ``head``, then a byte a second (or nothing); (seconds to the answer, status)."""
+    start = time.monotonic()
+    status = 0
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head)
+        sock.settimeout(1.0)
+        while time.monotonic() - start < GRACE + 40:
+            try:
+                got = sock.recv(4096)
+            except TimeoutError:
+                if trickle:
+                    sock.sendall(b"x")
+                continue
+            if got:
+                status = int(got.split(b" ", 2)[1])
+            break
+    out.append((time.monotonic() - start, status))
+
+
+def _form_head(fields: bytes, length: int = 10_000_000) -> bytes:
+    return (
+        b"POST /records HTTP/1.1\r\nHost: t\r\nContent-Length: " + str(length).encode()
+        + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n\r\n" + fields
+    )  # fmt: skip
+
+
+def test_trickling_clients_leave_the_function_free_and_end_by_their_deadline(
+    slow_stack: ScratchStack,
+) -> None:
+    user = _user(slow_stack)
+    port = slow_stack.ports.router
+    head = _form_head(b'--b\r\nContent-Disposition: form-data; name="user"\r\n\r\n')
+    ends: list[tuple[float, int]] = []
+    clients = [
+        threading.Thread(target=_answer_after, args=(port, head, True, ends))
+        for _ in range(4 * THREADS)
+    ]
+    for thread in clients:
+        thread.start()
+    time.sleep(0.5)
+    latencies: list[float] = []
+    while len(latencies) < 20:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        start = time.monotonic()
+        conn.request(
+            "GET",
+            f"/records/uploads/{uuid.uuid4()}?user={user['id']}",
+            headers={"Authorization": f"Bearer {user['token']}"},
+        )
+        assert conn.getresponse().status == 404
+        latencies.append(time.monotonic() - start)
+        conn.close()
+        time.sleep(0.1)
+    for thread in clients:
+        thread.join()
+    assert statistics.quantiles(latencies, n=100)[98] < 1.0, latencies
+    assert {status for _, status in ends} == {408}
+    assert max(took for took, _ in ends) < GRACE + SLACK, sorted(ends)
+    assert min(took for took, _ in ends) >= GRACE - 0.1
+
+
+def _wav_start() -> bytes:
+    fmt = struct.pack("<HHIIHH", 1, 2, 44100, 176400, 4, 16)
+    return b"RIFF" + struct.pack("<I", 0) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+
+
+@pytest.mark.parametrize("phase", ["WAV header", "audio"])
+def test_an_authenticated_upload_that_stalls_gets_408_at_its_deadline(
+    slow_stack: ScratchStack, phase: str
+) -> None:
+    user = _user(slow_stack)
+    fields = b"".join(
+        b'--b\r\nContent-Disposition: form-data; name="' + name + b'"\r\n\r\n' + value + b"\r\n"
+        for name, value in ((b"user", user["id"].encode()), (b"token", user["token"].encode()))
+    )
+    fields += b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    wav = _wav_start()
+    if phase == "audio":
+        wav += b"data" + struct.pack("<I", 0) + bytes(200_000)
+    body_so_far = len(fields) + len(wav)
+    ends: list[tuple[float, int]] = []
+    _answer_after(slow_stack.ports.router, _form_head(fields + wav), False, ends)
+    [(took, status)] = ends
+    assert status == 408
+    # The deadline: the grace, plus what the bytes sent buy at the minimum rate (16 KiB/s).
+    assert took < GRACE + body_so_far / (16 * 1024) + SLACK
+    assert took >= GRACE - 0.1
