@@ -12,7 +12,7 @@ from common.errors import DependencyUnavailable
 from common.settings import Settings
 from pg8000.native import DatabaseError
 
-BACKEND = sql("SELECT pg_backend_pid() AS pid")
+BACKEND = sql("SELECT pg_backend_pid() AS pid", idempotent=True)
 PREPARED_HERE = sql("SELECT statement FROM pg_prepared_statements")
 TERMINATE = sql("SELECT pg_terminate_backend(:pid, 5000) AS ok")  # waits up to 5 s for it
 SHORT_TIMEOUT = sql("SET statement_timeout = 50")  # this session only: the fixture's pool

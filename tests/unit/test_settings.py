@@ -173,3 +173,21 @@ def test_only_settings_and_the_entry_points_read_the_environment() -> None:
     assert _reads_environment("import os\nX = os.environ.get('A')\n")
     assert _reads_environment("from os import getenv\n")
     assert not _reads_environment("import os\nX = os.defpath\n")
+
+
+def test_the_servers_deadlines_are_below_the_socket_timeout() -> None:
+    from common.adapters.db import connect_params
+
+    settings = Settings.from_env({"FFMPEG_BINARY": "ffmpeg"})
+    assert settings.db_statement_timeout_seconds == 4.0  # 80 % of the 5 s socket timeout
+    assert (
+        Settings.from_env({"DB_CONNECT_TIMEOUT_SECONDS": "2"}).db_statement_timeout_seconds == 1.6
+    )
+    with pytest.raises(SettingsError, match="below DB_CONNECT_TIMEOUT_SECONDS"):
+        Settings.from_env({"DB_CONNECT_TIMEOUT_SECONDS": "3", "DB_STATEMENT_TIMEOUT_SECONDS": "3"})
+    params = connect_params(settings.database_url, tls="off", timeout=5.0, statement_timeout=4.0)
+    assert params["startup_params"] == {
+        "statement_timeout": "4000",
+        "lock_timeout": "4000",
+        "idle_in_transaction_session_timeout": "4000",
+    }

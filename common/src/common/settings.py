@@ -117,6 +117,11 @@ class Settings:
     # Named prepared statements (one round trip each); off behind a proxy that multiplexes
     # sessions per transaction (RDS Proxy, PgBouncer): it would pin each session instead.
     db_prepared_statements: bool = True
+    # The server's own deadline for a statement, a lock wait and an idle transaction, below
+    # the socket timeout (DB_CONNECT_TIMEOUT_SECONDS) so that the server cancels a slow
+    # statement (a 503 on a healthy connection) before the socket gives up on it. Unset: 80 %
+    # of the socket timeout (of the default 5 s: this default).
+    db_statement_timeout_seconds: float = 4.0
     # Keys the stored idempotent replies (with each raw Idempotency-Key) and the list cursors.
     idempotency_secret: str = field(default=DEV_IDEMPOTENCY_SECRET, repr=False)
     # AWS: the value CloudFront puts in X-Origin-Verify; when set, the Lambda handler refuses
@@ -197,6 +202,7 @@ class Settings:
             db_prepared_statements=bool_setting(
                 e, "DB_PREPARED_STATEMENTS", d["db_prepared_statements"]
             ),
+            db_statement_timeout_seconds=_statement_timeout(e, d["db_statement_timeout_seconds"]),
             idempotency_secret=_idempotency_secret(e),
             origin_verify_secret=_origin_verify_secret(e),
             idempotency_lease_seconds=int_setting(
@@ -223,6 +229,11 @@ class Settings:
                 e, "BODY_MIN_BYTES_PER_SECOND", d["body_min_bytes_per_second"], minimum=1
             ),
         )
+        if settings.db_statement_timeout_seconds >= settings.db_connect_timeout_seconds:
+            raise SettingsError(
+                "DB_STATEMENT_TIMEOUT_SECONDS must be below DB_CONNECT_TIMEOUT_SECONDS (the "
+                "server must cancel a slow statement before the socket gives up on it)"
+            )
         if settings.mp3_bitrate_kbps not in MP3_BITRATES_MPEG1:
             raise SettingsError(
                 f"MP3_BITRATE_KBPS must be one of {', '.join(map(str, MP3_BITRATES_MPEG1))}"
@@ -306,6 +317,13 @@ def bool_setting(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("false", "0", "no", "off"):
         return False
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _statement_timeout(env: Mapping[str, str], default: float) -> float:
+    """DB_STATEMENT_TIMEOUT_SECONDS; unset, 80 % of DB_CONNECT_TIMEOUT_SECONDS if that is set."""
+    if env.get("DB_CONNECT_TIMEOUT_SECONDS"):
+        default = round(_float(env, "DB_CONNECT_TIMEOUT_SECONDS", 0.0) * 0.8, 3)
+    return _float(env, "DB_STATEMENT_TIMEOUT_SECONDS", default)
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

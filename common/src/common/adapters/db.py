@@ -1,13 +1,12 @@
 """PostgreSQL through pg8000's native API: prepared statements on one pool, outages as 503s.
 
-Every connection a process opens comes from one :class:`common.adapters.pool.Pool`, capped at
-``DB_POOL_SIZE`` + ``DB_POOL_OVERFLOW`` (the services never import SQLAlchemy; only the
-migrations do). Each connection prepares a statement the first time
-it runs it (``pg8000.native.Connection.prepare``) and from then on runs it in one round
-trip, without BEGIN/COMMIT: outside :meth:`Database.transaction` every statement commits on
-its own. Statements are :func:`sql` constants with ``:name`` parameters, built at import.
-With ``DB_PREPARED_STATEMENTS=false`` (behind RDS Proxy or PgBouncer, which would pin a
-session that prepares) every statement runs unnamed, in pg8000's three round trips.
+Every connection comes from one :class:`common.adapters.pool.Pool` (``DB_POOL_SIZE`` +
+``DB_POOL_OVERFLOW``; the services never import SQLAlchemy); each prepares a statement on its
+first run and then runs it in one round trip, autocommitted outside :meth:`Database.transaction`.
+Failures are classified by what happened (docs/reliability.md): a socket error or timeout
+discards the connection and is a 503; the server's own refusals (a statement timeout, a full
+server) are 503s on a connection kept; anything else is the caller's bug (500). A statement
+runs again on a fresh connection only if it cannot have run, or is declared ``idempotent``.
 """
 
 from __future__ import annotations
@@ -35,12 +34,18 @@ log = logging.getLogger(__name__)
 PING_AFTER_IDLE_SECONDS = 5.0
 RECYCLE_SECONDS = 1800
 # SQLSTATEs that mean "the database can't serve now", not "this statement is wrong": 503.
-# The session is gone: 08 connection exception, 57P01-03 shutdown, crash, not yet accepting.
+# The session is gone: 08 connection exception, 57P01-03 shutdown, crash, not yet accepting,
+# 25P03/57P05 a session the server timed out.
 _SESSION_GONE_CLASS = "08"
-_SESSION_GONE_CODES = ("57P01", "57P02", "57P03")
-# The session is fine: 53 insufficient resources, 28 login refused, 57014 statement timeout.
+_SESSION_GONE_CODES = ("57P01", "57P02", "57P03", "25P03", "57P05")
+# The server ended the session before the statement could run (its transaction rolled back).
+_NOT_RUN_CODES = ("57P01", "57P02", "57P03")
+# The session is fine: 53 insufficient resources, 28 login refused, 57014 statement timeout,
+# 55P03 lock not available, 40001/40P01 serialization failure, deadlock.
 _BUSY_CLASSES = ("53", "28")
-_BUSY_CODES = ("57014",)
+_BUSY_CODES = ("57014", "55P03", "40001", "40P01")
+# pg8000's InterfaceErrors that mean the socket failed (others are the caller's mistakes).
+_NETWORK_MESSAGES = ("network error", "connection is closed", "communication error")
 AUTH_FAILED = "28P01"
 FOREIGN_KEY_VIOLATION = "23503"
 # A prepared statement whose table changed shape under it (a migration ran): prepare anew.
@@ -52,12 +57,17 @@ C = TypeVar("C")
 
 
 class Statement:
-    """One SQL statement with ``:name`` parameters; its rows come back as named tuples."""
+    """One SQL statement with ``:name`` parameters; its rows come back as named tuples.
 
-    __slots__ = ("_names", "_row", "text")
+    ``idempotent``: running it twice with the same parameters has the effect and the rows of
+    running it once, so a connection lost under it may run it again.
+    """
 
-    def __init__(self, text: str) -> None:
+    __slots__ = ("_names", "_row", "idempotent", "text")
+
+    def __init__(self, text: str, *, idempotent: bool = False) -> None:
         self.text = text
+        self.idempotent = idempotent
         self._names: list[str] | None = None
         self._row: Callable[[Any], Row] | None = None
 
@@ -83,9 +93,14 @@ class Statement:
         return f"sql({self.text!r})"
 
 
-def sql(text: str) -> Statement:
-    """A statement with ``:name`` parameters, built once at import."""
-    return Statement(text)
+def sql(text: str, *, idempotent: bool = False) -> Statement:
+    """A statement with ``:name`` parameters, built once at import.
+
+    Declare ``idempotent=True`` only for a statement that a second run with the same
+    parameters leaves as one did (a read; an insert with ON CONFLICT DO NOTHING of a given
+    key; an update to fixed values whose WHERE still matches its own result).
+    """
+    return Statement(text, idempotent=idempotent)
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -111,9 +126,32 @@ def sqlstate(exc: BaseException) -> str | None:
     return code if isinstance(code, str) else None
 
 
+def is_network_error(exc: BaseException) -> bool:
+    """The socket failed under the driver: the protocol may be out of step."""
+    if isinstance(exc, OSError):  # TimeoutError, ConnectionResetError, ssl.SSLError ...
+        return True
+    if isinstance(exc, InterfaceError) and not isinstance(exc, DatabaseError):
+        message = str(exc.args[0]) if exc.args else ""
+        return (
+            isinstance(exc.__cause__, OSError)
+            or message in _NETWORK_MESSAGES
+            or message.startswith("Can't create a connection")
+        )
+    return False
+
+
 def is_foreign_key_violation(exc: BaseException) -> bool:
     """SQLSTATE 23503: a row refers to one that is gone (its user was erased meanwhile)."""
     return sqlstate(exc) == FOREIGN_KEY_VIOLATION
+
+
+class ConnectionLost(Exception):
+    """The connection broke under a statement; ``may_have_run``: its effect is unknown."""
+
+    def __init__(self, error: BaseException, *, may_have_run: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.may_have_run = may_have_run
 
 
 class Connection:
@@ -126,10 +164,31 @@ class Connection:
         self.raw = raw
         self.prepare = prepare  # False: every statement unnamed (DB_PREPARED_STATEMENTS)
         self._prepared: dict[str, native.PreparedStatement] = {}
+        # Set when a call into the driver ended in a way that may leave the protocol out of
+        # step (a socket error, an exit half-way through a reply): the pool discards it.
+        self.broken = False
 
     def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> list[Row]:
-        """Run ``statement``; its rows (empty for a statement that returns none)."""
+        """Run ``statement``; its rows (empty for a statement that returns none).
+
+        A socket failure raises :class:`ConnectionLost` (the statement may or may not have
+        run); a server error raises pg8000's DatabaseError, the connection still in step.
+        """
         values = dict(params or {})
+        try:
+            try:
+                return self._execute(statement, values)
+            except DatabaseError as exc:
+                if sqlstate(exc) != _PLAN_CHANGED:
+                    raise
+                return self._prepare_again(statement, values)
+        except BaseException as exc:
+            judged = self._judge(exc)
+            if judged is exc:
+                raise
+            raise judged from exc
+
+    def _execute(self, statement: Statement, values: dict[str, Any]) -> list[Row]:
         if not self.prepare or not statement.columns_known:  # the first run names its columns
             return self._run_and_learn(statement, values)
         prepared = self._prepared.get(statement.text)
@@ -137,23 +196,50 @@ class Connection:
             prepared = self._prepared[statement.text] = self.raw.prepare(statement.text)
         return statement.rows(prepared.run(**values))
 
-    def prepare_again(self, statement: Statement, params: Mapping[str, Any] | None) -> list[Row]:
+    def _prepare_again(self, statement: Statement, values: dict[str, Any]) -> list[Row]:
         """Run ``statement`` whose table changed shape (a migration): its columns anew."""
         prepared = self._prepared.pop(statement.text, None)
         if prepared is not None:
             prepared.close()
-        return self._run_and_learn(statement, dict(params or {}))
+        return self._run_and_learn(statement, values)
 
     def _run_and_learn(self, statement: Statement, values: dict[str, Any]) -> list[Row]:
         rows = self.raw.run(statement.text, **values)
         statement.learn_columns(self.raw.columns)  # the same names again: nothing to do
         return statement.rows(rows)
 
+    def _judge(self, exc: BaseException) -> BaseException:
+        """What a failure inside the driver means for this connection, and for the caller."""
+        if session_gone(exc):  # the server ended the session (it said so)
+            self.broken = True
+            return ConnectionLost(exc, may_have_run=sqlstate(exc) not in _NOT_RUN_CODES)
+        if sqlstate(exc) is not None:  # any other server error: the protocol is in step
+            return exc
+        if is_network_error(exc):
+            self.broken = True
+            # EPIPE: the server had closed before this write, so what it carried never ran.
+            # Any other failure (a read's timeout, reset or end) may follow a commit.
+            root = exc if isinstance(exc, OSError) else exc.__cause__
+            return ConnectionLost(exc, may_have_run=not isinstance(root, BrokenPipeError))
+        if not isinstance(exc, InterfaceError):  # e.g. an exit in the middle of a reply
+            self.broken = True
+        return exc  # InterfaceError: a bad statement or parameter, found before sending
+
+    def run_plain(self, text: str) -> None:
+        """BEGIN, COMMIT, ROLLBACK, SET ...: a statement without parameters or rows."""
+        try:
+            self.raw.run(text)
+        except BaseException as exc:
+            judged = self._judge(exc)
+            if judged is exc:
+                raise
+            raise judged from exc
+
     def commit(self) -> None:
-        self.raw.run("COMMIT")
+        self.run_plain("COMMIT")
 
     def rollback(self) -> None:
-        self.raw.run("ROLLBACK")
+        self.run_plain("ROLLBACK")
 
     def close(self) -> None:
         self.raw.close()
@@ -176,8 +262,20 @@ def tls_connect_args(mode: str) -> dict[str, Any]:
     return {"ssl_context": context}
 
 
-def connect_params(database_url: str, *, tls: str, timeout: float | None) -> dict[str, Any]:
-    """pg8000 ``connect()`` keyword arguments from DATABASE_URL and DB_TLS."""
+def connect_params(
+    database_url: str,
+    *,
+    tls: str,
+    timeout: float | None,
+    statement_timeout: float | None = None,
+) -> dict[str, Any]:
+    """pg8000 ``connect()`` keyword arguments from DATABASE_URL and DB_TLS.
+
+    ``timeout`` is the socket's (connecting, and every read). ``statement_timeout`` (below
+    it) becomes the session's own deadlines, sent with the login: the server cancels a slow
+    statement, a lock wait or an idle transaction itself, and answers while the socket still
+    waits, so the connection stays in step.
+    """
     parts = urlsplit(database_url)
     given = {
         "host": parts.hostname,
@@ -190,6 +288,13 @@ def connect_params(database_url: str, *, tls: str, timeout: float | None) -> dic
     params.update(parse_qsl(parts.query))  # e.g. unix_sock=/cloudsql/.../.s.PGSQL.5432
     params.update(tls_connect_args(tls))
     params["timeout"] = timeout
+    if statement_timeout is not None:
+        millis = str(max(1, round(statement_timeout * 1000)))
+        params["startup_params"] = {
+            "statement_timeout": millis,
+            "lock_timeout": millis,
+            "idle_in_transaction_session_timeout": millis,
+        }
     return params
 
 
@@ -236,7 +341,10 @@ def migration_connector(login_to: DatabaseLogin) -> Callable[[], Any]:
 def make_pool(settings: Settings, credentials: SecretCredentials | None = None) -> DbPool:
     """The process's one pool of connections."""
     params = connect_params(
-        settings.database_url, tls=settings.db_tls, timeout=settings.db_connect_timeout_seconds
+        settings.database_url,
+        tls=settings.db_tls,
+        timeout=settings.db_connect_timeout_seconds,
+        statement_timeout=settings.db_statement_timeout_seconds,
     )
 
     def create() -> Connection:
@@ -253,10 +361,6 @@ def make_pool(settings: Settings, credentials: SecretCredentials | None = None) 
         ping=Connection.ping,
         ping_after=PING_AFTER_IDLE_SECONDS,
     )
-
-
-class _Lost(Exception):
-    """The connection broke under a statement: it is discarded, and may be retried."""
 
 
 class Database:
@@ -276,74 +380,78 @@ class Database:
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
-        """A pooled connection; one that a failure may have left half-way is discarded."""
+        """A pooled connection, discarded if a failure may have left it out of step.
+
+        Raises ConnectionLost (for the caller to retry or not), the 503 of an outage the
+        server reports, or the caller's and the driver's other errors unchanged.
+        """
         try:
             lease = self.pool.acquire()
         except (PoolTimeout, DatabaseError, InterfaceError, OSError) as exc:
             if isinstance(exc, DatabaseError) and not is_outage(exc):
                 raise
             raise self.unavailable(exc, "unreachable") from exc
-        discard = False
         try:
             yield lease.connection
         except DatabaseError as exc:  # the server answered: the connection is in step
-            if session_gone(exc):
-                discard = True
-                raise _Lost() from exc
             if is_outage(exc):  # e.g. a statement timeout: the connection stays in use
                 raise self.unavailable(exc, "unavailable") from exc
             raise
-        except InterfaceError as exc:
-            discard = True
-            raise _Lost() from exc
-        except Exception:  # the caller's own error, raised between statements
-            raise
-        except BaseException:  # an exit in the middle of a reply leaves it out of step
-            discard = True
-            raise
         finally:
-            self.pool.release(lease, discard=discard)
+            self.pool.release(lease, discard=lease.connection.broken)
 
     def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> list[Row]:
         """Run one autocommitted statement; its rows (empty for a statement without any).
 
-        A connection found broken is discarded and the statement retried once on a fresh
-        one, so write statements must be idempotent (an insert with a client-generated key
-        and ON CONFLICT DO NOTHING, an update to a fixed value).
+        A connection lost under it is discarded. The statement runs again on a fresh one
+        only if it cannot have run (the server had ended the session) or is declared
+        ``idempotent``; otherwise its outcome is unknown and the answer is a 503.
         """
         for attempt in (1, 2):
             try:
                 with self._connection() as conn:
-                    try:
-                        return conn.execute(statement, params)
-                    except DatabaseError as exc:
-                        if sqlstate(exc) != _PLAN_CHANGED:
-                            raise
-                        return conn.prepare_again(statement, params)
-            except _Lost as exc:
-                if attempt == 2:
-                    cause = exc.__cause__ or exc
-                    raise self.unavailable(cause, "connection lost") from cause
+                    return conn.execute(statement, params)
+            except ConnectionLost as lost:
+                if attempt == 2 or (lost.may_have_run and not statement.idempotent):
+                    raise self.unavailable(lost.error, "connection lost") from lost.error
         raise AssertionError("unreachable")
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """A connection in a transaction, committed on success; outages become 503."""
+        """A connection in a transaction, committed on success; outages become 503.
+
+        Only a BEGIN that fails is tried again (on a fresh connection): once the body has
+        run, a connection lost, even at COMMIT, leaves the outcome unknown (a 503), so a
+        caller's repeat must find its own earlier effect.
+        """
         try:
-            with self._connection() as conn:
-                conn.raw.run("BEGIN")
+            with self._begun() as conn:
                 try:
                     yield conn
                 except BaseException as exc:
-                    try:
-                        conn.rollback()
-                    except Exception as failed:
-                        raise failed from exc  # the connection is judged by this error
+                    if not conn.broken:
+                        try:
+                            conn.rollback()
+                        except Exception as failed:
+                            raise failed from exc  # the connection is judged by this error
                     raise
                 conn.commit()
-        except _Lost as exc:
-            cause = exc.__cause__ or exc
-            raise self.unavailable(cause, "connection lost") from cause
+        except ConnectionLost as lost:
+            raise self.unavailable(lost.error, "connection lost") from lost.error
+
+    @contextmanager
+    def _begun(self) -> Iterator[Connection]:
+        for attempt in (1, 2):
+            with self._connection() as conn:
+                try:
+                    conn.run_plain("BEGIN")
+                except ConnectionLost:
+                    if attempt == 2:
+                        raise
+                    continue
+                yield conn
+                return
+        raise AssertionError("unreachable")
 
     def check(self) -> None:
         """SELECT 1 (the health check); a connection found broken is retried once."""
@@ -354,4 +462,4 @@ class Database:
         self.pool.dispose()
 
 
-_SELECT_ONE = sql("SELECT 1")
+_SELECT_ONE = sql("SELECT 1", idempotent=True)

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 _MARK = sql("INSERT INTO erasures (user_id) VALUES (:id) ON CONFLICT (user_id) DO NOTHING")
 _DELETE_USER = sql("DELETE FROM users WHERE id = :id RETURNING id")
-_MARKERS = sql("SELECT user_id, created_at FROM erasures ORDER BY created_at")
-_UNMARK = sql("DELETE FROM erasures WHERE user_id = :id")
+_MARKERS = sql("SELECT user_id, created_at FROM erasures ORDER BY created_at", idempotent=True)
+_UNMARK = sql("DELETE FROM erasures WHERE user_id = :id", idempotent=True)
 
 
 @dataclass(frozen=True, slots=True)

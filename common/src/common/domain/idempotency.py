@@ -73,27 +73,40 @@ _CLAIM = sql(
     "lease_until = EXCLUDED.lease_until, response_status = NULL, response = NULL, "
     "created_at = now(), expires_at = EXCLUDED.expires_at "
     # An expired key is free; a running claim whose lease passed is taken over (its process
-    # died), unless the request is a different one.
-    "WHERE k.expires_at <= now() OR (k.state = 'running' AND k.lease_until <= now() "
+    # died), unless the request is a different one. A second run of this very claim (its
+    # reply was lost) finds its own row and holds it.
+    "WHERE (k.state = 'running' AND k.owner = EXCLUDED.owner) OR k.expires_at <= now() "
+    "OR (k.state = 'running' AND k.lease_until <= now() "
     "AND (k.fingerprint IS NULL OR EXCLUDED.fingerprint IS NULL "
     "OR k.fingerprint = EXCLUDED.fingerprint)) "
-    "RETURNING owner"
+    "RETURNING owner",
+    idempotent=True,
 )
 _SELECT = sql(
     "SELECT state, fingerprint, response FROM idempotency_keys "
-    "WHERE key_hash = :key_hash AND expires_at > now()"
+    "WHERE key_hash = :key_hash AND expires_at > now()",
+    idempotent=True,
 )
 _RENEW = sql(
     "UPDATE idempotency_keys SET lease_until = now() + make_interval(secs => :lease) "
-    "WHERE key_hash = :key_hash AND owner = :owner AND state = 'running'"
+    "WHERE key_hash = :key_hash AND owner = :owner AND state = 'running'",
+    idempotent=True,
 )
+# Only the claim's owner stores its answer (a claim taken over has another owner); a second
+# run of the same finish writes the same answer again.
 _FINISH = sql(
     "UPDATE idempotency_keys SET state = 'done', fingerprint = COALESCE(:fingerprint, "
     "fingerprint), response_status = :status, response = :response, "
     "user_id = COALESCE(:user_id, user_id), lease_until = now() "
-    "WHERE key_hash = :key_hash AND owner = :owner AND state = 'running' RETURNING owner"
+    "WHERE key_hash = :key_hash AND owner = :owner RETURNING owner",
+    idempotent=True,
 )
-_RELEASE = sql("DELETE FROM idempotency_keys WHERE key_hash = :key_hash AND owner = :owner")
+# A running claim only: an answer stored (perhaps by a commit whose reply was lost) stays.
+_RELEASE = sql(
+    "DELETE FROM idempotency_keys WHERE key_hash = :key_hash AND owner = :owner "
+    "AND state = 'running'",
+    idempotent=True,
+)
 _PURGE = sql(
     "DELETE FROM idempotency_keys WHERE key_hash IN (SELECT key_hash FROM idempotency_keys "
     "WHERE expires_at <= now() LIMIT :limit) RETURNING key_hash"

@@ -85,28 +85,35 @@ class ClaimedJob:
     lease_token: uuid.UUID
 
 
-# Take a job: queued, or converting with an expired lease (its worker died).
+# Take a job: queued, or converting with an expired lease (its worker died). A second run
+# with the same token (its first reply was lost) takes the same job again, as one attempt.
 _CLAIM_NEXT = sql(
-    "UPDATE uploads SET status = 'converting', attempts = attempts + 1, lease_token = :token, "
+    "UPDATE uploads SET status = 'converting', lease_token = :token, "
+    "attempts = attempts + CASE WHEN lease_token = :token THEN 0 ELSE 1 END, "
     "lease_until = now() + make_interval(secs => :lease), started_at = now(), progress = 0 "
     "WHERE id = ("
     " SELECT id FROM uploads WHERE queue = :queue"
-    " AND (status = 'queued' OR (status = 'converting' AND lease_until < now()))"
-    " ORDER BY queued_at LIMIT 1 FOR UPDATE SKIP LOCKED"
-    ") RETURNING id, user_id, object_key, filename, options, record_id, attempts, lease_token"
+    " AND (status = 'queued' OR (status = 'converting'"
+    " AND (lease_until < now() OR lease_token = :token)))"
+    " ORDER BY lease_token = :token IS TRUE DESC, queued_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+    ") RETURNING id, user_id, object_key, filename, options, record_id, attempts, lease_token",
+    idempotent=True,
 )
 _CLAIM_ONE = sql(
-    "UPDATE uploads SET status = 'converting', attempts = attempts + 1, lease_token = :token, "
+    "UPDATE uploads SET status = 'converting', lease_token = :token, "
+    "attempts = attempts + CASE WHEN lease_token = :token THEN 0 ELSE 1 END, "
     "lease_until = now() + make_interval(secs => :lease), started_at = now(), progress = 0 "
-    "WHERE id = :id "
-    "AND (status = 'queued' OR (status = 'converting' AND lease_until < now())) "
-    "RETURNING id, user_id, object_key, filename, options, record_id, attempts, lease_token"
+    "WHERE id = :id AND (status = 'queued' OR (status = 'converting' "
+    "AND (lease_until < now() OR lease_token = :token))) "
+    "RETURNING id, user_id, object_key, filename, options, record_id, attempts, lease_token",
+    idempotent=True,
 )
-_STATUS = sql("SELECT status FROM uploads WHERE id = :id")
+_STATUS = sql("SELECT status FROM uploads WHERE id = :id", idempotent=True)
 # Jobs of a cloud queue still queued long after completion: their message was lost (the
 # process died between the UPDATE and the send) or dropped; sending one again is harmless.
 _STALLED = sql(
-    "SELECT id FROM uploads WHERE status = 'queued' AND queue = :queue AND queued_at < :cutoff"
+    "SELECT id FROM uploads WHERE status = 'queued' AND queue = :queue AND queued_at < :cutoff",
+    idempotent=True,
 )
 # Direct uploads never completed, whose presigned form expired long ago.
 _ABANDONED_UPLOADS = sql(
@@ -115,7 +122,8 @@ _ABANDONED_UPLOADS = sql(
 _HEARTBEAT = sql(
     "UPDATE uploads SET progress = :progress, "
     "lease_until = now() + make_interval(secs => :lease) "
-    "WHERE id = :id AND lease_token = :token AND status = 'converting' RETURNING id"
+    "WHERE id = :id AND lease_token = :token AND status = 'converting' RETURNING id",
+    idempotent=True,
 )
 _DONE = sql(
     "UPDATE uploads SET status = 'done', progress = 1, error = NULL, lease_until = NULL, "
@@ -123,12 +131,14 @@ _DONE = sql(
 )
 _FAILED = sql(
     "UPDATE uploads SET status = 'failed', error = CAST(:error AS JSONB), lease_until = NULL, "
-    "finished_at = now() WHERE id = :id AND status <> 'done'"
+    "finished_at = now() WHERE id = :id AND status <> 'done'",
+    idempotent=True,
 )
 _RELEASE = sql(
     "UPDATE uploads SET status = 'queued', lease_token = NULL, lease_until = NULL, "
     "attempts = GREATEST(attempts - 1, 0) WHERE id = :id AND lease_token = :token "
-    "AND status = 'converting'"
+    "AND status = 'converting'",
+    idempotent=True,  # a second run finds the job queued already: nothing to do
 )
 
 

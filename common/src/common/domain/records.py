@@ -34,11 +34,13 @@ INSERT_RECORD = sql(
     "INSERT INTO records (id, user_id, object_key, filename, size_bytes, etag, "
     "duration_seconds, bitrate_kbps, sample_rate, channels, vbr_quality, tags) "
     "VALUES (:id, :user_id, :object_key, :filename, :size_bytes, :etag, :duration_seconds, "
-    ":bitrate_kbps, :sample_rate, :channels, :vbr_quality, :tags) ON CONFLICT (id) DO NOTHING"
+    ":bitrate_kbps, :sample_rate, :channels, :vbr_quality, :tags) ON CONFLICT (id) DO NOTHING",
+    idempotent=True,
 )
 _SELECT_RECORD = sql(
     "SELECT id, user_id, object_key, filename, size_bytes, etag, duration_seconds, "
-    "bitrate_kbps, sample_rate, channels, vbr_quality, tags FROM records WHERE id = :id"
+    "bitrate_kbps, sample_rate, channels, vbr_quality, tags FROM records WHERE id = :id",
+    idempotent=True,
 )
 
 
@@ -233,13 +235,16 @@ LIST_LIMIT_MAX = 100
 _LIST_FIRST = sql(
     "SELECT id, user_id, filename, size_bytes, duration_seconds, bitrate_kbps, sample_rate, "
     "channels, vbr_quality, tags, created_at FROM records WHERE user_id = :user "
-    "ORDER BY created_at DESC, id DESC LIMIT :limit"
+    "ORDER BY created_at DESC, id DESC LIMIT :limit",
+    idempotent=True,
 )
 _LIST_AFTER = sql(
     "SELECT id, user_id, filename, size_bytes, duration_seconds, bitrate_kbps, sample_rate, "
     "channels, vbr_quality, tags, created_at FROM records WHERE user_id = :user "
-    "AND (created_at, id) < (:created_at, :id) ORDER BY created_at DESC, id DESC LIMIT :limit"
+    "AND (created_at, id) < (:created_at, :id) ORDER BY created_at DESC, id DESC LIMIT :limit",
+    idempotent=True,
 )
+# Not idempotent: a second run after a lost reply would find nothing and answer 404.
 _DELETE_RECORD = sql("DELETE FROM records WHERE id = :id AND user_id = :user RETURNING object_key")
 _CURSOR_MAC_BYTES = 16
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -57,17 +57,23 @@ WAIT_POLL_SECONDS = 0.25
 
 _INSERT_UPLOAD = sql(
     "INSERT INTO uploads (id, user_id, object_key, filename, options) "
-    "VALUES (:id, :user_id, :object_key, :filename, :options) ON CONFLICT (id) DO NOTHING"
+    "VALUES (:id, :user_id, :object_key, :filename, :options) ON CONFLICT (id) DO NOTHING",
+    idempotent=True,
 )
 _SELECT_UPLOAD = sql(
     "SELECT id, user_id, object_key, status, progress, record_id, error, attempts, "
-    "lease_until < now() AS lease_expired FROM uploads WHERE id = :id AND user_id = :user_id"
+    "lease_until < now() AS lease_expired FROM uploads WHERE id = :id AND user_id = :user_id",
+    idempotent=True,
 )
-# The one promise: exactly one completion moves the row out of 'uploading'.
+# The one promise: exactly one completion moves the row out of 'uploading'. That completion
+# is known by the record id it chose: a second run of it (a lost reply, or the client's repeat
+# with its Idempotency-Key) finds the row queued with that id and is the winner again.
 _QUEUE = sql(
     "UPDATE uploads SET status = 'queued', record_id = :record_id, queue = :queue, "
-    "queued_at = now() WHERE id = :id AND user_id = :user_id AND status = 'uploading' "
-    "RETURNING id"
+    "queued_at = COALESCE(queued_at, now()) WHERE id = :id AND user_id = :user_id "
+    "AND (status = 'uploading' OR (status = 'queued' AND record_id = :record_id)) "
+    "RETURNING id",
+    idempotent=True,
 )
 _QUEUE_CLAIM_FAILED = sql(
     "UPDATE uploads SET status = 'failed', error = CAST(:error AS JSONB), finished_at = now() "
@@ -75,11 +81,13 @@ _QUEUE_CLAIM_FAILED = sql(
 )
 _UNQUEUE = sql(
     "UPDATE uploads SET status = 'uploading', record_id = NULL, queue = NULL, queued_at = NULL "
-    "WHERE id = :id AND status = 'queued'"
+    "WHERE id = :id AND status = 'queued'",
+    idempotent=True,
 )
 _ABANDON = sql(
     "UPDATE uploads SET status = 'failed', error = CAST(:error AS JSONB), lease_until = NULL, "
-    "finished_at = now() WHERE id = :id AND status = 'converting' AND lease_until < now()"
+    "finished_at = now() WHERE id = :id AND status = 'converting' AND lease_until < now()",
+    idempotent=True,
 )
 
 

@@ -36,9 +36,10 @@ def validate_name(raw: object) -> str:
 
 _INSERT_USER = sql(
     "INSERT INTO users (id, name, token_hash) VALUES (:id, :name, :token_hash) "
-    "ON CONFLICT (id) DO NOTHING"  # a retried insert that had landed: the row is ours
+    "ON CONFLICT (id) DO NOTHING",  # a retried insert that had landed: the row is ours
+    idempotent=True,
 )
-_SELECT_TOKEN_HASH = sql("SELECT token_hash FROM users WHERE id = :id")
+_SELECT_TOKEN_HASH = sql("SELECT token_hash FROM users WHERE id = :id", idempotent=True)
 
 
 def create_user(db: Database, raw_name: object) -> NewUser:
@@ -71,8 +72,11 @@ def authenticate(db: Database, raw_user_id: str | None, token: str | None) -> uu
     return user_id
 
 
+# A second run finds its own result (the new hash): it matches again, and nothing changes.
 _ROTATE_TOKEN = sql(
-    "UPDATE users SET token_hash = :new_hash WHERE id = :id AND token_hash = :old_hash RETURNING id"
+    "UPDATE users SET token_hash = :new_hash WHERE id = :id "
+    "AND token_hash IN (:old_hash, :new_hash) RETURNING id",
+    idempotent=True,
 )
 
 

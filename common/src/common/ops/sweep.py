@@ -42,7 +42,9 @@ log = logging.getLogger("common.ops.sweep")
 
 RECORD_KEY = re.compile(r"^users/[0-9a-f-]{36}/records/[0-9a-f-]{36}\.mp3$")
 _BATCH = 500
-_KEYS_WITH_ROWS = sql("SELECT object_key FROM records WHERE object_key = ANY(:keys)")
+_KEYS_WITH_ROWS = sql(
+    "SELECT object_key FROM records WHERE object_key = ANY(:keys)", idempotent=True
+)
 
 
 @dataclass(frozen=True, slots=True)
