@@ -178,10 +178,6 @@ class RequestHasher:
         return self._hash.copy().digest()
 
 
-def fingerprint(parts: Mapping[str, Any]) -> bytes:
-    return RequestHasher(parts).digest()
-
-
 def _cipher(secret: str, key: str, hashed: bytes) -> AESGCM:
     hkdf = HKDF(algorithm=SHA256(), length=32, salt=hashed, info=_HKDF_INFO)
     return AESGCM(hkdf.derive(secret.encode() + b"\0" + key.encode("utf-8", "surrogatepass")))
