@@ -172,7 +172,6 @@ class Completion:
 
 
 FINISHED = ("done", "failed")
-STATUSES = ("uploading", "queued", "converting", *FINISHED)
 
 
 def complete_upload(
