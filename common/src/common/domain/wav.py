@@ -73,10 +73,6 @@ class WavHeader:
     # (chunk id, payload) of the LIST and id3 chunks before the audio data
     metadata: tuple[tuple[bytes, bytes], ...] = ()
 
-    @property
-    def bytes_per_second(self) -> int:
-        return self.block_align * self.sample_rate
-
 
 class NotAWav(UnsupportedMediaType):
     slug = "not-a-wav"
