@@ -61,7 +61,6 @@ class RequestBody:
         self.stream = stream
         self.max_bytes = max_bytes
         self.received = 0
-        self.finished = False
 
     def chunks(self) -> Iterator[bytes]:
         while True:
@@ -70,7 +69,6 @@ class RequestBody:
             except (WerkzeugDisconnected, OSError) as exc:
                 raise ClientDisconnected("The request body ended before it was complete.") from exc
             if not chunk:
-                self.finished = True
                 return
             self.received += len(chunk)
             if self.received > self.max_bytes:
