@@ -13,7 +13,7 @@ ports, the stack's default server settings), then measures, with warm-up and cou
    time and requests, 127.0.0.1 only; five rounds of each, figures are medians of rounds;
    :mod:`bench.small`);
 5. stalls: the slowest POST /users and GET /record while a 10-minute WAV converts;
-6. the optional steps other modules add (:data:`bench.run.OPTIONAL_STEPS`, e.g. voice notes);
+6. voice notes: 5-s clips uploaded 4 at a time against bare ffmpeg (:mod:`bench.voice_notes`);
 7. image size and cold start: ``scripts/image_report.py`` on the compose stack, when it is up
    (:mod:`bench.images`).
 

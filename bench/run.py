@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,12 +13,14 @@ from pathlib import Path
 
 from bench import ROOT
 from bench.client import Client
-from bench.core import MIB, Bench, Plan, Row, audio_bytes, log
+from bench.core import MIB, Bench, Plan, audio_bytes, log
 from bench.images import measure_images
 from bench.report import RESULTS, print_table, render, server_settings, write_results
 from bench.sampling import CpuMeter
+from bench.slow_clients import run as slow_clients
 from bench.small import measure_small_requests, measure_stalls
 from bench.uploads import measure_latency, measure_memory, measure_throughput, write_wav
+from bench.voice_notes import run as voice_notes
 from bench.wrk import ensure_wrk
 from devstack import NativeStack, StackError, free_ports, make_data_dir
 
@@ -36,9 +36,9 @@ MEASUREMENTS: list[tuple[frozenset[str], Step]] = [
     (frozenset({"memory"}), measure_memory),
     (frozenset({"small", "stalls"}), measure_small_requests),
     (frozenset({"stalls"}), measure_stalls),
+    (frozenset({"voice_notes"}), lambda bench: bench.rows.extend(voice_notes(bench))),
+    (frozenset({"slow_clients"}), lambda bench: bench.rows.extend(slow_clients(bench))),
 ]
-# Steps other modules add, run when the module is there: each has run(bench) -> list[Row].
-OPTIONAL_STEPS = {"voice_notes": "bench.voice_notes", "slow_clients": "bench.slow_clients"}
 
 
 def settle_disk() -> None:
@@ -51,15 +51,6 @@ def settle_disk() -> None:
     os.sync()
     if (took := time.monotonic() - start) > 0.5:
         log(f"waited {took:.1f} s for the previous step's data to reach the disk")
-
-
-def run_optional(bench: Bench, name: str) -> None:
-    module_name = OPTIONAL_STEPS[name]
-    if importlib.util.find_spec(module_name) is None:
-        log(f"{name}: no {module_name} module yet; skipped")
-        return
-    step: Callable[[Bench], list[Row]] = importlib.import_module(module_name).run
-    bench.rows += step(bench)
 
 
 def measure(plan: Plan, steps: frozenset[str], stack: NativeStack, workdir: Path) -> Bench:
@@ -81,10 +72,6 @@ def measure(plan: Plan, steps: frozenset[str], stack: NativeStack, workdir: Path
         if steps & wanted:
             settle_disk()
             step(bench)
-    for name in OPTIONAL_STEPS:
-        if name in steps:
-            settle_disk()
-            run_optional(bench, name)
     if "images" in steps:
         measure_images(bench)
     bench.noise.load_end = os.getloadavg()[0]

@@ -9,7 +9,7 @@ to go idle before each bare round, so that load from other work on the machine h
 alike; each round's ratio is kept and the median is the figure. CPU per item on both sides,
 the machine's load average and the CPU time other processes used are reported next to it.
 
-    run(bench) -> [Row]                    # a step of python -m bench (bench.run.OPTIONAL_STEPS)
+    run(bench) -> [Row]                    # a step of python -m bench (bench.run.MEASUREMENTS)
     measure(stack) -> VoiceNoteFigures     # on any started NativeStack
     python -m bench.voice_notes [--rounds N] [--seconds S]   # starts a stack of its own
 """
