@@ -53,8 +53,12 @@ def test_multipart_writer_against_seaweedfs(services: Services) -> None:
     key = f"it/{uuid.uuid4()}.mp3"
     writer = storage.open_writer(key)
     piece = bytes(range(256)) * 4096
-    for _ in range(storage.part_size // MIB + 3):  # more than one part
-        writer.write(piece)
+    whole = piece * (storage.part_size // MIB + 3)  # more than one part
+    size = storage.part_size
+    parts = [whole[start : start + size] for start in range(0, len(whole), size)]
+    for number, part in [*enumerate(parts, start=1)][1:]:  # part 1 last, as the conversion
+        writer.write_part(number, part)
+    writer.write_part(1, parts[0])
     assert keys_under(services, key) == []  # nothing visible before completion
     stored = writer.complete()
     assert stored.size == (storage.part_size // MIB + 3) * MIB
@@ -69,7 +73,7 @@ def test_multipart_writer_against_seaweedfs(services: Services) -> None:
 def test_aborted_multipart_upload_leaves_nothing(services: Services) -> None:
     key = f"it/{uuid.uuid4()}.mp3"
     writer = services.storage.open_writer(key)
-    writer.write(bytes(services.storage.part_size + 100))
+    writer.write_part(2, bytes(services.storage.part_size + 100))
     writer.abort()
     assert keys_under(services, key) == []
     uploads = services.storage.client.list_multipart_uploads(Bucket=services.storage.bucket)

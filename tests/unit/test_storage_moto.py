@@ -26,8 +26,7 @@ def storage(monkeypatch: pytest.MonkeyPatch) -> Iterator[Storage]:
 
 def test_small_objects_are_one_put(storage: Storage) -> None:
     writer = storage.open_writer("users/u/records/r.mp3")
-    writer.write(b"abc")
-    writer.write(b"def")
+    writer.write_part(1, b"abcdef")
     stored = writer.complete()
     assert stored.size == 6
     obj = storage.client.get_object(Bucket="records", Key="users/u/records/r.mp3")
@@ -38,12 +37,14 @@ def test_small_objects_are_one_put(storage: Storage) -> None:
 def test_large_objects_stream_in_parts(storage: Storage) -> None:
     writer = storage.open_writer("big.mp3")
     piece = bytes(range(256)) * 4096  # 1 MiB
-    for _ in range(12):
-        writer.write(piece)
-        assert len(writer._buffer) < PART  # never more than one part held
+    whole = piece * 12
+    parts = [whole[start : start + PART] for start in range(0, len(whole), PART)]
+    for number, part in [*enumerate(parts, start=1)][1:]:  # part 1 last, as the conversion
+        writer.write_part(number, part)
     uploads = storage.client.list_multipart_uploads(Bucket="records").get("Uploads", [])
     assert len(uploads) == 1  # in progress, not visible as an object yet
     assert "Contents" not in storage.client.list_objects_v2(Bucket="records")
+    writer.write_part(1, parts[0])
     stored = writer.complete()
     assert stored.size == 12 * len(piece)
     assert storage.client.get_object(Bucket="records", Key="big.mp3")["Body"].read() == piece * 12
@@ -51,7 +52,7 @@ def test_large_objects_stream_in_parts(storage: Storage) -> None:
 
 def test_abort_leaves_nothing(storage: Storage) -> None:
     writer = storage.open_writer("gone.mp3")
-    writer.write(bytes(PART + 10))
+    writer.write_part(2, bytes(PART + 10))
     writer.abort()
     assert not storage.client.list_multipart_uploads(Bucket="records").get("Uploads")
     assert "Contents" not in storage.client.list_objects_v2(Bucket="records")
@@ -59,7 +60,7 @@ def test_abort_leaves_nothing(storage: Storage) -> None:
 
 def test_abort_after_complete_deletes_the_object(storage: Storage) -> None:
     writer = storage.open_writer("x.mp3")
-    writer.write(b"x")
+    writer.write_part(1, b"x")
     writer.complete()
     writer.abort()
     assert "Contents" not in storage.client.list_objects_v2(Bucket="records")

@@ -427,11 +427,10 @@ class _UrlCache:
 
 
 class ObjectWriter:
-    """Writes one object as it is produced: a multipart upload once a part fills up.
+    """Writes one object as it is produced: a multipart upload once a second part arrives.
 
-    Two ways to feed it, not to be mixed: :meth:`write` (a stream, cut into parts here) or
-    :meth:`write_part` (numbered parts in any order: the conversion sends part 1, which holds
-    the MP3's length header, last). Parts are uploaded by a background thread while the next
+    :meth:`write_part` takes numbered parts in any order (the conversion sends part 1, which
+    holds the MP3's length header, last). Parts are uploaded by a background thread while the next
     one is produced, so the producer never waits for the store unless a whole part is still in
     flight when the next is ready. Memory: at most one part being produced and one in flight.
     Nothing is visible in the bucket until :meth:`complete`; :meth:`abort` discards it all.
@@ -441,11 +440,9 @@ class ObjectWriter:
         self.storage = storage
         self.key = key
         self.content_type = content_type
-        self._buffer = bytearray()
         self._whole: bytes | bytearray | None = None  # part 1 given alone: one PUT
         self._upload_id: str | None = None
         self._parts: list[CompletedPartTypeDef] = []
-        self._next_part = 1
         self._size = 0
         self.completed = False
         self._queue: queue.SimpleQueue[tuple[int, bytes | bytearray] | None] = queue.SimpleQueue()
@@ -456,20 +453,6 @@ class ObjectWriter:
     @property
     def _client(self) -> S3Client:
         return self.storage.client
-
-    def write(self, data: bytes) -> None:
-        self._raise_upload_error()
-        self._size += len(data)
-        part_size = self.storage.part_size
-        with memoryview(data) as view:
-            while view:
-                room = part_size - len(self._buffer)
-                self._buffer += view[:room]
-                view = view[room:]
-                if len(self._buffer) == part_size:
-                    # The full buffer itself is handed over (no copy); a new one fills.
-                    part, self._buffer = self._buffer, bytearray()
-                    self._submit(part)
 
     @property
     def part_size(self) -> int:
@@ -485,7 +468,7 @@ class ObjectWriter:
             return
         self._submit(data, number)
 
-    def _submit(self, part: bytes | bytearray, number: int | None = None) -> None:
+    def _submit(self, part: bytes | bytearray, number: int) -> None:
         if self._upload_id is None:
             with self.storage.translate_errors():
                 created = self._client.create_multipart_upload(
@@ -499,9 +482,6 @@ class ObjectWriter:
             self._uploader.start()
         self._in_flight.acquire()  # the previous part has been sent: bounded memory
         self._raise_upload_error()
-        if number is None:
-            number = self._next_part
-            self._next_part += 1
         self._queue.put((number, part))
 
     def _upload_parts(self) -> None:
@@ -541,7 +521,7 @@ class ObjectWriter:
     def complete(self) -> StoredObject:
         bucket = self.storage.bucket
         if self._upload_id is None:
-            body = self._whole if self._whole is not None else self._buffer
+            body = self._whole if self._whole is not None else b""
             with self.storage.translate_errors():
                 put = self._client.put_object(
                     Bucket=bucket, Key=self.key, Body=bytes(body), ContentType=self.content_type,
@@ -549,9 +529,6 @@ class ObjectWriter:
             self._whole = None
             etag = put["ETag"]
         else:
-            if self._buffer:
-                part, self._buffer = self._buffer, bytearray()
-                self._submit(part)
             self._finish_uploads()
             self._raise_upload_error()
             assert self._upload_id is not None
@@ -564,13 +541,11 @@ class ObjectWriter:
                     MultipartUpload={"Parts": parts},
                 )
             etag = done["ETag"]
-        self._buffer.clear()
         self.completed = True
         return StoredObject(etag=etag.strip('"'), size=self._size)
 
     def abort(self) -> None:
         """Discard everything written; best effort (the bucket lifecycle rule is the backstop)."""
-        self._buffer.clear()
         self._whole = None
         self._finish_uploads()
         try:
