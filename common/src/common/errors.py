@@ -182,6 +182,21 @@ class UndecodableAudio(UnprocessableContent):
     title = "Undecodable Audio"
 
 
+class TooManyPendingUploads(ServiceError):
+    """A user already has MAX_PENDING_UPLOADS_PER_USER direct uploads waiting or converting."""
+
+    status = 429
+    slug = "too-many-pending-uploads"
+    title = "Too Many Pending Uploads"
+
+    def __init__(self, limit: int, *, retry_after: int) -> None:
+        super().__init__(
+            f"This user already has {limit} direct uploads waiting to be sent or converted; "
+            "complete or let some finish first.",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
 class DependencyUnavailable(ServiceError):
     """Postgres or the object store cannot be reached: retry later."""
 

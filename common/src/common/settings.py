@@ -152,6 +152,8 @@ class Settings:
     # this many bytes per second on average; a slower one is cut off with 408.
     body_grace_seconds: float = 10.0
     body_min_bytes_per_second: int = 16 * 1024
+    # Direct uploads a user may have pending (form usable, queued or converting); over it 429.
+    max_pending_uploads_per_user: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -227,6 +229,9 @@ class Settings:
             body_grace_seconds=_float(e, "BODY_GRACE_SECONDS", d["body_grace_seconds"]),
             body_min_bytes_per_second=int_setting(
                 e, "BODY_MIN_BYTES_PER_SECOND", d["body_min_bytes_per_second"], minimum=1
+            ),
+            max_pending_uploads_per_user=int_setting(
+                e, "MAX_PENDING_UPLOADS_PER_USER", d["max_pending_uploads_per_user"], minimum=1
             ),
         )
         if settings.db_statement_timeout_seconds >= settings.db_connect_timeout_seconds:

@@ -87,15 +87,23 @@ class ClaimedJob:
 
 # Take a job: queued, or converting with an expired lease (its worker died). A second run
 # with the same token (its first reply was lost) takes the same job again, as one attempt.
+# Otherwise round-robin across users: first the users with the fewest jobs converting now,
+# then the one whose last job started longest ago (never: first), then that user's oldest
+# job. One user's backlog delays another user's job by at most the job being converted.
 _CLAIM_NEXT = sql(
     "UPDATE uploads SET status = 'converting', lease_token = :token, "
     "attempts = attempts + CASE WHEN lease_token = :token THEN 0 ELSE 1 END, "
     "lease_until = now() + make_interval(secs => :lease), started_at = now(), progress = 0 "
     "WHERE id = ("
-    " SELECT id FROM uploads WHERE queue = :queue"
-    " AND (status = 'queued' OR (status = 'converting'"
-    " AND (lease_until < now() OR lease_token = :token)))"
-    " ORDER BY lease_token = :token IS TRUE DESC, queued_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+    " SELECT u.id FROM uploads u WHERE u.queue = :queue"
+    " AND (u.status = 'queued' OR (u.status = 'converting'"
+    " AND (u.lease_until < now() OR u.lease_token = :token)))"
+    " ORDER BY u.lease_token = :token IS TRUE DESC,"
+    "  (SELECT count(*) FROM uploads c WHERE c.user_id = u.user_id"
+    "   AND c.status = 'converting' AND c.lease_until >= now()),"
+    "  (SELECT max(s.started_at) FROM uploads s WHERE s.user_id = u.user_id) NULLS FIRST,"
+    "  u.queued_at"
+    " LIMIT 1 FOR UPDATE OF u SKIP LOCKED"
     ") RETURNING id, user_id, object_key, filename, options, record_id, attempts, lease_token",
     idempotent=True,
 )

@@ -41,6 +41,7 @@ from common.errors import (
     InvalidField,
     NotFound,
     PayloadTooLarge,
+    TooManyPendingUploads,
     UploadNotReceived,
 )
 from common.settings import Settings
@@ -55,11 +56,19 @@ FILENAME_META = "filename"
 # How often a completion that waits (Prefer: wait=N) looks at its job.
 WAIT_POLL_SECONDS = 0.25
 
+# Inserted only while the user has fewer than :cap uploads pending: queued or converting, or
+# waiting for their WAV with a form that can still be used. A retried insert that had landed
+# finds its own row (_UPLOAD_EXISTS).
 _INSERT_UPLOAD = sql(
     "INSERT INTO uploads (id, user_id, object_key, filename, options) "
-    "VALUES (:id, :user_id, :object_key, :filename, :options) ON CONFLICT (id) DO NOTHING",
+    "SELECT :id, :user_id, :object_key, :filename, :options "
+    "WHERE (SELECT count(*) FROM uploads WHERE user_id = :user_id"
+    " AND (status IN ('queued', 'converting') OR (status = 'uploading'"
+    " AND created_at > now() - make_interval(secs => :form_seconds)))) < :cap "
+    "ON CONFLICT (id) DO NOTHING RETURNING id",
     idempotent=True,
 )
+_UPLOAD_EXISTS = sql("SELECT 1 FROM uploads WHERE id = :id", idempotent=True)
 _SELECT_UPLOAD = sql(
     "SELECT id, user_id, object_key, status, progress, record_id, error, attempts, "
     "lease_until < now() AS lease_expired FROM uploads WHERE id = :id AND user_id = :user_id",
@@ -127,11 +136,14 @@ def start_upload(
         expires=expires,
     )
     options_json = (options or EncodingOptions()).to_json()
-    db.execute(
+    cap = settings.max_pending_uploads_per_user
+    inserted = db.execute(
         _INSERT_UPLOAD,
         {"id": upload_id, "user_id": user_id, "object_key": key, "filename": name,
-         "options": options_json},
+         "options": options_json, "form_seconds": expires, "cap": cap},
     )  # fmt: skip
+    if not inserted and not db.execute(_UPLOAD_EXISTS, {"id": upload_id}):
+        raise TooManyPendingUploads(cap, retry_after=settings.job_lease_seconds)
     log.info("direct upload started", extra={"upload_id": str(upload_id)})
     return PresignedUpload(
         id=upload_id,
