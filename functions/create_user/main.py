@@ -15,20 +15,13 @@ import uuid
 import flask
 import functions_framework
 from common.domain.erasure import erase_user
-from common.domain.users import authenticate, rotate_token
+from common.domain.users import authenticate, parse_uuid, rotate_token
 from common.domain.users import create_user as create_user_in_db
-from common.errors import NotFound
 from common.http.auth import request_credentials
 from common.http.idempotency import idempotent
 from common.http.request_body import read_fields
-from common.http.responses import (
-    function_handler,
-    health_response,
-    is_health_check,
-    json_response,
-    require_method,
-)
-from common.http.routes import ROTATE_ROUTE, USERS_PATH, UserPath, same_path, user_path
+from common.http.responses import function_handler, health_response, json_response
+from common.http.routes import ROTATE_ROUTE, USERS_PATH, route
 from common.platform.runtime import Services, get_services
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -37,20 +30,16 @@ NO_STORE = {"Cache-Control": "no-store"}
 @functions_framework.http
 @function_handler
 def create_user(request: flask.Request) -> flask.Response:
+    target = route("create_user", request.path, request.method)
     services = get_services()
-    if is_health_check(request):
+    if target.name == "health":
         return health_response(services.db, services.storage)
-    if same_path(request.path, USERS_PATH):
-        require_method(request, "POST")
+    if target.name == "create_user":
         return new_user(request, services)
-    target = user_path(request.path)
-    if target is None:
-        raise NotFound("No such endpoint.")
-    if target.token:
-        require_method(request, "POST")
-        return new_token(request, services, target)
-    require_method(request, "DELETE")
-    return erase(request, services, target)
+    user_id = parse_uuid(target.args["user_id"], "user")
+    if target.name == "rotate_token":
+        return new_token(request, services, user_id)
+    return erase(request, services, user_id)
 
 
 def new_user(request: flask.Request, services: Services) -> flask.Response:
@@ -72,9 +61,9 @@ def _created_user(response: flask.Response) -> uuid.UUID | None:
     return uuid.UUID(body["id"]) if isinstance(body, dict) else None
 
 
-def new_token(request: flask.Request, services: Services, target: UserPath) -> flask.Response:
+def new_token(request: flask.Request, services: Services, user_id: uuid.UUID) -> flask.Response:
     _, token, fields = request_credentials(request)
-    user = str(target.user_id)
+    user = str(user_id)
 
     def run() -> flask.Response:
         return json_response({"token": rotate_token(services.db, user, token)}, headers=NO_STORE)
@@ -84,14 +73,14 @@ def new_token(request: flask.Request, services: Services, target: UserPath) -> f
     # token's hash, so only the holder of that old token gets the answer.
     presented = hashlib.sha256((token or "").encode()).hexdigest()
     return idempotent(
-        request, services.db, services.settings, caller=target.user_id, route=ROTATE_ROUTE,
+        request, services.db, services.settings, caller=user_id, route=ROTATE_ROUTE,
         fields={**fields, "token_sha256": presented}, run=run,
         guard=lambda: authenticate(services.db, user, token),
     )  # fmt: skip
 
 
-def erase(request: flask.Request, services: Services, target: UserPath) -> flask.Response:
+def erase(request: flask.Request, services: Services, user_id: uuid.UUID) -> flask.Response:
     _, token, _ = request_credentials(request)
-    user_id = authenticate(services.db, str(target.user_id), token)
+    authenticate(services.db, str(user_id), token)
     erase_user(services.db, services.storage, services.settings, user_id)
     return flask.Response(status=204, headers=NO_STORE)

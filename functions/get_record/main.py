@@ -13,19 +13,19 @@ from common.domain.records import find_record, list_records, parse_limit
 from common.http.auth import bearer_user
 from common.http.downloads import download_response
 from common.http.record_response import record_list_response
-from common.http.responses import function_handler, health_response, is_health_check, require_method
-from common.http.routes import RECORDS_PATH, same_path
+from common.http.responses import function_handler, health_response
+from common.http.routes import route
 from common.platform.runtime import get_services
 
 
 @functions_framework.http
 @function_handler
 def get_record(request: flask.Request) -> flask.Response:
+    target = route("get_record", request.path, request.method)
     services = get_services()
-    if is_health_check(request):
+    if target.name == "health":
         return health_response(services.db, services.storage)
-    require_method(request, "GET", "HEAD")
-    if same_path(request.path, RECORDS_PATH):
+    if target.name == "list_records":
         user_id = bearer_user(services.db, request)
         page = list_records(
             services.db,

@@ -38,46 +38,35 @@ from common.http.request_body import RequestBody, check_content_length, read_upl
 from common.http.responses import (
     function_handler,
     health_response,
-    is_health_check,
     json_response,
     public_base_url,
-    require_method,
 )
-from common.http.routes import (
-    COMPLETE_ROUTE,
-    RECORD_PATH,
-    RECORDS_PATH,
-    UPLOADS_PATH,
-    same_path,
-    upload_target,
-)
-from common.http.tasks import is_task_push, pushed_job
+from common.http.routes import COMPLETE_ROUTE, RECORDS_PATH, UPLOADS_PATH, route
+from common.http.tasks import pushed_job
 from common.platform.runtime import Services, get_services
 
 
 @functions_framework.http
 @function_handler
 def upload_record(request: flask.Request) -> flask.Response:
+    target = route("upload_record", request.path, request.method)
     services = get_services()
-    if is_health_check(request):
+    if target.name == "health":
         return health_response(services.db, services.storage)
-    if is_task_push(request):
+    if target.name == "pushed_task":
         return convert_pushed_task(request, services)
-    if same_path(request.path, RECORD_PATH):
-        require_method(request, "DELETE")
+    if target.name == "delete_record":
         return remove(request, services)
-    if same_path(request.path, UPLOADS_PATH):
-        require_method(request, "POST")
+    if target.name == "start_upload":
         return presign_upload(request, services)
-    target = upload_target(request.path)
-    if target is not None:
-        upload_id, is_completion = target
-        if is_completion:
-            require_method(request, "POST")
-            return complete(request, services, upload_id)
-        require_method(request, "GET", "HEAD")
-        return job_status(request, services, upload_id)
-    require_method(request, "POST")
+    if target.name == "complete":
+        return complete(request, services, target.args["upload_id"])
+    if target.name == "upload_status":
+        return job_status(request, services, target.args["upload_id"])
+    return upload(request, services)
+
+
+def upload(request: flask.Request, services: Services) -> flask.Response:
     settings = services.settings
     check_content_length(request, settings.max_upload_bytes)
     body = RequestBody(request.stream, settings.max_upload_bytes)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import io
 
+import flask
 import pytest
 from common.errors import (
     BadRequest,
     ClientDisconnected,
+    FieldAfterFile,
     InvalidField,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from common.http.request_body import RequestBody, read_upload
+from common.http.request_body import MAX_JSON_DEPTH, RequestBody, read_fields, read_upload
+from werkzeug.test import EnvironBuilder
 
 BOUNDARY = "----boundary42"
 
@@ -75,10 +78,18 @@ def test_fields_are_read_before_the_file_is_consumed() -> None:
     assert stream.tell() < len(body)  # the file part is still unread
 
 
-def test_fields_after_the_file_are_ignored_but_read() -> None:
-    body = multipart(("file", "a.wav", b"abc"), ("token", None, b"late"))
-    fields, _, data = read(body)
-    assert fields == {} and data == b"abc"
+def test_a_field_after_the_file_is_a_422_naming_it() -> None:
+    body = multipart(
+        ("user", None, b"u-1"), ("file", "a.wav", b"abc"), ("bitrate_kbps", None, b"8")
+    )
+    stream = io.BytesIO(body)
+    upload = read_upload(RequestBody(stream, 10**9), "multipart/form-data", BOUNDARY)
+    assert next(upload.chunks) == b"abc"  # the file is handed on as it arrives
+    with pytest.raises(FieldAfterFile) as caught:
+        next(upload.chunks)
+    problem = caught.value.to_problem()
+    assert caught.value.status == 422 and problem["field"] == "bitrate_kbps"
+    assert "before the file" in problem["detail"]
 
 
 def test_missing_file_part() -> None:
@@ -133,3 +144,19 @@ def test_the_number_of_fields_is_bounded() -> None:
     parts = [(f"f{i}", None, b"") for i in range(1000)]
     with pytest.raises(InvalidField, match="more than 32 fields"):
         read(multipart(*parts, ("file", "a.wav", b"x")))
+
+
+def json_request(body: bytes) -> flask.Request:
+    return flask.Request(
+        EnvironBuilder(method="POST", data=body, content_type="application/json").get_environ()
+    )
+
+
+def test_json_nested_deeper_than_the_limit_is_a_400_not_a_recursion_error() -> None:
+    deep = b'{"name":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(BadRequest, match=f"deeper than {MAX_JSON_DEPTH} levels"):
+        read_fields(json_request(deep))
+    at_limit = b'{"name":' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    assert read_fields(json_request(at_limit))["name"] is not None
+    brackets_in_strings = b'{"name": "' + b"[{" * 100 + b'\\" ]"}'
+    assert read_fields(json_request(brackets_in_strings))["name"].startswith("[{")

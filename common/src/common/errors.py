@@ -167,6 +167,23 @@ class InvalidField(UnprocessableContent):
     title = "Invalid Field"
 
 
+class FieldAfterFile(InvalidField):
+    """A form part after the WAV's: the conversion starts at the file, without it."""
+
+    slug = "field-after-file"
+    title = "Field After File"
+
+    def __init__(self, field_name: str) -> None:
+        super().__init__(
+            f"Form field '{field_name}' comes after 'file': send every field before the file "
+            "(the conversion starts as the file arrives)."
+        )
+        self.field = field_name
+
+    def to_problem(self, instance: str | None = None) -> dict[str, Any]:
+        return {**super().to_problem(instance), "field": self.field}
+
+
 class IdempotencyKeyReused(UnprocessableContent):
     slug = "idempotency-key-reused"
     title = "Idempotency Key Reused"

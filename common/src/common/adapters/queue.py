@@ -46,7 +46,10 @@ def job_message(upload_id: uuid.UUID) -> str:
 
 def parse_job_message(body: str | bytes) -> uuid.UUID:
     """The upload id of a job message; ValueError for anything else."""
-    data = json.loads(body)
+    try:
+        data = json.loads(body)
+    except RecursionError as exc:  # nesting deeper than the parser's recursion
+        raise ValueError("a job message is a flat JSON object") from exc
     if not isinstance(data, dict) or not isinstance(data.get("upload_id"), str):
         raise ValueError('a job message is {"upload_id": "<uuid>"}')
     return uuid.UUID(data["upload_id"])

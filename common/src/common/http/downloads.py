@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 # The router's internal location that proxies (and caches) the store: infra/nginx.
 ROUTER_STORE_PREFIX = "/_store"
+# nginx reads a Range's numbers into a signed 64-bit offset and refuses larger ones with 416,
+# though RFC 9110 makes `bytes=0-<any number>` valid: the function streams such a range itself.
+_ROUTER_MAX_OFFSET = 2**63 - 1
 
 
 def download_response(
@@ -63,7 +66,7 @@ def download_response(
     headers["Content-Length"] = str(length)
     if request.method == "HEAD":
         return flask.Response(status=status, headers=headers, content_type=MP3_CONTENT_TYPE)
-    if settings.download_mode is DownloadMode.ACCEL:
+    if settings.download_mode is DownloadMode.ACCEL and _router_reads_range(request):
         # The router sends the object: the range this function accepted, or all of it.
         target = storage.router_get_path(
             record.object_key,
@@ -99,3 +102,13 @@ def _requested_range(request: flask.Request, record: StoredRecord) -> tuple[int,
     if span is None:
         raise RangeNotSatisfiable(record.size_bytes)
     return span
+
+
+def _router_reads_range(request: flask.Request) -> bool:
+    requested = request.range
+    if requested is None:
+        return True
+    return all(
+        abs(start) <= _ROUTER_MAX_OFFSET and (stop is None or stop - 1 <= _ROUTER_MAX_OFFSET)
+        for start, stop in requested.ranges
+    )

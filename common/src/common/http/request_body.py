@@ -15,6 +15,7 @@ its sans-IO decoder is used directly instead.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -29,6 +30,7 @@ from common.domain.uploads import FILE_FIELD
 from common.errors import (
     BadRequest,
     ClientDisconnected,
+    FieldAfterFile,
     InvalidField,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -44,6 +46,9 @@ MAX_FIELDS = 32
 FIELDS_REGION_BYTES = 128 * 1024
 # The decoder's buffer: bounds a preamble or part headers that never end.
 MAX_DECODER_BUFFER = 1024 * 1024
+# JSON bodies are flat objects; a deeper one is refused before the (recursive) parser sees it.
+MAX_JSON_DEPTH = 32
+_JSON_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 WAV_MEDIA_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
 
 
@@ -155,7 +160,7 @@ def _read_multipart(body: RequestBody, boundary: str) -> Upload:
 
 
 def _file_chunks(events: _Events) -> Iterator[bytes]:
-    """The file part's bytes; then the rest of the body is read and ignored."""
+    """The file part's bytes, then the end of the body: any part after the file is a 422."""
     while True:
         event = events.next()
         if not isinstance(event, Data):
@@ -164,8 +169,9 @@ def _file_chunks(events: _Events) -> Iterator[bytes]:
             yield event.data
         if not event.more_data:
             break
-    while not isinstance(events.next(), Epilogue):
-        pass
+    while not isinstance(event := events.next(), Epilogue):
+        if isinstance(event, Field | File):
+            raise FieldAfterFile(event.name)
 
 
 def check_content_length(request: flask.Request, limit: int) -> None:
@@ -188,6 +194,8 @@ def read_fields(request: flask.Request, max_bytes: int = 64 * 1024) -> dict[str,
             raise BadRequest("The form body is not valid UTF-8.") from exc
     if mimetype not in ("application/json", "") and not mimetype.endswith("+json"):
         raise UnsupportedMediaType('Send a JSON body such as {"name": "Alice"}.')
+    if _too_deep(raw):
+        raise BadRequest(f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels.")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -195,3 +203,19 @@ def read_fields(request: flask.Request, max_bytes: int = 64 * 1024) -> dict[str,
     if not isinstance(body, dict):
         raise InvalidField('The request body must be a JSON object such as {"name": "Alice"}.')
     return body
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether arrays and objects nest deeper than MAX_JSON_DEPTH (strings skipped)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for token in _JSON_NESTING.finditer(raw):
+        mark = token.group()
+        if mark in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif mark in (b"]", b"}"):
+            depth -= 1
+    return False

@@ -25,7 +25,6 @@ from common.adapters.storage import Storage
 from common.errors import (
     PROBLEM_CONTENT_TYPE,
     InternalError,
-    MethodNotAllowed,
     ServiceError,
 )
 from common.settings import Settings, get_settings
@@ -36,7 +35,8 @@ Handler = Callable[[flask.Request], flask.Response]
 # Reading what is left of a refused request body: the read size and the most time it may take.
 DRAIN_READ_BYTES = 64 * 1024
 DRAIN_SECONDS = 30.0
-HEALTH_PATH = "/healthz"
+# Statuses without content: no Content-Type or Content-Length either (RFC 9110, 15.3.5, 15.4.5).
+_NO_BODY = frozenset({204, 304})
 # host[:port], or [IPv6]:port: anything else in a Host header is not put into a URL.
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
@@ -124,21 +124,17 @@ def _without_body_read(response: flask.Response) -> flask.Response:
     rejected upload whole. A streamed response is skipped; the server then discards
     whatever is left of the body in fixed-size reads before the next request.
     """
+    if response.status_code in _NO_BODY:
+        response.response = iter(())
+        for header in ("Content-Type", "Content-Length"):
+            response.headers.pop(header, None)
+        return response
     if not response.is_streamed:
         body = response.get_data()
         response.response = iter((body,))
         if body or "Content-Length" not in response.headers:  # HEAD keeps the GET's length
             response.headers["Content-Length"] = str(len(body))
     return response
-
-
-def require_method(request: flask.Request, *allowed: str) -> None:
-    if request.method not in allowed:
-        raise MethodNotAllowed(request.method, allowed)
-
-
-def is_health_check(request: flask.Request) -> bool:
-    return request.path.rstrip("/").endswith(HEALTH_PATH) and request.method in ("GET", "HEAD")
 
 
 def health_response(db: Database, storage: Storage) -> flask.Response:

@@ -28,7 +28,6 @@ from common.errors import (
     DependencyUnavailable,
     Forbidden,
     InvalidField,
-    MethodNotAllowed,
     Unauthorized,
 )
 from common.http.auth import bearer_token
@@ -36,18 +35,11 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TASKS_PATH = "/_tasks/convert"
 MAX_TASK_BODY = 4096
-
-
-def is_task_push(request: flask.Request) -> bool:
-    return request.path.rstrip("/") == TASKS_PATH
 
 
 def pushed_job(request: flask.Request, settings: Settings) -> uuid.UUID:
     """The upload id of an authenticated Cloud Tasks push; 401/403 for anyone else."""
-    if request.method != "POST":
-        raise MethodNotAllowed(request.method, ("POST",))
     audience = settings.tasks_audience or settings.tasks_target_url
     account = settings.tasks_service_account
     token = bearer_token(request.headers.get("Authorization"))
