@@ -18,10 +18,13 @@ install: ## create .venv from the lock file (installs uv with pip if it is missi
 tools: install ## install ffmpeg and nginx if missing, build the minimal ffmpeg (root on Debian)
 	$(PYTHON) -m devstack --install-tools
 
-lint: install ## ruff (lint + format check) and mypy --strict
+lint: install ## ruff (lint + format check), mypy --strict, deptry (every import declared)
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 	$(UV) run --frozen mypy common/src devstack/src functions scripts migrations tests bench
+	$(UV) run --frozen deptry functions migrations tests bench scripts
+	cd common && $(UV) run --frozen deptry src
+	cd devstack && $(UV) run --frozen deptry src
 
 infra-check: ## checkov on infra/ (every skip carries its reason in the template)
 	$(UV) tool run --from checkov==$(CHECKOV_VERSION) checkov -d infra --quiet --compact --skip-download
