@@ -51,6 +51,9 @@ ROOT = Path(__file__).resolve().parents[2]
         ({"comment": "x" * 1001}, "comment"),
         ({"date": "last tuesday"}, "date"),
         ({"date": 2024}, "date"),
+        ({"date": "2024-13-45"}, "date"),
+        ({"date": "2023-02-29"}, "date"),
+        ({"date": "2024-05-31T24:00"}, "date"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_field(fields: dict[str, object], field: str) -> None:
@@ -181,3 +184,10 @@ def test_the_title_names_the_download() -> None:
     assert mp3_filename("take.wav", rid, "../../etc") == "_.._etc.mp3"
     assert mp3_filename("take.wav", rid, None) == "take.mp3"
     assert mp3_filename(None, rid, "x" * 250) == "x" * 250 + ".mp3"
+
+
+def test_a_date_from_the_file_keeps_its_longest_real_prefix() -> None:
+    assert clean_file_tag("date", "2024-02-29") == "2024-02-29"
+    assert clean_file_tag("date", "2024-05-99") == "2024-05"
+    assert clean_file_tag("date", "2024-13-45") == "2024"
+    assert clean_file_tag("date", "0000-00-00") is None

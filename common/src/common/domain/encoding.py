@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from common.domain.text import first_control, without_controls
@@ -41,6 +42,20 @@ OPTION_FIELDS = ("bitrate_kbps", "vbr_quality", "channels", "sample_rate")
 # ID3v2.4 section 4: the timestamp format TDRC takes.
 _TIMESTAMP = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}(:\d{2}(:\d{2})?)?)?)?)?$")
 _ANY_BITRATE = tuple(sorted({*MP3_BITRATES_MPEG1, *MP3_BITRATES_MPEG2}))
+# strptime formats of an ID3v2.4 timestamp's prefixes, by length.
+_TIMESTAMP_FORMATS = {4: "%Y", 7: "%Y-%m", 10: "%Y-%m-%d", 13: "%Y-%m-%dT%H",
+                      16: "%Y-%m-%dT%H:%M", 19: "%Y-%m-%dT%H:%M:%S"}  # fmt: skip
+
+
+def valid_timestamp(text: str) -> bool:
+    """An ID3v2.4 timestamp (yyyy[-MM[-dd[THH[:mm[:ss]]]]]) that names a real calendar time."""
+    if not _TIMESTAMP.match(text):
+        return False
+    try:
+        datetime.strptime(text, _TIMESTAMP_FORMATS[len(text)])
+    except ValueError:
+        return False
+    return True
 
 
 class InvalidOption(InvalidField):
@@ -185,9 +200,9 @@ def clean_file_tag(name: str, raw: str) -> str | None:
     """
     text = "".join(" " if ch in "\t\r\n" else ch for ch in raw)
     text = without_controls(text).strip()
-    if name == "date":
-        match = re.match(r"^\d{4}(-\d{2}(-\d{2})?)?", text)
-        text = text if _TIMESTAMP.match(text) else (match.group(0) if match else "")
+    if name == "date" and not valid_timestamp(text):
+        prefixes = (text[:n] for n in (10, 7, 4) if len(text) >= n)
+        text = next((prefix for prefix in prefixes if valid_timestamp(prefix)), "")
     return text[: TAG_MAX_CHARS[name]] or None
 
 
@@ -218,9 +233,11 @@ def _tag(fields: Mapping[str, object], name: str) -> str | None:
     limit = TAG_MAX_CHARS[name]
     if len(raw) > limit:
         raise InvalidOption(name, f"'{name}' is longer than {limit} characters.")
-    if name == "date" and not _TIMESTAMP.match(raw):
+    if name == "date" and not valid_timestamp(raw):
         raise InvalidOption(
-            name, "'date' must be an ID3v2.4 timestamp: yyyy, yyyy-MM, yyyy-MM-dd or longer."
+            name,
+            "'date' must be a real date as an ID3v2.4 timestamp: yyyy, yyyy-MM, yyyy-MM-dd "
+            "or longer (such as 2024-05-31).",
         )
     return raw
 
