@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import subprocess
 import sys
@@ -106,9 +107,11 @@ def test_unknown_path_is_404_problem(client: Client) -> None:
 
 def test_big_bodies_to_small_endpoints_are_413(client: Client) -> None:
     response = client.session.post(
-        f"{client.base_url}/users", json={"name": "x" * 200_000}, timeout=10
+        f"{client.base_url}/users", json={"name": "x" * 88_000}, timeout=10
     )
     assert_problem(response, 413)
+    # The limit of this endpoint, not the uploads' one.
+    assert "at most 65536 bytes" in response.json()["detail"]
 
 
 # --- POST /records -----------------------------------------------------------------------
@@ -191,6 +194,7 @@ def test_upload_over_the_router_limit_is_refused_before_the_body(stack: NativeSt
     response = conn.getresponse()
     assert response.status == 413
     assert response.getheader("Content-Type") == PROBLEM
+    assert f"at most {256 * 1024 * 1024} bytes" in json.loads(response.read())["detail"]
     conn.close()
 
 
