@@ -1,4 +1,4 @@
-"""Figures 1-3: an upload against the bare encode, two uploads at once, and the memory they take."""
+"""Figures 1-3: an upload against the bare encode, the memory it takes, two uploads at once."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """uploads: one row per direct upload, which is also the PostgreSQL job queue
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-11-30
 
 Expand only: a new table; the previous release never reads it.

@@ -1,4 +1,4 @@
-"""records: the effective VBR quality and the ID3 tags written (issue 13)
+"""records: the effective VBR quality and the ID3 tags written
 
 Revision ID: 0004
 Revises: 0003

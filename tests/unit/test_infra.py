@@ -43,8 +43,8 @@ ROUTES = {
     ("GET", "/record"): "get_record",
     ("HEAD", "/record"): "get_record",
 }
-# The routes BRIEF.md gives issues 11 and 12 (on the clouds; nginx is issue 11's).
-BRIEF_ROUTES = {
+# The other routes of the API (docs/api.md), each served on the clouds by its function too.
+MORE_ROUTES = {
     ("POST", f"/users/{UPLOAD_ID}/token"): "create_user",
     ("DELETE", f"/users/{UPLOAD_ID}"): "create_user",
     ("GET", f"/records/uploads/{UPLOAD_ID}"): "upload_record",
@@ -179,7 +179,7 @@ def test_http_api_routes_every_path_to_its_function() -> None:
                 return function
         return None
 
-    for (method, path), target in {**ROUTES, **BRIEF_ROUTES}.items():
+    for (method, path), target in {**ROUTES, **MORE_ROUTES}.items():
         assert route_for(method, path) == functions[target], (method, path)
     permissions = _resources("AWS::Lambda::Permission")
     invoked_by_api = {
@@ -359,7 +359,7 @@ def test_url_map_routes_every_path_to_its_service() -> None:
         return default
 
     assert "pathRules" not in matcher  # a path matcher has either pathRules or routeRules
-    for (method, path), function in {**ROUTES, **BRIEF_ROUTES}.items():
+    for (method, path), function in {**ROUTES, **MORE_ROUTES}.items():
         backend = backend_for(method, path)
         assert backend.startswith(prefix), backend
         assert services[backend.removeprefix(prefix)] == function, (method, path)

@@ -1,1 +1,1 @@
-"""The outside systems: PostgreSQL (engine, schema) and the S3-compatible object store."""
+"""One adapter per outside system: PostgreSQL, the object store, the job queues, secrets, OIDC."""

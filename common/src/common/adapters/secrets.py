@@ -4,7 +4,7 @@
 Manager's rotation functions use: ``username`` and ``password``, and optionally ``host``,
 ``port`` and ``dbname`` (an RDS-managed master secret has only the first two; the rest then
 comes from ``DATABASE_URL``, which holds no password). :mod:`common.adapters.db` asks for the
-current credentials on every new connection (SQLAlchemy's ``do_connect`` event) and calls
+current credentials for every new connection (:func:`common.adapters.db.login`) and calls
 :meth:`SecretCredentials.refresh` once when the server answers an authentication failure, so
 a rotated secret is picked up without a redeploy.
 """

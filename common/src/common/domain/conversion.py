@@ -1,22 +1,11 @@
 """Streaming WAV -> MP3 conversion through ffmpeg, with ffmpeg's own exact length header.
 
-The WAV arrives as an iterator of byte chunks (straight from the request body); its header is
-checked by :mod:`common.domain.wav` before ffmpeg starts; ffmpeg runs with the WAV demuxer
-forced, only the ``pipe`` protocol allowed for its input and only the ``file`` protocol for its
-output, a deadline, and SCHED_BATCH.
-
-The output is a real, seekable temporary file, because that is the only way ffmpeg's MP3
-muxer writes the Xing/Info + LAME header (frame and byte counts, seek TOC, encoder delay and
-padding): it leaves a placeholder frame at the start and fills it in when it finishes. While
-ffmpeg writes, every full part behind the first is read from the file, handed to the sink
-(an S3 multipart upload) and its disk space released (a hole is punched), so the file never
-holds more than about two parts; part 1, where the header is, goes last, once ffmpeg has
-exited. A short MP3 (up to one part: every voice note) is one object written at the end.
-Memory stays at one part in flight whatever the input size. See docs/encoding.md.
-
-In front of ffmpeg's bytes the sink gets the ID3v2.4 tag that :mod:`common.domain.id3`
-builds; it is known only at the end (trailing WAV chunks may hold the tags), which is fine
-because part 1 is sent last.
+The WAV's chunks go into ffmpeg as they arrive (header checked first by
+:mod:`common.domain.wav`); ffmpeg writes a seekable temporary file, the only way its muxer
+fills in the Xing/LAME header. Every full part behind the first is sent to the sink as soon
+as it is written and its disk space released; part 1, which holds the header and the ID3 tag
+(known only at the end), goes last. Memory: one part in flight, whatever the input size.
+docs/encoding.md has the whole design.
 """
 
 from __future__ import annotations
@@ -132,7 +121,7 @@ def ffmpeg_command(ffmpeg: str, header: WavHeader, encoding: Encoding, output: s
         command += ["-b:a", f"{encoding.bitrate_kbps}k"]
     command += [
         "-f", "mp3",
-        "-flush_packets", "0",  # 32 KiB writes, not one per MP3 frame: 50x fewer wakeups
+        "-flush_packets", "0",  # buffered writes, not one per MP3 frame: far fewer wakeups
         "-id3v2_version", "0",  # the service writes the tag (common.domain.id3)
         "-write_xing", "1",
         "-protocol_whitelist", "file",
@@ -279,8 +268,7 @@ def _run(
     try:
         data_bytes, trailing = _feed(proc, header, head_bytes, chunks, timed_out, tail)
         # A blocking wait, woken the moment ffmpeg exits: the watchdog kills it at the
-        # deadline. (wait(timeout) polls with sleeps of up to 50 ms: a voice note's exit
-        # was noticed about 20 ms late on average.)
+        # deadline. (wait(timeout) polls with sleeps, noticing a short conversion's end late.)
         proc.wait()
     finally:
         watchdog.cancel()
@@ -399,9 +387,9 @@ def _lower_priority(pid: int) -> None:
     """Let request handling preempt the encoder (no stalls while converting).
 
     Linux's SCHED_BATCH: the encoder keeps its fair share of the CPU, but a request that
-    wakes up is not made to wait for it. A nice value (the earlier choice, 10) also made the
-    encoder lose most of a core to any other busy thread: the upload took 1.12x the bare
-    encode instead of 0.96x (make bench, figure 1), with no better figure 5.
+    wakes up is not made to wait for it. A nice value (the earlier choice) also made the
+    encoder lose most of a core to any other busy thread, slowing uploads without making
+    stalls any shorter (docs/performance.md).
     """
     with contextlib.suppress(OSError):  # the process may be gone already, or not permitted
         if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH"):

@@ -95,8 +95,8 @@ def load_app(source_and_target: str) -> Callable[..., Any]:
 def settle() -> None:
     """Create the process's clients before the first request, then freeze what exists.
 
-    The first request no longer pays for the boto3 client and the engine, and the objects of
-    Flask, SQLAlchemy and botocore's service model leave the garbage collector's reach: a full
+    The first request no longer pays for the boto3 client and the database pool, and the objects
+    of Flask and botocore's service model leave the garbage collector's reach: a full
     collection over them stalls every request in the process (docs/performance.md, "Server").
     """
     from common.platform.runtime import get_services
