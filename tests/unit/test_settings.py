@@ -191,3 +191,12 @@ def test_the_servers_deadlines_are_below_the_socket_timeout() -> None:
         "lock_timeout": "4000",
         "idle_in_transaction_session_timeout": "4000",
     }
+
+
+def test_the_scheduled_jobs_need_no_idempotency_secret_on_lambda() -> None:
+    """The template's SweepFunction has no IDEMPOTENCY_SECRET_ARN: its settings must load."""
+    lambda_env = {"FFMPEG_BINARY": "ffmpeg", "AWS_LAMBDA_FUNCTION_NAME": "sweep"}
+    for job in ("sweep", "migrate"):
+        assert Settings.from_env({**lambda_env, "FUNCTION_TARGET": job}).idempotency_secret
+    with pytest.raises(SettingsError, match="IDEMPOTENCY_SECRET"):
+        Settings.from_env({**lambda_env, "FUNCTION_TARGET": "create_user"})
