@@ -14,7 +14,6 @@ import uuid
 
 import flask
 import functions_framework
-from common.domain.erasure import erase_user
 from common.domain.users import authenticate, parse_uuid, rotate_token
 from common.domain.users import create_user as create_user_in_db
 from common.http.auth import request_credentials
@@ -82,5 +81,9 @@ def new_token(request: flask.Request, services: Services, user_id: uuid.UUID) ->
 def erase(request: flask.Request, services: Services, user_id: uuid.UUID) -> flask.Response:
     _, token, _ = request_credentials(request)
     authenticate(services.db, str(user_id), token)
+    # The one route of this function that touches the bucket: its code (and boto3's) loads
+    # on the first erasure, not in every cold start.
+    from common.domain.erasure import erase_user
+
     erase_user(services.db, services.storage, services.settings, user_id)
     return flask.Response(status=204, headers=NO_STORE)

@@ -363,7 +363,7 @@ def test_an_erasure_past_its_deadline_is_finished_by_the_sweep(
         )
     pending = pending_key(user_id, uuid.uuid4())
     services.storage.client.put_object(Bucket=services.storage.bucket, Key=pending, Body=b"x")
-    hurried = dataclasses.replace(services, settings=dataclasses.replace(
+    hurried = services.replace(settings=dataclasses.replace(
         services.settings, erase_deadline_seconds=1e-9
     ))  # fmt: skip
     # A 'crash' right after the first batch: a listing page is deleted, the rest is left.

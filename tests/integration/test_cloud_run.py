@@ -190,7 +190,7 @@ def tasks_app(
         tasks_service_account=TASKS_ACCOUNT,
         tasks_certs_url=google.certs_url,
     )
-    services = dataclasses.replace(services, queue=RecordingQueue(JobQueueKind.CLOUD_TASKS))
+    services = services.replace(queue=RecordingQueue(JobQueueKind.CLOUD_TASKS))
     set_services(services)
     import functions_framework
 

@@ -388,7 +388,7 @@ def test_sqs_events_run_the_job_once(
 ) -> None:
     """JOB_QUEUE=sqs: completion sends a message; the SQS event runs the job in the handler."""
     queue = RecordingQueue()
-    set_services(dataclasses.replace(lambda_services, queue=queue))
+    set_services(lambda_services.replace(queue=queue))
     user = client.create_user("Sasha")
     wav = wavgen.wav(seconds=1.0)
     upload_id = queued_through_lambda(invoke, user, queue, wav)
@@ -416,7 +416,7 @@ def test_sqs_batch_reports_only_the_jobs_to_deliver_again(
     client: Client, lambda_services: Services, invoke: Any
 ) -> None:
     queue = RecordingQueue()
-    set_services(dataclasses.replace(lambda_services, queue=queue))
+    set_services(lambda_services.replace(queue=queue))
     user = client.create_user("Batch")
     held = queued_through_lambda(invoke, user, queue, wavgen.wav(seconds=0.2))
     lambda_services.db.execute(
@@ -474,7 +474,7 @@ def test_origin_header_checked_before_the_real_app(
     app = make_handler("get_record", str(ROOT / "functions" / "get_record" / "main.py"))
     monkeypatch.setattr(aws_lambda, "_handler", app)
     settings = dataclasses.replace(lambda_services.settings, origin_verify_secret=secret)
-    set_services(dataclasses.replace(lambda_services, settings=settings))
+    set_services(lambda_services.replace(settings=settings))
     try:
         ev = event(
             "http_api_get_records.json",

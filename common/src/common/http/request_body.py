@@ -77,9 +77,7 @@ class RequestBody:
                 return
             self.received += len(chunk)
             if self.received > self.max_bytes:
-                raise PayloadTooLarge(
-                    f"The upload is larger than the limit of {self.max_bytes} bytes."
-                )
+                raise upload_too_large(self.max_bytes)
             yield chunk
 
 

@@ -14,20 +14,22 @@ import re
 import time
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import flask
 from werkzeug.exceptions import HTTPException
 
 from common.adapters.db import Database
-from common.adapters.storage import Storage
 from common.errors import (
     PROBLEM_CONTENT_TYPE,
     InternalError,
     ServiceError,
 )
 from common.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from common.adapters.storage import Storage
 
 log = logging.getLogger(__name__)
 

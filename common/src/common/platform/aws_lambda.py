@@ -47,9 +47,6 @@ from typing import Any
 
 from apig_wsgi import make_lambda_handler
 
-from common.adapters.queue import parse_job_message
-from common.adapters.secrets import read_secret_string
-from common.domain.jobs import Outcome, run_job
 from common.errors import PROBLEM_CONTENT_TYPE, OriginNotVerified
 from common.http.origin import ORIGIN_VERIFY_HEADER, origin_verified
 from common.platform.entrypoint import JOBS, function_source, function_target
@@ -100,6 +97,8 @@ def export_secrets(env: dict[str, str] | os._Environ[str]) -> None:
     for name in SECRET_VARIABLES:
         arn = env.get(f"{name}_ARN", "").strip()
         if arn and not env.get(name):
+            from common.adapters.secrets import read_secret_string  # boto3: only with a secret
+
             env[name] = read_secret_string(arn)
 
 
@@ -131,6 +130,10 @@ def is_sqs_event(event: Mapping[str, Any]) -> bool:
 
 def run_sqs_jobs(event: Mapping[str, Any]) -> dict[str, Any]:
     """Run the conversion job of each SQS message; the ones to deliver again, as SQS reads them."""
+    # Imported on the first job: the HTTP routes of the function never load the job's code.
+    from common.adapters.queue import parse_job_message
+    from common.domain.jobs import Outcome, run_job
+
     services = get_services()
     failures: list[dict[str, str]] = []
     for message in event["Records"]:
