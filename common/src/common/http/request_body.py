@@ -26,7 +26,6 @@ from werkzeug.exceptions import ClientDisconnected as WerkzeugDisconnected
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
-from common.domain.uploads import FILE_FIELD
 from common.errors import (
     BadRequest,
     ClientDisconnected,
@@ -119,6 +118,9 @@ class _Events:
 
 
 def _read_multipart(body: RequestBody, boundary: str) -> Upload:
+    # Here, not at the top: create_user reads JSON bodies with this module and never uploads.
+    from common.domain.uploads import FILE_FIELD
+
     events = _Events(body.chunks(), boundary)
     fields: dict[str, str] = {}
     total = 0
@@ -172,19 +174,29 @@ def _file_chunks(events: _Events) -> Iterator[bytes]:
             raise FieldAfterFile(event.name)
 
 
+def upload_too_large(limit: int) -> PayloadTooLarge:
+    """The 413 of an upload body over the limit: it names the way for larger WAVs."""
+    return PayloadTooLarge(
+        f"The upload is larger than the limit of {limit} bytes. Send larger WAVs as a direct "
+        "upload: POST /records/uploads (docs/direct-uploads.md)."
+    )
+
+
 def check_content_length(request: flask.Request, limit: int) -> None:
     """Refuse a declared body over ``limit`` before reading any of it."""
     if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
+        raise upload_too_large(limit)
 
 
 def read_fields(request: flask.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
     """A small JSON object or urlencoded form body as a dict (create_user's input)."""
-    check_content_length(request, max_bytes)
+    too_large = PayloadTooLarge(f"The request body is larger than {max_bytes} bytes.")
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise too_large
     mimetype = request.mimetype
     raw = request.stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"The request body is larger than {max_bytes} bytes.")
+        raise too_large
     if mimetype == "application/x-www-form-urlencoded":
         try:
             return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
