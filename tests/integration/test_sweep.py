@@ -8,7 +8,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from common.adapters.db import sql
 from common.domain.records import create_record, object_key
+from common.domain.uploads import pending_key
+from common.domain.users import create_user
 from common.errors import Unauthorized
 from common.ops.sweep import sweep
 from common.platform.runtime import Services
@@ -103,3 +106,29 @@ def test_a_record_for_a_user_erased_meanwhile_is_refused(services: Services) -> 
         Bucket=services.storage.bucket, Prefix=f"users/{gone}/"
     )
     assert listed.get("KeyCount", 0) == 0
+
+
+def test_a_form_used_again_after_its_job_leaves_no_wav_behind(services: Services) -> None:
+    """The form stays usable until it expires; the sweep removes what it sends after the job."""
+    db = services.db
+    user = create_user(db, "Again").id
+    s3, bucket = services.storage.client, services.storage.bucket
+    keyed = {}
+    for status in ("done", "failed", "uploading", "queued"):
+        upload_id = uuid.uuid4()
+        keyed[status] = pending_key(user, upload_id)
+        db.execute(
+            sql("INSERT INTO uploads (id, user_id, object_key, status) "
+                "VALUES (:id, :user_id, :key, :status)"),
+            {"id": upload_id, "user_id": user, "key": keyed[status], "status": status},
+        )  # fmt: skip
+        s3.put_object(Bucket=bucket, Key=keyed[status], Body=b"RIFF")
+    no_row = pending_key(user, uuid.uuid4())
+    s3.put_object(Bucket=bucket, Key=no_row, Body=b"RIFF")
+    assert not {keyed["done"], no_row} & set(sweep(services, 3600).spent_wavs_deleted)
+    result = sweep(services, 0, now=datetime.now(UTC) + timedelta(seconds=5))
+    assert {keyed["done"], keyed["failed"], no_row} <= set(result.spent_wavs_deleted)
+    remaining = keys(services)
+    assert not {keyed["done"], keyed["failed"], no_row} & remaining
+    assert {keyed["uploading"], keyed["queued"]} <= remaining
+    services.storage.delete_many([keyed["uploading"], keyed["queued"]])

@@ -68,6 +68,12 @@ _INSERT_UPLOAD = sql(
     "ON CONFLICT (id) DO NOTHING RETURNING id",
     idempotent=True,
 )
+# Of these WAV keys, those whose upload may still need its WAV.
+_KEYS_STILL_NEEDED = sql(
+    "SELECT object_key FROM uploads WHERE object_key = ANY(:keys) "
+    "AND status IN ('uploading', 'queued', 'converting')",
+    idempotent=True,
+)
 _UPLOAD_EXISTS = sql("SELECT 1 FROM uploads WHERE id = :id", idempotent=True)
 _SELECT_UPLOAD = sql(
     "SELECT id, user_id, object_key, status, progress, record_id, error, attempts, "
@@ -306,3 +312,21 @@ def _clean_filename(raw: str | None) -> str | None:
 
 def _not_found() -> NotFound:
     return NotFound("No pending upload with this id exists for this user.")
+
+
+def discard_spent_wavs(db: Database, storage: Storage, *, cutoff: datetime) -> list[str]:
+    """Delete the WAVs under ``uploads/`` written before ``cutoff`` that no upload needs.
+
+    A presigned form stays usable until it expires, also after its job is queued or done: a
+    WAV sent with it again, or one whose upload is done or failed, or has no row, goes here.
+    """
+    keys = [obj.key for obj in storage.list_objects(PENDING_PREFIX) if obj.last_modified < cutoff]
+    spent: list[str] = []
+    for start in range(0, len(keys), 500):
+        batch = keys[start : start + 500]
+        needed = {row.object_key for row in db.execute(_KEYS_STILL_NEEDED, {"keys": batch})}
+        spent += [key for key in batch if key not in needed]
+    if spent:
+        storage.delete_many(spent)
+        log.info("deleted spent upload WAVs", extra={"count": len(spent)})
+    return spent

@@ -17,7 +17,9 @@ It also finishes what requests leave to it:
 * expired idempotency keys (older than 24 h; requests delete a few as they go);
 * conversion jobs of a cloud queue (SQS, Cloud Tasks) still queued after the grace period:
   their message is sent again (a duplicate delivery is harmless);
-* direct uploads never completed, a day after their presigned form expired: rows and WAVs.
+* direct uploads never completed, a day after their presigned form expired: rows and WAVs;
+* WAVs under ``uploads/`` that no upload needs any more (its job is done or failed, or the
+  form was used again after completion), older than the grace period.
 
 Safe to run at any time and repeatedly, e.g. from cron or a scheduled job.
 """
@@ -36,6 +38,7 @@ from common.domain.erasure import continue_erasures
 from common.domain.idempotency import purge_expired
 from common.domain.jobs import forget_abandoned_uploads, requeue_stalled
 from common.domain.records import RECORD_PREFIX
+from common.domain.uploads import discard_spent_wavs
 from common.platform.runtime import Services, get_services
 
 log = logging.getLogger("common.ops.sweep")
@@ -55,6 +58,7 @@ class SweepResult:
     idempotency_keys_purged: int = 0
     jobs_requeued: list[str] = field(default_factory=list)
     pending_uploads_forgotten: int = 0
+    spent_wavs_deleted: list[str] = field(default_factory=list)
 
 
 def _keys_with_rows(db: Database, keys: list[str]) -> set[str]:
@@ -77,6 +81,7 @@ def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None
         storage,
         cutoff=cutoff - timedelta(seconds=services.settings.presign_expires_seconds + 86400),
     )
+    spent = discard_spent_wavs(services.db, storage, cutoff=cutoff)
     candidates = [
         obj.key
         for obj in storage.list_objects(RECORD_PREFIX)
@@ -103,6 +108,7 @@ def sweep(services: Services, grace_seconds: int, *, now: datetime | None = None
         idempotency_keys_purged=purged,
         jobs_requeued=[str(upload_id) for upload_id in requeued],
         pending_uploads_forgotten=forgotten,
+        spent_wavs_deleted=spent,
     )
 
 
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             "idempotency_keys_purged": result.idempotency_keys_purged,
             "jobs_requeued": len(result.jobs_requeued),
             "pending_uploads_forgotten": result.pending_uploads_forgotten,
+            "spent_wavs_deleted": len(result.spent_wavs_deleted),
         },
     )
     return 0
