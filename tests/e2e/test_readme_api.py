@@ -10,8 +10,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from devstack import ScratchStack, wavgen
 from tests.support import ROOT
 
@@ -23,13 +21,16 @@ EXPECTED = {
     "upload with encoding options and tags": {201},
     "download the MP3": {200},
     "list your records": {200},
-    "start a direct upload (large WAV)": {201},
-    "complete it (a job: 202)": {201, 202},
+    "start a direct upload (large WAV), its form saved in `upload.json`": {201},
+    "send the WAV to the bucket (the form's fields, then the file)": {200, 201, 204},
+    "complete it: a job, `202` at once (add `-H 'Prefer: wait=25'` to block up to 25 s for a "
+    "`201` with the record)": {202},
     "poll the job": {200},
     "delete a record": {204},
     "rotate the token": {200},
-    "erase the user": {204},
+    "erase the user, with the rotated token (`TOKEN=<its token>`)": {204},
 }
+START, COMPLETE = list(EXPECTED)[5], list(EXPECTED)[7]
 
 
 def api_rows() -> list[tuple[str, str]]:
@@ -54,7 +55,7 @@ def run(command: str, base: str, env: dict[str, str], cwd: Path) -> tuple[int, s
 def body_of(output: str) -> Any:
     """The JSON body of an answer (after the headers when curl printed them with -i)."""
     if output.startswith("HTTP/"):
-        output = output.split("\r\n\r\n", 1)[1]
+        output = output.replace("\r\n", "\n").split("\n\n", 1)[1]
     return json.loads(output)
 
 
@@ -83,18 +84,52 @@ def test_every_curl_line_of_the_api_table_works_as_written(
             assert (tmp_path / "take.mp3").stat().st_size > 0
         elif name == "list your records":
             assert len(body_of(output)["records"]) == 2
-        elif name == "start a direct upload (large WAV)":
-            started = body_of(output)
-            env["UPLOAD_ID"] = started["id"]
-            form = started["upload"]
-            sent = requests.post(
-                form["url"],
-                data=form["fields"],
-                files={form["file_field"]: ("take.wav", (tmp_path / "take.wav").read_bytes())},
-                timeout=60,
-            )
-            assert sent.status_code in (200, 201, 204), sent.text
-        elif name == "poll the job":
+        elif name == START:
+            env["UPLOAD_ID"] = json.loads((tmp_path / "upload.json").read_text())["id"]
+        elif name == COMPLETE or name == "poll the job":
             assert body_of(output)["status"] in ("queued", "converting", "done")
         elif name == "rotate the token":
             env["TOKEN"] = body_of(output)["token"]
+
+
+def test_retrying_with_the_key_set_once_returns_the_first_answer(
+    stack: ScratchStack, tmp_path: Path
+) -> None:
+    text = (ROOT / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| retry any POST safely"))
+    set_key = re.search(r"`(KEY=[^`]+)`", row)
+    header = re.search(r'`(-H "Idempotency-Key: \$KEY")`', row)
+    assert set_key and header, row
+    create = dict(api_rows())["create a user"]
+    base = stack.base_url.removeprefix("http://")
+    line = f"{set_key.group(1)}; for try in 1 2; do {create} {header.group(1)}; echo; done"
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", "-c", line.replace("localhost:8080", base)], capture_output=True, text=True,
+        env=env, cwd=tmp_path, timeout=60, check=True,
+    )  # fmt: skip
+    first, second = (json.loads(answer) for answer in done.stdout.strip().splitlines())
+    assert first["id"] and first == second, done.stdout
+
+
+def test_the_quick_start_answers_what_it_shows(stack: ScratchStack, tmp_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    start = text[text.index("## Quick start") : text.index("## Docker Compose")]
+    make_wav = re.search(r"^(ffmpeg -f lavfi [^\n]+)$", start, flags=re.M)
+    shown = re.search(r'"duration_seconds": ([\d.]+), "size_bytes": (\d+)', start)
+    assert make_wav and shown, start
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(tmp_path)}
+    subprocess.run(
+        ["bash", "-c", make_wav.group(1) + " -v error"], cwd=tmp_path, env=env, check=True
+    )
+    base = stack.base_url.removeprefix("http://")
+    _, created = run(dict(api_rows())["create a user"], base, env, tmp_path)
+    user = json.loads(created)
+    env |= {"USER_ID": user["id"], "TOKEN": user["token"]}
+    code, output = run(dict(api_rows())["upload a WAV"], base, env, tmp_path)
+    record = json.loads(output)
+    assert code == 201, output
+    assert (record["duration_seconds"], record["size_bytes"]) == (
+        float(shown.group(1)),
+        int(shown.group(2)),
+    ), "the quick start shows another answer than a real run gives"
