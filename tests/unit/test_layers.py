@@ -54,6 +54,7 @@ LIBRARIES = (
     Library("granian and apig-wsgi", ("granian", "apig_wsgi"), ("platform",)),
     Library("Alembic", ("alembic",), ("migrations", "platform.aws_lambda")),
     Library("cryptography", ("cryptography",), ("domain.idempotency",)),
+    Library("itsdangerous", ("itsdangerous",), ("domain.records",)),
 )
 # The adapters' client factories: only platform.runtime calls them.
 FACTORIES = ("Database.from_settings", "Storage.from_settings", "make_queue", "make_s3_client")
