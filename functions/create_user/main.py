@@ -14,10 +14,12 @@ import uuid
 
 import flask
 import functions_framework
-from common.domain.users import authenticate, parse_uuid, rotate_token
+from common.domain.tokens import new_token as generate_token
+from common.domain.users import ROTATION_REPLAY_WINDOW, authenticate, parse_uuid, rotate_token
 from common.domain.users import create_user as create_user_in_db
+from common.domain.users import new_user as draw_user
 from common.http.auth import request_credentials
-from common.http.idempotency import idempotent
+from common.http.idempotency import Recorder, idempotent
 from common.http.request_body import read_fields
 from common.http.responses import function_handler, health_response, json_response
 from common.http.routes import ROTATE_ROUTE, USERS_PATH, route
@@ -44,14 +46,16 @@ def create_user(request: flask.Request) -> flask.Response:
 def new_user(request: flask.Request, services: Services) -> flask.Response:
     fields = read_fields(request)
 
-    def run() -> flask.Response:
-        user = create_user_in_db(services.db, fields.get("name"))
+    def run(recorder: Recorder) -> flask.Response:
+        user = draw_user(fields.get("name"))
         body = {"id": str(user.id), "name": user.name, "token": user.token}
-        return json_response(body, status=201, headers=NO_STORE)
+        response = json_response(body, status=201, headers=NO_STORE)
+        create_user_in_db(services.db, user=user, within=recorder.within(response, user_id=user.id))
+        return response
 
     return idempotent(
         request, services.db, services.settings, caller=None, route=USERS_PATH,
-        fields=fields, run=run, owner_of=_created_user,
+        fields=fields, run_with=run, owner_of=_created_user,
     )  # fmt: skip
 
 
@@ -61,20 +65,26 @@ def _created_user(response: flask.Response) -> uuid.UUID | None:
 
 
 def new_token(request: flask.Request, services: Services, user_id: uuid.UUID) -> flask.Response:
+    """A rotation needs an Idempotency-Key (16+ characters): its answer is the only copy of
+    the new token, and it is stored with the rotation, in one transaction, for a repeat that
+    lost it. The scope is the path's user, and the fingerprint holds the presented token's
+    hash: only the holder of the old token *and* the key gets the replay, for
+    ROTATION_REPLAY_WINDOW. Anything else is authenticated first (`guard`)."""
     _, token, fields = request_credentials(request)
     user = str(user_id)
 
-    def run() -> flask.Response:
-        return json_response({"token": rotate_token(services.db, user, token)}, headers=NO_STORE)
+    def run(recorder: Recorder) -> flask.Response:
+        new = generate_token()
+        response = json_response({"token": new}, headers=NO_STORE)
+        rotate_token(services.db, user, token, new, within=recorder.within(response))
+        return response
 
-    # The scope is the user of the path, authenticated by `guard`; a repeat that presents the
-    # old token (its client never got the new one) is replayed: the fingerprint holds the
-    # token's hash, so only the holder of that old token gets the answer.
     presented = hashlib.sha256((token or "").encode()).hexdigest()
     return idempotent(
         request, services.db, services.settings, caller=user_id, route=ROTATE_ROUTE,
-        fields={**fields, "token_sha256": presented}, run=run,
+        fields={**fields, "token_sha256": presented}, run_with=run,
         guard=lambda: authenticate(services.db, user, token),
+        required=True, anonymous=True, ttl=ROTATION_REPLAY_WINDOW,
     )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ what a database dump shows (common.domain.idempotency, common.http.idempotency).
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 import uuid
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import requests
 from common.adapters.db import sql
 from common.platform.runtime import Services
@@ -200,7 +202,8 @@ def test_direct_upload_start_and_completion_replay(client: Client) -> None:
 def test_rotation_replays_to_a_client_that_lost_the_answer(client: Client) -> None:
     user, other = client.create_user("Lost"), client.create_user("Other")
     url = f"{client.base_url}/users/{user['id']}/token"
-    old = {"Authorization": f"Bearer {user['token']}", "Idempotency-Key": "rotate-1"}
+    key = str(uuid.uuid4())
+    old = {"Authorization": f"Bearer {user['token']}", "Idempotency-Key": key}
     first = client.session.post(url, headers=old, timeout=30)
     assert first.status_code == 200
     # The answer was lost: the client still has only the old token, and gets the same new one.
@@ -208,15 +211,83 @@ def test_rotation_replays_to_a_client_that_lost_the_answer(client: Client) -> No
     assert replay.status_code == 200 and replay.json() == first.json()
     # The old token is otherwise dead, and no one else learns anything of the key.
     assert client.session.post(
-        url, headers={"Authorization": f"Bearer {user['token']}"}, timeout=30
+        url, headers={**old, "Idempotency-Key": str(uuid.uuid4())}, timeout=30
     ).status_code == 401  # fmt: skip
     stranger = client.session.post(
-        url, headers={"Authorization": f"Bearer {other['token']}", "Idempotency-Key": "rotate-1"},
+        url, headers={"Authorization": f"Bearer {other['token']}", "Idempotency-Key": key},
         timeout=30,
     )  # fmt: skip
     assert stranger.status_code == 401
-    fresh = {"Authorization": f"Bearer {first.json()['token']}", "Idempotency-Key": "rotate-1"}
+    fresh = {"Authorization": f"Bearer {first.json()['token']}", "Idempotency-Key": key}
     assert client.session.post(url, headers=fresh, timeout=30).status_code == 422
+    # A rotation key is the replay's second secret: as long as POST /users's (16+ characters).
+    short = client.session.post(url, headers={**fresh, "Idempotency-Key": "rotate-1"}, timeout=30)
+    assert short.status_code == 422, short.text
+
+
+def test_rotation_replay_window_is_minutes(client: Client, services: Services) -> None:
+    user = client.create_user("Window")
+    url = f"{client.base_url}/users/{user['id']}/token"
+    old = {"Authorization": f"Bearer {user['token']}", "Idempotency-Key": str(uuid.uuid4())}
+    assert client.session.post(url, headers=old, timeout=30).status_code == 200
+    left = services.db.execute(
+        sql("SELECT expires_at - now() AS left FROM idempotency_keys WHERE user_id = :u"),
+        {"u": uuid.UUID(user["id"])},
+    )
+    assert [row.left <= timedelta(minutes=5) for row in left] == [True]
+    services.db.execute(
+        sql("UPDATE idempotency_keys SET expires_at = now() WHERE user_id = :u"),
+        {"u": uuid.UUID(user["id"])},
+    )
+    assert client.session.post(url, headers=old, timeout=30).status_code == 401  # window over
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "words"),
+    [
+        ([("Idempotency-Key", "a" * 20), ("Idempotency-Key", "b" * 20)], 400, "one"),
+        ([("Idempotency-Key", "ключ-ключ-ключ-ключ")], 422, "ASCII"),
+    ],
+)
+def test_bad_key_headers_are_refused(
+    client: Client, headers: list[tuple[str, str]], status: int, words: str
+) -> None:
+    conn = http.client.HTTPConnection(client.base_url.removeprefix("http://"), timeout=30)
+    try:
+        body = b'{"name": "Dup"}'
+        conn.putrequest("POST", "/users")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        for name, value in headers:
+            conn.putheader(name, value.encode())
+        conn.endheaders(body)
+        answer = conn.getresponse()
+        assert answer.status == status
+        assert words in answer.read().decode()
+    finally:
+        conn.close()
+
+
+def test_an_unknown_user_with_a_key_is_the_same_401_as_a_wrong_token(client: Client) -> None:
+    user = client.create_user("Known")
+    answers = [
+        client.session.post(
+            f"{client.base_url}/users/{target}/token",
+            headers={"Authorization": f"Bearer {user['token']}", **key},
+            timeout=30,
+        )
+        for target in (uuid.uuid4(), user["id"])
+        for key in ({"Idempotency-Key": str(uuid.uuid4())},)
+    ]
+    assert [a.status_code for a in answers] == [401, 200]
+    wrong = client.session.post(
+        f"{client.base_url}/users/{user['id']}/token",
+        headers={"Authorization": f"Bearer {uuid.uuid4()}", "Idempotency-Key": str(uuid.uuid4())},
+        timeout=30,
+    )
+    same = ("type", "title", "status", "detail")
+    assert wrong.status_code == 401
+    assert {k: wrong.json()[k] for k in same} == {k: answers[0].json()[k] for k in same}
 
 
 def test_keys_expire_after_a_day(client: Client, services: Services) -> None:

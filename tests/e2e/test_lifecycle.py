@@ -401,7 +401,7 @@ def test_erase_refuses_others_and_bad_ids(client: Client) -> None:
 def rotate(client: Client, user: dict[str, str], **headers: str) -> requests.Response:
     return client.session.post(
         f"{client.base_url}/users/{user['id']}/token",
-        headers={**bearer(user), **headers},
+        headers={**bearer(user), "Idempotency-Key": str(uuid.uuid4()), **headers},
         timeout=30,
     )
 
@@ -424,17 +424,23 @@ def test_rotate_token(client: Client) -> None:
     assert client.upload(fresh, wavgen.wav(seconds=0.2)).status_code == 201
     # Records stay where they were.
     assert client.session.get(record["url"], timeout=30).status_code == 200
-    wrong = client.session.post(
-        f"{client.base_url}/users/{user['id']}/token", headers=bearer(other), timeout=30
-    )
-    assert wrong.status_code == 401
-    bad = client.session.post(f"{client.base_url}/users/x/token", headers=bearer(other), timeout=30)
-    assert bad.status_code == 422
+    assert rotate(client, {**user, "token": other["token"]}).status_code == 401
+    assert rotate(client, {"id": "x", "token": other["token"]}).status_code == 422
     # The token may come as a body field too.
     by_field = client.session.post(
-        f"{client.base_url}/users/{user['id']}/token", json={"token": new}, timeout=30
+        f"{client.base_url}/users/{user['id']}/token",
+        json={"token": new},
+        headers={"Idempotency-Key": str(uuid.uuid4())},
+        timeout=30,
     )
     assert by_field.status_code == 200
+    # Without a key a lost answer could never be had again (the old token is dead): 400.
+    keyless = client.session.post(
+        f"{client.base_url}/users/{user['id']}/token", json={"token": by_field.json()["token"]},
+        timeout=30,
+    )  # fmt: skip
+    assert keyless.status_code == 400
+    assert keyless.json()["type"].endswith("idempotency-key-required")
 
 
 def test_token_rotated_while_an_upload_streams(client: Client) -> None:

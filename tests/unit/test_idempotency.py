@@ -55,3 +55,8 @@ def test_bad_keys_are_refused(raw: str, anonymous: bool) -> None:
 def test_good_keys() -> None:
     assert idempotency.validate_key("x" * 255) == "x" * 255
     assert idempotency.validate_key(str(uuid.uuid4()), anonymous=True)
+
+
+def test_a_non_ascii_key_is_told_what_is_wrong() -> None:
+    with pytest.raises(InvalidField, match="ASCII"):
+        idempotency.validate_key("ключ-ключ-ключ-ключ")

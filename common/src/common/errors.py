@@ -46,6 +46,13 @@ class BadRequest(ServiceError):
     title = "Bad Request"
 
 
+class IdempotencyKeyRequired(BadRequest):
+    """A request whose answer can't be repeated without a key (the token rotation)."""
+
+    slug = "idempotency-key-required"
+    title = "Idempotency Key Required"
+
+
 class ClientDisconnected(BadRequest):
     slug = "incomplete-body"
     title = "Incomplete Request Body"

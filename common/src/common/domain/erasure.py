@@ -30,7 +30,7 @@ from common.adapters.db import Database, sql
 from common.adapters.storage import Storage
 from common.domain.records import RECORD_PREFIX
 from common.domain.uploads import PENDING_PREFIX
-from common.errors import NotFound
+from common.errors import Unauthorized
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ def erase_user(db: Database, storage: Storage, settings: Settings, user_id: uuid
     with db.transaction() as conn:
         conn.execute(_MARK, {"id": user_id})
         if not conn.execute(_DELETE_USER, {"id": user_id}):
-            raise NotFound("No such user.")  # erased concurrently: the other request won
+            # Erased concurrently: the other request won, and this token died with the user.
+            raise Unauthorized("The user id and access token do not match.")
     deleted, complete = purge_objects(storage, user_id, deadline)
     log.info(
         "user erased",

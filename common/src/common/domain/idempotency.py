@@ -45,9 +45,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from common.adapters.db import Database, sql
+from common.adapters.db import Connection, Database, is_foreign_key_violation, sql
 from common.domain.text import first_control
-from common.errors import IdempotencyKeyReused, InvalidField, RequestInProgress
+from common.errors import IdempotencyKeyReused, InvalidField, RequestInProgress, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,15 @@ class StoredReply:
 def validate_key(raw: str, *, anonymous: bool = False) -> str:
     """The Idempotency-Key header's value, or InvalidField (422)."""
     key = raw.strip()
-    if not key:
-        raise InvalidField("'Idempotency-Key' must not be empty.")
+    if not key.isascii():
+        raise InvalidField(
+            "'Idempotency-Key' must be printable ASCII (a header value): use a UUID, for example."
+        )
+    if not key:  # servers drop a header value that is not ASCII: it arrives empty
+        raise InvalidField(
+            "'Idempotency-Key' must not be empty, and must be printable ASCII (a header "
+            "value): use a UUID, for example."
+        )
     if len(key) > KEY_MAX_LENGTH:
         raise InvalidField(f"'Idempotency-Key' must be at most {KEY_MAX_LENGTH} characters.")
     if first_control(key) is not None:
@@ -257,6 +264,38 @@ class Claim:
             self._heartbeat.join()
             self._heartbeat = None
 
+    def finish_in(
+        self,
+        conn: Connection,
+        reply: StoredReply,
+        *,
+        fingerprint: bytes | None = None,
+        user_id: uuid.UUID | None = None,
+    ) -> None:
+        """Store the answer in ``conn``'s transaction, the one of the request's effect: the
+        effect and its answer commit together, or neither does. A claim taken over meanwhile
+        raises RequestInProgress, so the transaction (the effect) rolls back."""
+        sealed = seal(reply, secret=self.secret, key=self.key, hashed=self.key_hash)
+        rows = conn.execute(
+            _FINISH,
+            {
+                "key_hash": self.key_hash,
+                "owner": self.owner,
+                "fingerprint": fingerprint,
+                "status": reply.status,
+                "response": sealed,
+                "user_id": user_id,
+            },
+        )
+        if not rows:
+            raise RequestInProgress(
+                "A request with this Idempotency-Key was taken over by a repeat; repeat it later."
+            )
+
+    def stop(self) -> None:
+        """The answer was stored with the effect: stop renewing the lease."""
+        self._stop_heartbeat()
+
     def finish(
         self,
         reply: StoredReply,
@@ -300,6 +339,7 @@ def begin(
     user_id: uuid.UUID | None,
     lease_seconds: int,
     retry_after: int = 1,
+    ttl: timedelta = KEY_TTL,
 ) -> Claim | Replay:
     """Claim ``key`` in ``scope`` for this request, or find the answer it already got.
 
@@ -311,17 +351,22 @@ def begin(
         _purge_some(db)
     for _ in range(3):
         owner = uuid.uuid4()
-        claimed = db.execute(
-            _CLAIM,
-            {
-                "key_hash": hashed,
-                "user_id": user_id,
-                "fingerprint": fingerprint,
-                "owner": owner,
-                "lease": lease_seconds,
-                "ttl": KEY_TTL.total_seconds(),
-            },
-        )
+        try:
+            claimed = db.execute(
+                _CLAIM,
+                {
+                    "key_hash": hashed,
+                    "user_id": user_id,
+                    "fingerprint": fingerprint,
+                    "owner": owner,
+                    "lease": lease_seconds,
+                    "ttl": ttl.total_seconds(),
+                },
+            )
+        except Exception as exc:
+            if is_foreign_key_violation(exc):  # no such user (unknown, or erased meanwhile)
+                raise Unauthorized("The user id and access token do not match.") from exc
+            raise
         if claimed and claimed[0][0] == owner:
             claim = Claim(db, key, hashed, owner, secret, lease_seconds)
             claim.start_heartbeat()

@@ -24,7 +24,7 @@ from common.adapters.storage import Storage
 from common.domain.conversion import convert_wav_stream
 from common.domain.encoding import EncodingOptions
 from common.domain.users import parse_uuid
-from common.errors import InvalidCursor, InvalidField, NotFound, Unauthorized
+from common.errors import DependencyUnavailable, InvalidCursor, InvalidField, NotFound, Unauthorized
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,11 @@ def create_record(
     )  # fmt: skip
     try:
         db.execute(INSERT_RECORD, stored.row)
+    except DependencyUnavailable:
+        # The INSERT may have committed (its reply was lost): the object stays, so there is
+        # never a row without its object; if no row came of it, the sweep removes the object.
+        log.warning("record insert outcome unknown; object kept", extra={"key": stored.key})
+        raise
     except BaseException as exc:
         storage.discard(stored.key)  # no object without its row
         if is_foreign_key_violation(exc):  # the user was erased while the upload streamed

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from common.adapters.db import Database, sql
+from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.queue import JobQueue
 from common.adapters.storage import ObjectMissing, Storage
 from common.domain.encoding import EncodingOptions
@@ -42,6 +42,7 @@ from common.errors import (
     NotFound,
     PayloadTooLarge,
     TooManyPendingUploads,
+    Unauthorized,
     UploadNotReceived,
 )
 from common.settings import Settings
@@ -143,11 +144,16 @@ def start_upload(
     )
     options_json = (options or EncodingOptions()).to_json()
     cap = settings.max_pending_uploads_per_user
-    inserted = db.execute(
-        _INSERT_UPLOAD,
-        {"id": upload_id, "user_id": user_id, "object_key": key, "filename": name,
-         "options": options_json, "form_seconds": expires, "cap": cap},
-    )  # fmt: skip
+    try:
+        inserted = db.execute(
+            _INSERT_UPLOAD,
+            {"id": upload_id, "user_id": user_id, "object_key": key, "filename": name,
+             "options": options_json, "form_seconds": expires, "cap": cap},
+        )  # fmt: skip
+    except Exception as exc:
+        if is_foreign_key_violation(exc):  # the user was erased since it was authenticated
+            raise Unauthorized("The user id and access token do not match.") from exc
+        raise
     if not inserted and not db.execute(_UPLOAD_EXISTS, {"id": upload_id}):
         raise TooManyPendingUploads(cap, retry_after=settings.job_lease_seconds)
     log.info("direct upload started", extra={"upload_id": str(upload_id)})

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
-from common.adapters.db import Database, sql
+from common.adapters.db import Connection, Database, sql
 from common.domain.text import first_control
 from common.domain.tokens import hash_token, new_token, token_matches
 from common.errors import InvalidField, Unauthorized
@@ -42,13 +44,37 @@ _INSERT_USER = sql(
 _SELECT_TOKEN_HASH = sql("SELECT token_hash FROM users WHERE id = :id", idempotent=True)
 
 
-def create_user(db: Database, raw_name: object) -> NewUser:
-    name = validate_name(raw_name)
-    token = new_token()
-    user_id = uuid.uuid4()
-    # One autocommitted INSERT (one round trip): the hot path of POST /users.
-    db.execute(_INSERT_USER, {"id": user_id, "name": name, "token_hash": hash_token(token)})
-    return NewUser(id=user_id, name=name, token=token)
+# How long a rotation's answer is replayed to a repeat with its Idempotency-Key (and the old
+# token): long enough for a client to retry a lost answer, short for a leaked old token.
+ROTATION_REPLAY_WINDOW = timedelta(minutes=5)
+
+Within = Callable[[Connection], None]
+
+
+def new_user(raw_name: object) -> NewUser:
+    """A user not stored yet: its id and token are drawn before the INSERT, so the answer
+    can be stored in the same transaction (an Idempotency-Key)."""
+    return NewUser(id=uuid.uuid4(), name=validate_name(raw_name), token=new_token())
+
+
+def create_user(
+    db: Database,
+    raw_name: object = None,
+    *,
+    user: NewUser | None = None,
+    within: Within | None = None,
+) -> NewUser:
+    """Store a new user named ``raw_name`` (or ``user``, drawn by :func:`new_user`);
+    ``within`` runs in the INSERT's transaction (it stores the answer)."""
+    user = user or new_user(raw_name)
+    params = {"id": user.id, "name": user.name, "token_hash": hash_token(user.token)}
+    if within is None:  # one autocommitted INSERT (one round trip): the hot path
+        db.execute(_INSERT_USER, params)
+        return user
+    with db.transaction() as conn:
+        conn.execute(_INSERT_USER, params)
+        within(conn)
+    return user
 
 
 def parse_uuid(raw: str | None, field: str) -> uuid.UUID:
@@ -80,18 +106,30 @@ _ROTATE_TOKEN = sql(
 )
 
 
-def rotate_token(db: Database, raw_user_id: str | None, token: str | None) -> str:
-    """A new token for the user; the old one is refused from the moment this returns.
+def rotate_token(
+    db: Database,
+    raw_user_id: str | None,
+    token: str | None,
+    new: str,
+    *,
+    within: Within | None = None,
+) -> str:
+    """Make ``new`` the user's token; the old one is refused from the moment this returns.
 
     One conditional UPDATE: of two rotations racing with the same old token, one wins and
-    the other gets 401, so exactly one new token is ever valid.
+    the other gets 401, so exactly one new token is ever valid. ``within`` runs in its
+    transaction: the answer (the new token) is stored with the rotation, or neither is.
     """
     user_id = authenticate(db, raw_user_id, token)
     assert token is not None  # authenticate refuses a missing token
-    new = new_token()
-    rows = db.execute(
-        _ROTATE_TOKEN, {"id": user_id, "old_hash": hash_token(token), "new_hash": hash_token(new)}
-    )
+    params = {"id": user_id, "old_hash": hash_token(token), "new_hash": hash_token(new)}
+    if within is None:
+        rows = db.execute(_ROTATE_TOKEN, params)
+    else:
+        with db.transaction() as conn:
+            rows = conn.execute(_ROTATE_TOKEN, params)
+            if rows:
+                within(conn)
     if not rows:
         raise Unauthorized("The user id and access token do not match.")
     return new

@@ -4,6 +4,11 @@ Handlers wrap the call that has an effect: ``idempotent(request, services, ..., 
 ...)``. Without the header, ``run`` simply runs. With it, a repeat gets the stored answer
 (with ``Idempotent-Replayed: true``) and ``run`` does not run again.
 
+A handler whose effect is a database write passes ``run_with``: it gets a :class:`Recorder`
+whose :meth:`Recorder.within` stores the answer in the effect's own transaction, so the effect
+and its answer commit together (a reply lost at COMMIT is then replayed, never run twice).
+``required=True`` refuses a request without a key (400).
+
 Which answers are stored: successes, and the refusals that a repeat of the same request
 would get again (404, 413, 415, 422). Not stored (the key is released, a repeat runs anew):
 5xx (outages), 400 (a body cut short or malformed), 401, 408, 409 and 429.
@@ -13,13 +18,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 
 import flask
 
-from common.adapters.db import Database
+from common.adapters.db import Connection, Database
 from common.domain.idempotency import (
     ANONYMOUS,
+    KEY_TTL,
     Claim,
     Replay,
     RequestHasher,
@@ -28,7 +35,7 @@ from common.domain.idempotency import (
     begin,
     validate_key,
 )
-from common.errors import ServiceError
+from common.errors import BadRequest, IdempotencyKeyRequired, ServiceError
 from common.http.responses import problem_response
 from common.settings import Settings
 
@@ -54,11 +61,40 @@ def request_parts(request: flask.Request, fields: Mapping[str, Any]) -> dict[str
     }
 
 
-def _key(request: flask.Request, caller: uuid.UUID | None) -> str | None:
-    raw = request.headers.get(HEADER)
-    if raw is None:
+def _key(request: flask.Request, *, anonymous: bool, required: bool = False) -> str | None:
+    values = request.headers.getlist(HEADER)
+    if not values:
+        if required:
+            raise IdempotencyKeyRequired(
+                f"This request needs an '{HEADER}' header (at least 16 random characters, "
+                "such as a UUID): its answer is shown once, and a repeat with the key returns it."
+            )
         return None
-    return validate_key(raw, anonymous=caller is None)
+    if len(values) > 1 or "," in values[0]:  # two headers (or a list): which one is meant?
+        raise BadRequest(f"Send one '{HEADER}' header with one key.")
+    return validate_key(values[0], anonymous=anonymous)
+
+
+class Recorder:
+    """Stores a response as the request's answer inside the transaction of its effect."""
+
+    def __init__(self, claim: Claim | None) -> None:
+        self.claim = claim
+        self.stored = False
+
+    def within(
+        self, response: flask.Response, *, user_id: uuid.UUID | None = None
+    ) -> Callable[[Connection], None] | None:
+        """A callback for the effect's transaction; None without a key (nothing to store)."""
+        claim = self.claim
+        if claim is None or not stored(response.status_code):
+            return None
+
+        def store(conn: Connection) -> None:
+            claim.finish_in(conn, _reply(response), user_id=user_id)
+            self.stored = True
+
+        return store
 
 
 def _begin(
@@ -71,6 +107,7 @@ def _begin(
     route: str,
     fingerprint: bytes | None,
     guard: Callable[[], object] | None,
+    ttl: timedelta = KEY_TTL,
 ) -> Claim | Replay:
     scope = Scope(str(caller) if caller else ANONYMOUS, request.method, route)
     try:
@@ -83,6 +120,7 @@ def _begin(
             user_id=caller,
             lease_seconds=settings.idempotency_lease_seconds,
             retry_after=settings.retry_after_seconds,
+            ttl=ttl,
         )
     except ServiceError:
         if guard is not None:
@@ -98,9 +136,13 @@ def idempotent(
     caller: uuid.UUID | None,
     route: str,
     fields: Mapping[str, Any],
-    run: Callable[[], flask.Response],
+    run: Callable[[], flask.Response] | None = None,
+    run_with: Callable[[Recorder], flask.Response] | None = None,
     guard: Callable[[], object] | None = None,
     owner_of: Callable[[flask.Response], uuid.UUID | None] | None = None,
+    required: bool = False,
+    anonymous: bool | None = None,
+    ttl: timedelta = KEY_TTL,
 ) -> flask.Response:
     """``run()``, unless this is a repeat of an answered request (then its stored answer).
 
@@ -108,21 +150,35 @@ def idempotent(
     is the secret). ``guard`` authenticates a caller whose scope is not yet proven (the
     rotation): it runs before anything but an exact replay is answered. ``owner_of`` names
     the user a response created, so erasing that user erases the stored answer too.
+    ``anonymous`` (default: no ``caller``) asks for a key a stranger cannot guess (16+
+    characters); ``ttl`` is how long the answer is replayed.
     """
-    key = _key(request, caller)
-    if key is None:
+    key = _key(request, anonymous=caller is None if anonymous is None else anonymous,
+               required=required)  # fmt: skip
+
+    def call(recorder: Recorder) -> flask.Response:
+        if run_with is not None:
+            return run_with(recorder)
+        assert run is not None, "idempotent() needs run or run_with"
         return run()
+
+    if key is None:
+        return call(Recorder(None))
     fingerprint = RequestHasher(request_parts(request, fields)).digest()
     outcome = _begin(
         request, db, settings, key=key, caller=caller, route=route,
-        fingerprint=fingerprint, guard=guard,
+        fingerprint=fingerprint, guard=guard, ttl=ttl,
     )  # fmt: skip
     if isinstance(outcome, Replay):
         return replay_response(outcome.reply)
+    recorder = Recorder(outcome)
     try:
         if guard is not None:
             guard()
-        response = run()
+        response = call(recorder)
+        if recorder.stored:
+            outcome.stop()
+            return response
     except ServiceError as exc:
         _settle(outcome, problem_response(exc, request.path), fingerprint=None)
         raise
@@ -150,7 +206,7 @@ def idempotent_upload(
     run at all: its body streams through the hasher only, then the stored answer is
     replayed (the same bytes) or refused with 422 (other bytes).
     """
-    key = _key(request, caller)
+    key = _key(request, anonymous=False)
     if key is None:
         return run(audio)
     hasher = RequestHasher(request_parts(request, fields))
@@ -187,9 +243,12 @@ def _settle(
     if not stored(response.status_code) or response.is_streamed:
         claim.release()
         return
+    claim.finish(_reply(response), fingerprint=fingerprint, user_id=user_id)
+
+
+def _reply(response: flask.Response) -> StoredReply:
     headers = {h: response.headers[h] for h in STORED_HEADERS if h in response.headers}
-    reply = StoredReply(response.status_code, headers, response.get_data())
-    claim.finish(reply, fingerprint=fingerprint, user_id=user_id)
+    return StoredReply(response.status_code, headers, response.get_data())
 
 
 def replay_response(reply: StoredReply) -> flask.Response:
