@@ -150,3 +150,38 @@ def test_a_streamed_answer_is_sent_chunk_by_chunk_and_closed() -> None:
 @pytest.mark.parametrize("received", [0, 1024 * 1024])
 def test_the_pace_extends_the_deadline_by_the_bytes_received(received: int) -> None:
     assert PACE.deadline(100.0, received) == pytest.approx(100.3 + received / (1024 * 1024))
+
+
+def test_a_client_that_stops_reading_is_dropped_and_the_answer_closed() -> None:
+    """A streamed download holds no thread while the client is slow, and ends when it stalls."""
+    closed = []
+
+    class Answer:
+        def __iter__(self) -> Any:
+            return iter([b"a"] * 100)
+
+        def close(self) -> None:
+            closed.append(True)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Answer:
+        start_response("200 OK", [])
+        return Answer()
+
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if len(sent) >= 3:
+            await asyncio.sleep(3600)  # the client's window is full and stays full
+        sent.append(message)
+
+    async def main() -> None:
+        bridge = WsgiBridge(app, 1, PACE, stall_seconds=0.3)
+        await bridge(_scope(method="GET", headers=[]), receive, send)
+
+    start = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - start < 2.0
+    assert len(sent) == 3 and closed == [True]

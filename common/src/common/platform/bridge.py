@@ -34,6 +34,8 @@ Send = Callable[[Message], Awaitable[None]]
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 # After an answer, what is left of the body is read and dropped for at most this long.
 DRAIN_SECONDS = 5.0
+# A client that takes none of the answer for this long is dropped (nginx's send_timeout).
+SEND_STALL_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +142,12 @@ class _Input:
 class WsgiBridge:
     """The ASGI app (no lifespan) granian calls for each request."""
 
-    def __init__(self, app: WsgiApp, threads: int, pace: BodyPace) -> None:
+    def __init__(
+        self, app: WsgiApp, threads: int, pace: BodyPace, stall_seconds: float = SEND_STALL_SECONDS
+    ) -> None:
         self.app = app
         self.pace = pace
+        self.stall_seconds = stall_seconds
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -189,9 +194,16 @@ class WsgiBridge:
             chunk = first
             while chunk is not None:
                 nxt = await loop.run_in_executor(self.pool, next, result, None)
-                await send(
-                    {"type": "http.response.body", "body": chunk, "more_body": nxt is not None}
-                )
+                message = {
+                    "type": "http.response.body",
+                    "body": chunk,
+                    "more_body": nxt is not None,
+                }
+                try:
+                    await asyncio.wait_for(send(message), self.stall_seconds)
+                except TimeoutError:
+                    log.info("client stopped reading", extra={"path": scope.get("path")})
+                    return  # the finally closes the answer; the server drops the connection
                 chunk = nxt
             if first is None:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -40,8 +40,20 @@ SERVER_DEFAULTS: Mapping[str, tuple[int, int]] = {
     "get_record": (1, 2),
     "upload_record": (1, 8),
 }
-# Functions served through the ASGI front of common.platform.bridge (THREADS is its pool).
+# Functions served through the ASGI front of common.platform.bridge (THREADS is its pool):
+# upload_record always, get_record when it streams MP3s itself (DOWNLOAD_MODE=stream), so a
+# slow reader holds no thread between chunks.
 BRIDGED = frozenset({"upload_record"})
+
+
+def is_bridged(target: str, env: Mapping[str, str]) -> bool:
+    if target in BRIDGED:
+        return True
+    from common.settings import DownloadMode, Settings
+
+    return target == "get_record" and Settings.from_env(env).download_mode is DownloadMode.STREAM
+
+
 # Connections waiting to be accepted; the router keeps a few dozen open to each function.
 BACKLOG = 1024
 # Seconds a stopping worker gets to finish its requests (an upload can take minutes).
@@ -81,7 +93,7 @@ def load_app(source_and_target: str) -> Callable[..., Any]:
 
     app: Callable[..., Any] = functions_framework.create_app(target, source)  # type: ignore[no-untyped-call]
     settle()
-    if target in BRIDGED:
+    if is_bridged(target, os.environ):
         from common.platform.bridge import BodyPace, WsgiBridge
         from common.settings import get_settings
 
@@ -112,7 +124,7 @@ def build_server(config: ServerConfig) -> Any:
     from granian.log import LogLevels
     from granian.server import Server
 
-    bridged = config.target in BRIDGED
+    bridged = is_bridged(config.target, os.environ)
     return Server(
         f"{config.source}::{config.target}",
         address=config.host,
