@@ -1,18 +1,11 @@
 """Where a conversion job goes once its upload is completed: one adapter per platform's queue.
 
-Every queue carries the same message, ``{"upload_id": "<uuid>"}``; the job's state lives in
-its ``uploads`` row (:mod:`common.domain.jobs`), so a message delivered twice is harmless.
-
-* :class:`PostgresQueue` (``JOB_QUEUE=postgres``, make dev and compose): the row itself is the
-  queue entry. Nothing is sent; ``python -m common.platform.worker`` polls the table with
-  ``FOR UPDATE SKIP LOCKED``.
-* :class:`SqsQueue` (``JOB_QUEUE=sqs``, AWS): ``SendMessage`` to ``JOB_QUEUE_URL``; the
-  queue's event source mapping invokes upload_record with an SQS event.
-* :class:`CloudTasksQueue` (``JOB_QUEUE=cloudtasks``, Cloud Run): an HTTP task that Cloud
-  Tasks pushes to ``TASKS_TARGET_URL`` with an OIDC token of ``TASKS_SERVICE_ACCOUNT``, created
-  through the Cloud Tasks REST API (google-auth's urllib3 ``AuthorizedHttp``: no gRPC client,
-  whose dependencies would weigh more than the rest of the image's Python). The task is named
-  after the upload, so an enqueue that is retried creates no second task.
+Every queue carries ``{"upload_id": "<uuid>"}``; the job's state is its ``uploads`` row, so a
+message delivered twice is harmless. ``postgres`` (make dev, compose): the row is the queue
+entry, polled by ``python -m common.platform.worker``. ``sqs`` (AWS): ``SendMessage`` to
+``JOB_QUEUE_URL``. ``cloudtasks`` (Cloud Run): an HTTP task with an OIDC token, created through
+the REST API (no gRPC client, which would outweigh the rest of the image's Python) and named
+after the upload, so a retried enqueue makes no second task. docs/direct-uploads.md, "Jobs".
 """
 
 from __future__ import annotations

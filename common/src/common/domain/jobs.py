@@ -1,25 +1,11 @@
 """The conversion job of a completed direct upload: claim, convert from the bucket, finish.
 
-The ``uploads`` row is the job. Every queue (:mod:`common.adapters.queue`) only says which row
-to run, and each delivery goes through the same steps:
-
-1. **Claim**: one conditional UPDATE takes a row that is ``queued``, or ``converting`` with an
-   expired lease (its worker died), sets ``converting``, a new lease token, a lease that
-   expires ``JOB_LEASE_SECONDS`` from now, and ``attempts + 1``. A second delivery of the
-   same job finds the lease held (:attr:`Outcome.BUSY`: try again later) or the job finished
-   (:attr:`Outcome.SKIPPED`). A job over ``JOB_MAX_ATTEMPTS`` ends ``failed`` instead of
-   running again, and its WAV is deleted.
-2. **Convert**: the WAV streams from the bucket into :func:`common.domain.records.store_mp3`
-   under the record id fixed at completion, so every attempt writes the same object key: a
-   retry overwrites, it never adds. A heartbeat thread writes the progress (bytes of the WAV
-   read / its size) and renews the lease every half second; a worker that dies stops renewing
-   and its job is taken again once the lease runs out.
-3. **Finish**, in ONE transaction: insert the record row (ON CONFLICT DO NOTHING: a duplicate
-   delivery that got this far makes no second row) and set the upload ``done``. Then the WAV
-   is deleted.
-
-A WAV that can never convert (415/422 from the conversion) ends ``failed`` with that problem
-document, and its WAV is deleted. Outages (503) leave the job to its queue's retry.
+The ``uploads`` row is the job; a queue (:mod:`common.adapters.queue`) only says which row to
+run, so a message delivered twice is harmless. A delivery claims the row with a lease (one
+conditional UPDATE), converts the WAV under the record id fixed at completion while a
+heartbeat renews the lease, and then writes the record and ``done`` in one transaction.
+Undecodable WAVs end ``failed``; outages are left to the queue's retry. docs/direct-uploads.md,
+"Jobs", has the steps and their guarantees.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Direct uploads: the WAV goes from the client straight to the bucket, then is converted there.
 
-Platform request caps (Lambda 6 MB, Cloud Run HTTP/1 32 MiB) make ``POST /records`` useless
-for long recordings, and platforms give a request far less time than a long conversion takes
-(API Gateway 30 s), so a large WAV takes two authenticated calls and a job:
-
-1. ``POST /records/uploads`` -> a presigned POST for ``uploads/<user>/<upload>.wav``, and an
-   ``uploads`` row (status ``uploading``) that keeps the filename and the encoding options. The
-   POST policy pins the key, and its ``content-length-range`` makes the store refuse anything
-   over ``MAX_DIRECT_UPLOAD_BYTES``. The URL is signed for ``S3_PUBLIC_ENDPOINT_URL``.
-2. ``POST /records/uploads/<upload>/complete`` -> one conditional UPDATE moves the row from
-   ``uploading`` to ``queued`` and fixes the record id: exactly one caller wins, even when
-   several race, and only the winner enqueues the job (:mod:`common.adapters.queue`). The
-   others, and every later call, are told the job's state (:class:`Completion`). The job
-   itself (:mod:`common.domain.jobs`) converts the WAV and stores the record.
-3. ``GET /records/uploads/<upload>`` -> the job's status and progress, the record once done.
-
-Everything looks only at the caller's own uploads: someone else's upload id is "not found"
-(404), indistinguishable from one that never existed. The size is checked again at
-completion (413) for stores that would not enforce the policy. Abandoned uploads expire by
-the bucket lifecycle rule on ``uploads/`` (:mod:`common.ops.bucket`).
+``POST /records/uploads`` gives a presigned POST for ``uploads/<user>/<upload>.wav`` and makes
+the ``uploads`` row; completion moves the row from ``uploading`` to ``queued`` in one
+conditional UPDATE, so exactly one caller enqueues the job (:mod:`common.domain.jobs`) and the
+others are told its state. Only the caller's own uploads are visible: anyone else's is a 404.
+Why the flow is shaped so, and every answer: docs/direct-uploads.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,10 @@
 """Cleanup of what a crash left behind: ``python -m common.ops.sweep`` (``make sweep``).
 
-An upload stores its MP3 first and its row second, and aborts the object when anything
-fails; only a process killed between the two steps (or in the middle of a multipart upload)
-can leave something behind. This sweep removes
-
-* record objects (``users/<user>/records/<record>.mp3``) that have no row, and
-* multipart uploads that were started and never completed or aborted,
-
-when they are older than a grace period (``SWEEP_GRACE_SECONDS``, default one hour: longer
-than any upload can take, so an upload in flight is never touched). The bucket's lifecycle
-rule (``common.ops.bucket``) aborts stale multipart uploads too, on stores that support it.
-It also finishes what requests leave to it:
-
-* user erasures (``DELETE /users/<id>``) whose objects were not all deleted within the
-  request (``common.domain.erasure``): their objects go, then their markers;
-* expired idempotency keys (older than 24 h; requests delete a few as they go);
-* conversion jobs of a cloud queue (SQS, Cloud Tasks) still queued after the grace period:
-  their message is sent again (a duplicate delivery is harmless);
-* direct uploads never completed, a day after their presigned form expired: rows and WAVs;
-* WAVs under ``uploads/`` that no upload needs any more (its job is done or failed, or the
-  form was used again after completion), older than the grace period.
-
-Safe to run at any time and repeatedly, e.g. from cron or a scheduled job.
+Removes record objects without a row and multipart uploads never finished, both older than
+``SWEEP_GRACE_SECONDS`` (an upload in flight is never that old), and finishes what requests
+leave to it: erasures not done within their request, expired idempotency keys, cloud-queue
+jobs whose message was lost, and direct uploads never completed. Safe to run at any time and
+repeatedly. docs/reliability.md (``make sweep``) has what each step covers.
 """
 
 from __future__ import annotations
