@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench import ROOT
 from bench.client import Client
+from bench.cold_starts import measure_cold_starts
 from bench.core import MIB, Bench, Plan, audio_bytes, log
 from bench.images import measure_images
 from bench.report import RESULTS, print_table, render, server_settings, write_results
@@ -28,6 +29,7 @@ Step = Callable[[Bench], None]
 # The measurements, in the order they run (--only picks some; a partial run writes no results).
 STEPS = (
     "latency", "throughput", "memory", "small", "stalls", "voice_notes", "slow_clients", "images",
+    "cold_starts",
 )  # fmt: skip
 # step -> what must run for it (stalls downloads the record that small uploads).
 MEASUREMENTS: list[tuple[frozenset[str], Step]] = [
@@ -74,6 +76,8 @@ def measure(plan: Plan, steps: frozenset[str], stack: NativeStack, workdir: Path
             step(bench)
     if "images" in steps:
         measure_images(bench)
+    if "cold_starts" in steps:
+        measure_cold_starts(bench)
     bench.noise.load_end = os.getloadavg()[0]
     client.close()
     return bench
