@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -169,7 +169,15 @@ def mark_failed(db: Database, upload_id: uuid.UUID, error: ServiceError) -> None
     db.execute(_FAILED, {"id": upload_id, "error": json.dumps(error.to_problem())})
 
 
-def run_claimed(db: Database, storage: Storage, settings: Settings, job: ClaimedJob) -> Outcome:
+def run_claimed(
+    db: Database,
+    storage: Storage,
+    settings: Settings,
+    job: ClaimedJob,
+    *,
+    on_beat: Callable[[], None] | None = None,
+) -> Outcome:
+    """Run a claimed job; ``on_beat`` is called each time its lease is renewed (it progresses)."""
     extra = {"upload_id": str(job.id), "record_id": str(job.record_id), "attempt": job.attempts}
     if job.attempts > settings.job_max_attempts:
         log.error("conversion job abandoned", extra=extra)
@@ -184,7 +192,7 @@ def run_claimed(db: Database, storage: Storage, settings: Settings, job: Claimed
     except ObjectMissing:
         mark_failed(db, job.id, UploadGone("The uploaded WAV is no longer in the bucket."))
         return Outcome.FAILED
-    heartbeat = _Heartbeat(db, settings, job, stream.length)
+    heartbeat = _Heartbeat(db, settings, job, stream.length, on_beat)
     heartbeat.start()
     try:
         stored = store_mp3(
@@ -271,7 +279,15 @@ def _claimed(row: dict[str, Any]) -> ClaimedJob:
 class _Heartbeat(threading.Thread):
     """Writes the job's progress and renews its lease while the conversion runs."""
 
-    def __init__(self, db: Database, settings: Settings, job: ClaimedJob, total: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        job: ClaimedJob,
+        total: int,
+        on_beat: Callable[[], None] | None = None,
+    ) -> None:
+        self.on_beat = on_beat
         super().__init__(name=f"job-heartbeat-{job.id}", daemon=True)
         self.db = db
         self.job = job
@@ -308,6 +324,8 @@ class _Heartbeat(threading.Thread):
                 self.lost = True
                 return
             written, last = progress, time.monotonic()
+            if self.on_beat is not None:
+                self.on_beat()
 
     def stop(self) -> None:
         self._stopping.set()

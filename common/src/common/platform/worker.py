@@ -8,8 +8,10 @@ is given back to the queue at once (not counted as an attempt) and its partial M
 worker killed outright (SIGKILL, out of memory) stops renewing its lease, and the job is taken
 again when the lease runs out (``JOB_LEASE_SECONDS``), up to ``JOB_MAX_ATTEMPTS`` times.
 
-``python -m common.platform.worker --check`` is the container's health check: a thread of the
-worker touches ``WORKER_ALIVE_FILE`` every few seconds, and a stale file means it is gone.
+``python -m common.platform.worker --check`` is the container's health check: the polling loop
+itself touches ``WORKER_ALIVE_FILE`` before each poll (and a running job's heartbeat each time
+it renews the job's lease), so a loop that has stopped polling for longer than
+``JOB_LEASE_SECONDS`` (hung, or dead) reads as unhealthy.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -32,8 +33,6 @@ from common.settings import JobQueueKind, get_settings
 log = logging.getLogger("common.worker")
 
 POLL_SECONDS = 0.5
-ALIVE_EVERY_SECONDS = 5.0
-ALIVE_MAX_AGE_SECONDS = 30.0
 
 
 class Stopping(BaseException):
@@ -46,7 +45,11 @@ def run_once(services: Services) -> bool:
     if job is None:
         return False
     try:
-        outcome = run_claimed(services.db, services.storage, services.settings, job)
+        alive_file = Path(services.settings.worker_alive_file)
+        outcome = run_claimed(
+            services.db, services.storage, services.settings, job,
+            on_beat=lambda: touch_alive_file(alive_file),
+        )  # fmt: skip
         log.info("job finished", extra={"upload_id": str(job.id), "outcome": outcome.value})
     except Stopping:
         _give_back(services, job)
@@ -66,17 +69,17 @@ def _give_back(services: Services, job: ClaimedJob) -> None:
         log.warning("could not give the job back: %s", exc)
 
 
-def _touch_alive_file(alive_file: Path) -> None:
-    while True:
-        try:
-            alive_file.touch()
-        except OSError as exc:
-            log.warning("cannot touch %s: %s", alive_file, exc)
-        time.sleep(ALIVE_EVERY_SECONDS)
+def touch_alive_file(alive_file: Path) -> None:
+    try:
+        alive_file.touch()
+    except OSError as exc:
+        log.warning("cannot touch %s: %s", alive_file, exc)
 
 
 def serve(services: Services, *, once: bool = False) -> None:
+    alive_file = Path(services.settings.worker_alive_file)
     while True:
+        touch_alive_file(alive_file)  # this loop is polling: it is alive
         try:
             worked = run_once(services)
         except ServiceError as exc:  # the database is down: keep trying
@@ -95,29 +98,27 @@ def _stop(signum: int, _frame: FrameType | None) -> None:
     raise Stopping(signal.Signals(signum).name)
 
 
-def check_alive(alive_file: Path) -> int:
+def check_alive(alive_file: Path, max_age: float) -> int:
+    """0 if the loop touched ``alive_file`` within ``max_age`` seconds (its lease), else 1."""
     try:
         age = time.time() - alive_file.stat().st_mtime
     except OSError:
         return 1
-    return 0 if age < ALIVE_MAX_AGE_SECONDS else 1
+    return 0 if age < max_age else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == ["--check"]:
-        return check_alive(Path(get_settings().worker_alive_file))
+        settings = get_settings()
+        return check_alive(Path(settings.worker_alive_file), settings.job_lease_seconds)
     tune_malloc()
     services = get_services()
-    alive_file = Path(services.settings.worker_alive_file)
     if services.settings.job_queue is not JobQueueKind.POSTGRES:
         log.warning("JOB_QUEUE is %s: this worker only serves the postgres queue",
                     services.settings.job_queue.value)  # fmt: skip
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    threading.Thread(
-        target=_touch_alive_file, args=(alive_file,), name="alive-file", daemon=True
-    ).start()
     log.info("worker started", extra={"pid": os.getpid()})
     try:
         serve(services)
