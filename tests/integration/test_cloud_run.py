@@ -341,9 +341,49 @@ def test_cloud_tasks_queue_creates_a_named_http_task_with_oidc() -> None:
     assert path == f"/v2/{TASKS_QUEUE}/tasks"
     task = body["task"]
     assert isinstance(task, dict)
-    assert task["name"] == f"{TASKS_QUEUE}/tasks/{upload_id}"
+    assert task["name"].startswith(f"{TASKS_QUEUE}/tasks/{upload_id}-")
     assert task["dispatchDeadline"] == "1800s"
     request = task["httpRequest"]
     assert request["url"] == TASKS_URL and request["httpMethod"] == "POST"
     assert request["oidcToken"] == {"serviceAccountEmail": TASKS_ACCOUNT, "audience": TASKS_URL}
     assert json.loads(base64.b64decode(request["body"])) == {"upload_id": str(upload_id)}
+
+
+def test_a_job_sent_again_within_the_hour_is_delivered() -> None:
+    """Cloud Tasks refuses (409) a task name used in the last hour, even by a task that ran;
+    a stand-in that enforces that rule still gets a second task for the same upload."""
+    names: list[str] = []
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            name = json.loads(self.rfile.read(length))["task"]["name"]
+            fresh = name not in names  # a name seen within the hour: ALREADY_EXISTS, no task
+            names.append(name)
+            self.send_response(200 if fresh else 409)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = dataclasses.replace(
+            Settings.from_env({}), job_queue=JobQueueKind.CLOUD_TASKS,
+            cloud_tasks_queue=TASKS_QUEUE, tasks_target_url=TASKS_URL,
+            tasks_service_account=TASKS_ACCOUNT,
+        )  # fmt: skip
+        import urllib3
+
+        queue = CloudTasksQueue(
+            settings, urllib3.PoolManager(), api_root=f"http://127.0.0.1:{server.server_address[1]}"
+        )
+        upload_id = uuid.uuid4()
+        queue.enqueue(upload_id)  # completed, the task ran
+        queue.enqueue(upload_id)  # the sweep sends the stalled job again, minutes later
+    finally:
+        server.shutdown()
+    assert len(names) == 2 and len(set(names)) == 2  # two tasks created, none refused

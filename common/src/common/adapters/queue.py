@@ -4,8 +4,8 @@ Every queue carries ``{"upload_id": "<uuid>"}``; the job's state is its ``upload
 message delivered twice is harmless. ``postgres`` (make dev, compose): the row is the queue
 entry, polled by ``python -m common.platform.worker``. ``sqs`` (AWS): ``SendMessage`` to
 ``JOB_QUEUE_URL``. ``cloudtasks`` (Cloud Run): an HTTP task with an OIDC token, created through
-the REST API (no gRPC client, which would outweigh the rest of the image's Python) and named
-after the upload, so a retried enqueue makes no second task. docs/direct-uploads.md, "Jobs".
+the REST API (no gRPC client, which would outweigh the rest of the image's Python), with a new
+name per enqueue (Cloud Tasks keeps a name taken for an hour). docs/direct-uploads.md, "Jobs".
 """
 
 from __future__ import annotations
@@ -125,7 +125,11 @@ class CloudTasksQueue:
             )
         body = base64.b64encode(job_message(upload_id).encode()).decode("ascii")
         return {
-            "name": f"{s.cloud_tasks_queue}/tasks/{upload_id}",
+            # A name per enqueue: Cloud Tasks refuses a name used in the last hour (even by a
+            # task that ran or was deleted), so a job sent again (the sweep, a completion
+            # after an unqueue) needs a new one. A duplicate delivery is harmless: the row is
+            # the job, and a second delivery finds it claimed or finished.
+            "name": f"{s.cloud_tasks_queue}/tasks/{upload_id}-{uuid.uuid4().hex}",
             "dispatchDeadline": f"{TASK_DISPATCH_DEADLINE_SECONDS}s",
             "httpRequest": {
                 "url": s.tasks_target_url,
