@@ -145,7 +145,11 @@ def _measure(bench: Bench, compose: Callable[..., str], ports: dict[str, int]) -
             f"7. {function} first invoke, init included (median of {len(runs)})",
             f"{first:.0f} ms", f"≤ {target} ms", first / target, first <= target, note,
         ))  # fmt: skip
-        if function == "create_user":
+        if function == "create_user":  # what the deferred imports must not slow down
+            bench.rows.append(Row(
+                "7. create_user second invoke (median)", f"{second:.1f} ms",
+                f"≤ {WARM_TARGET_MS} ms", second / WARM_TARGET_MS, second <= WARM_TARGET_MS,
+            ))  # fmt: skip
             bench.rows.append(Row(
                 "7. create_user warm invoke (best)", f"{warm:.1f} ms",
                 f"≤ {WARM_TARGET_MS} ms", warm / WARM_TARGET_MS, warm <= WARM_TARGET_MS,
