@@ -121,6 +121,8 @@ def test_every_operation_documents_its_errors_as_problems() -> None:
                 assert "Retry-After" in response["headers"], (path, status)
         if method in ("post",) or path == "/record":
             assert "503" in op["responses"], (path, method)
+        # The router answers these on any path (tests/e2e/test_edge_errors.py).
+        assert {"400", "414", "431"} <= set(op["responses"]), (path, method)
 
 
 def test_schemathesis_finds_no_server_error_and_no_nonconformance(
