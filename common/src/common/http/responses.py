@@ -139,10 +139,21 @@ def _without_body_read(response: flask.Response) -> flask.Response:
     return response
 
 
+# A passed health check is reused this long: a burst of /healthz calls costs the database and
+# the bucket one check each, not one per call.
+HEALTH_CACHE_SECONDS = 2.0
+_healthy_until = [0.0]
+
+
 def health_response(db: Database, storage: Storage) -> flask.Response:
-    """200 when the database and the bucket answer, else the 503 problem of the one that doesn't."""
-    db.check()
-    storage.check()
+    """200 when the database and the bucket answer, else the 503 problem of the one that doesn't.
+
+    A pass is remembered for :data:`HEALTH_CACHE_SECONDS`; a failure is never remembered.
+    """
+    if time.monotonic() >= _healthy_until[0]:
+        db.check()
+        storage.check()
+        _healthy_until[0] = time.monotonic() + HEALTH_CACHE_SECONDS
     return json_response({"status": "ok"})
 
 
