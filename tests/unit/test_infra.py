@@ -865,3 +865,18 @@ def test_the_additive_check_catches_a_drop() -> None:
     assert DESTRUCTIVE.search(_upgrade_source(sample))
     rename = "def upgrade() -> None:\n    op.execute('ALTER TABLE records RENAME COLUMN a TO b')\n"
     assert DESTRUCTIVE.search(_upgrade_source(rename))
+
+
+def test_each_platforms_job_deadline_ends_before_its_limits() -> None:
+    """JOB_TIMEOUT_SECONDS fits inside the Lambda timeout and SQS visibility timeout (AWS) and
+    inside the Cloud Tasks dispatch deadline (GCP): a job past it fails once, cleanly."""
+    from common.adapters.queue import TASK_DISPATCH_DEADLINE_SECONDS
+
+    function = _resources("AWS::Lambda::Function")["UploadRecordFunction"]["Properties"]
+    aws_job = float(function["Environment"]["Variables"]["JOB_TIMEOUT_SECONDS"])
+    queue = _resources("AWS::SQS::Queue")["JobQueue"]["Properties"]
+    assert aws_job < function["Timeout"] <= queue["VisibilityTimeout"]
+    service = rendered("upload-record.yaml")
+    (container,) = service["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert float(env["JOB_TIMEOUT_SECONDS"]) < TASK_DISPATCH_DEADLINE_SECONDS
