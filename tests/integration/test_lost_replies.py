@@ -4,6 +4,7 @@ and no user is locked out."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,13 @@ Proxied = tuple[flask.testing.FlaskClient, FaultProxy, Services]
 def proxied(stack: ScratchStack) -> Iterator[Proxied]:
     proxy = FaultProxy(stack.ports.postgres, postgres=True).start()
     url = stack.database_tcp_url().replace(f":{stack.ports.postgres}/", f":{proxy.port}/")
-    services = build_services(stack, database_url=url, db_pool_size=2)
+    services = build_services(
+        stack,
+        database_url=url,
+        db_pool_size=2,
+        db_connect_timeout_seconds=2.0,
+        db_statement_timeout_seconds=1.5,
+    )
     set_services(services)
     import functions_framework
 
@@ -89,3 +96,41 @@ def test_an_unknown_user_with_a_key_is_a_401_not_a_500(
         headers={"Authorization": f"Bearer {uuid.uuid4()}", "Idempotency-Key": str(uuid.uuid4())},
     )
     assert answer.status_code == 401
+
+
+# The matrix: each write under each database fault, then the same process must serve the
+# repeat within 5 s, with no 500, one user per key and nobody locked out.
+FAULTS = [Kind.HANG, Kind.CUT, Kind.RESET]
+WRITES = {
+    "create user": (b"INSERT INTO users", b"COMMIT"),
+    "rotate": (b"UPDATE users SET token_hash", b"COMMIT"),
+    "claim a key": (b"INSERT INTO idempotency_keys", None),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("write", list(WRITES))
+def test_every_write_under_every_fault(proxied: Proxied, write: str, fault: Kind) -> None:
+    client, proxy, services = proxied
+    user = client.post("/users", json={"name": "Matrix"}).get_json()
+    name = f"Matrix {uuid.uuid4()}"
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    if write == "rotate":
+        path, body = f"/users/{user['id']}/token", None
+        headers = {**key, "Authorization": f"Bearer {user['token']}"}
+    else:
+        path, body, headers = "/users", {"name": name}, key
+    match, then = WRITES[write]
+    proxy.arm(fault, match, then=then)
+    first = client.post(path, json=body, headers=headers)
+    assert first.status_code in (200, 201, 503), first.get_data(as_text=True)  # never a 500
+    started = time.monotonic()
+    repeat = client.post(path, json=body, headers=headers)
+    assert time.monotonic() - started < 5
+    assert repeat.status_code in (200, 201), repeat.get_data(as_text=True)
+    if write == "rotate":
+        new = {"Authorization": f"Bearer {repeat.get_json()['token']}", **key}
+        again = client.post(path, headers={**new, "Idempotency-Key": str(uuid.uuid4())})
+        assert again.status_code == 200  # not locked out
+    else:
+        assert services.db.execute(USERS_NAMED, {"name": name})[0].n == 1
