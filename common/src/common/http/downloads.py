@@ -98,6 +98,9 @@ def _requested_range(request: flask.Request, record: StoredRecord) -> tuple[int,
         return None  # the client's copy may be stale: send it the whole current file
     if len(requested.ranges) != 1:
         return None  # multiple ranges: answering 200 with the whole file is allowed
+    start, stop = requested.ranges[0]
+    if start < 0 and stop is None and -start >= record.size_bytes > 0:
+        return 0, record.size_bytes  # a suffix longer than the file is all of it (RFC 9110)
     span = requested.range_for_length(record.size_bytes)
     if span is None:
         raise RangeNotSatisfiable(record.size_bytes)
