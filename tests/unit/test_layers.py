@@ -55,6 +55,7 @@ LIBRARIES = (
     Library("Alembic", ("alembic",), ("migrations", "platform.aws_lambda")),
     Library("cryptography", ("cryptography",), ("domain.idempotency",)),
     Library("itsdangerous", ("itsdangerous",), ("domain.records",)),
+    Library("mutagen", ("mutagen",), ("domain.id3",)),
 )
 # The adapters' client factories: only platform.runtime calls them.
 FACTORIES = ("Database.from_settings", "Storage.from_settings", "make_queue", "make_s3_client")
