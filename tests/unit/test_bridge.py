@@ -38,6 +38,11 @@ def _scope(**extra: Any) -> dict[str, Any]:
     return scope
 
 
+FORM = _scope(headers=[(b"content-type", b"multipart/form-data; boundary=b")])
+FIELDS = b'--b\r\nContent-Disposition: form-data; name="user"\r\n\r\nu1\r\n'
+FILE_HEADERS = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+
+
 def _run(
     app: Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]],
     chunks: list[bytes | float],
@@ -99,12 +104,51 @@ def test_a_client_too_slow_for_its_fields_is_answered_408_without_the_app() -> N
         called.append(True)
         return []
 
-    sent, elapsed = _run(app, [b"--b\r\n", 0.1, b"C", 0.1, b"o", 10.0, b"late"])
+    sent, elapsed = _run(app, [b"--b\r\n", 0.1, b"C", 0.1, b"o", 10.0, b"late"], FORM)
     status, body = _status_and_body(sent)
     assert status == 408 and not called
     assert json.loads(body)["status"] == 408
     assert (b"content-type", b"application/problem+json") in sent[0]["headers"]
     assert PACE.grace_seconds <= elapsed < PACE.grace_seconds + 1.5
+
+
+def _arrivals() -> tuple[list[float], Callable[..., Any]]:
+    """An app that notes when it starts (seconds after the request) and reads the whole body."""
+    started: list[float] = []
+    origin = time.monotonic()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        started.append(time.monotonic() - origin)
+        environ["wsgi.input"].read()
+        start_response("201 Created", [])
+        return [b""]
+
+    return started, app
+
+
+def test_a_raw_bodys_app_starts_at_its_first_chunk() -> None:
+    """The credentials (headers) are checked while the audio still arrives."""
+    started, app = _arrivals()
+    sent, elapsed = _run(app, [b"RIFF", 0.25, b"x" * 1024])
+    assert _status_and_body(sent)[0] == 201
+    assert started[0] < 0.2 <= elapsed
+
+
+def test_a_forms_app_starts_where_its_file_part_starts() -> None:
+    """Not when FIELDS_REGION_BYTES have come: the fields are known once the file part begins."""
+    started, app = _arrivals()
+    chunks: list[bytes | float] = [FIELDS, 0.1, FILE_HEADERS + b"RIFF", 0.15, b"x\r\n--b--\r\n"]
+    sent, elapsed = _run(app, chunks, FORM)
+    assert _status_and_body(sent)[0] == 201
+    assert 0.1 <= started[0] < 0.25 <= elapsed
+
+
+def test_a_forms_app_starts_at_the_region_limit_without_a_file_part() -> None:
+    started, app = _arrivals()
+    field = b'--b\r\nContent-Disposition: form-data; name="pad"\r\n\r\n'
+    sent, elapsed = _run(app, [field + b"p" * FIELDS_REGION_BYTES, 0.25, b"\r\n--b--\r\n"], FORM)
+    assert _status_and_body(sent)[0] == 201
+    assert started[0] < 0.2 <= elapsed
 
 
 def test_a_stall_after_the_fields_ends_the_apps_read_at_the_deadline() -> None:

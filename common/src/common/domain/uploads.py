@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 PENDING_PREFIX = "uploads/"
 WAV_CONTENT_TYPE = "audio/wav"
-# The form field that carries the WAV: in POST /records and in the presigned POST to the bucket.
-FILE_FIELD = "file"
 FILENAME_META = "filename"
 # How often a completion that waits (Prefer: wait=N) looks at its job.
 WAIT_POLL_SECONDS = 0.25

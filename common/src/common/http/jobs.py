@@ -17,9 +17,10 @@ from typing import Any
 
 import flask
 
-from common.domain.uploads import FILE_FIELD, Completion, JobStatus, PresignedUpload
+from common.domain.uploads import Completion, JobStatus, PresignedUpload
 from common.errors import ConversionInProgress, NotFound, StoredProblem
 from common.http.record_response import record_body, record_created_response
+from common.http.request_body import FILE_FIELD
 from common.http.responses import json_response, public_base_url
 from common.http.routes import upload_path
 from common.settings import Settings

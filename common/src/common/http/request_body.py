@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl
 import flask
 from werkzeug.exceptions import ClientDisconnected as WerkzeugDisconnected
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.http import parse_options_header
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 from common.errors import (
@@ -36,6 +37,8 @@ from common.errors import (
 )
 
 READ_SIZE = 64 * 1024
+# The form field that carries the WAV: in POST /records and in the presigned POST to the bucket.
+FILE_FIELD = "file"
 MAX_FIELD_BYTES = 4096
 MAX_FIELDS_TOTAL = 64 * 1024
 MAX_FIELDS = 32
@@ -93,6 +96,42 @@ def read_upload(body: RequestBody, mimetype: str, boundary: str | None) -> Uploa
     )
 
 
+class FieldsRegion:
+    """Where the part of a body read before the credentials are checked ends.
+
+    A raw WAV body's credentials are in its headers: nothing of it is needed. A form's fields
+    end where its ``file`` part starts (its part headers read), at the end of the body, or at
+    :data:`FIELDS_REGION_BYTES`, whichever comes first. :meth:`feed` takes the body's chunks in
+    order and answers whether the region is complete; the form is decoded only to find that
+    place, and what the app later reads of it is decoded again by :func:`read_upload`.
+    """
+
+    def __init__(self, content_type: str | None) -> None:
+        mimetype, options = parse_options_header(content_type)
+        boundary = options.get("boundary")
+        self.received = 0
+        self.decoder = (
+            MultipartDecoder(boundary.encode("latin-1"), max_form_memory_size=MAX_DECODER_BUFFER)
+            if mimetype == "multipart/form-data" and boundary
+            else None
+        )
+
+    def feed(self, chunk: bytes) -> bool:
+        self.received += len(chunk)
+        if self.decoder is None or self.received >= FIELDS_REGION_BYTES or not chunk:
+            return True
+        try:
+            self.decoder.receive_data(chunk)
+            while not isinstance(event := self.decoder.next_event(), NeedData):
+                if isinstance(event, Epilogue) or (
+                    isinstance(event, Field | File) and event.name == FILE_FIELD
+                ):
+                    return True
+        except (RequestEntityTooLarge, ValueError, UnicodeError):
+            return True  # malformed: the app reads it again and says why
+        return False
+
+
 class _Events:
     """Pulls decoder events, feeding it body chunks as it asks for them."""
 
@@ -118,9 +157,6 @@ class _Events:
 
 
 def _read_multipart(body: RequestBody, boundary: str) -> Upload:
-    # Here, not at the top: create_user reads JSON bodies with this module and never uploads.
-    from common.domain.uploads import FILE_FIELD
-
     events = _Events(body.chunks(), boundary)
     fields: dict[str, str] = {}
     total = 0

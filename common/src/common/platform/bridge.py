@@ -1,12 +1,13 @@
 """An ASGI front for a WSGI app: no slow client holds one of its threads while it waits.
 
-granian serves this (``Interfaces.ASGINL``) for upload_record. The first
-:data:`~common.http.request_body.FIELDS_REGION_BYTES` of a body (the form fields, or the whole
-of a small body) are read on the event loop, without a thread; only then does the WSGI app run,
-in a pool of ``threads``. Every later read waits on a timer, not on the next chunk: the body
-must keep a minimum rate (:class:`BodyPace`), else the read raises RequestTimeout (408), and a
-client too slow for the fields is answered 408 by this front itself. What a refused request
-leaves of its body is drained on the loop after the answer.
+granian serves this (``Interfaces.ASGINL``) for upload_record. A form's fields (up to where its
+``file`` part starts: :class:`~common.http.request_body.FieldsRegion`) are read on the event
+loop, without a thread; only then does the WSGI app run, in a pool of ``threads``. For a raw
+body it runs at the first chunk: the credentials are in the headers, and the app checks them
+(and claims the idempotency key) before the audio arrives. Every later read waits on a timer,
+not on the next chunk: the body must keep a minimum rate (:class:`BodyPace`), else the read
+raises RequestTimeout (408), and a client too slow for the fields is answered 408 by this front
+itself. What a refused request leaves of its body is drained on the loop after the answer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from common.errors import PROBLEM_CONTENT_TYPE, InternalError, RequestTimeout, ServiceError
-from common.http.request_body import FIELDS_REGION_BYTES
+from common.http.request_body import FieldsRegion
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,14 @@ class _Body:
             self.done = True
         return chunk
 
-    async def prefix(self, size: int) -> bytes:
-        """At least ``size`` bytes, or the whole body when it is shorter."""
+    async def prefix(self, region: FieldsRegion) -> bytes:
+        """The chunks up to the end of ``region`` (the whole body when it is shorter)."""
         parts = []
-        got = 0
-        while got < size and not self.done:
+        while not self.done:
             chunk = await self.next()
             parts.append(chunk)
-            got += len(chunk)
+            if region.feed(chunk):
+                break
         return b"".join(parts)
 
     async def drain(self) -> None:
@@ -155,7 +156,7 @@ class WsgiBridge:
             return
         body = _Body(receive, self.pace)
         try:
-            prefix = await body.prefix(FIELDS_REGION_BYTES)
+            prefix = await body.prefix(FieldsRegion(_header(scope, b"content-type")))
         except RequestTimeout as exc:
             log.info(exc.detail, extra={"status": exc.status, "path": scope.get("path")})
             await _send_problem(send, exc, scope.get("path"))
@@ -212,6 +213,13 @@ class WsgiBridge:
             if close is not None:
                 await loop.run_in_executor(self.pool, close)
         await body.drain()
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for raw_name, raw_value in scope["headers"]:
+        if raw_name.lower() == name:
+            return str(raw_value.decode("latin-1"))
+    return None
 
 
 def _no_write(data: bytes) -> None:
