@@ -110,8 +110,9 @@ def test_a_lost_commit_is_a_503_with_the_outcome_left_to_the_caller(
     db: Database, proxy: FaultProxy
 ) -> None:
     proxy.arm(Kind.CUT, b"INSERT INTO db_fault_scratch", then=b"COMMIT")
-    with pytest.raises(DependencyUnavailable), db.transaction() as conn:
+    with pytest.raises(DependencyUnavailable) as raised, db.transaction() as conn:
         conn.execute(INSERT, {"id": 5})
+    assert raised.value.outcome_unknown  # the caller keeps what goes with the row
     assert db.execute(COUNT)[0].n == 1  # the server committed; nothing ran twice
 
 
@@ -129,6 +130,7 @@ def test_the_server_cancels_a_slow_statement_before_the_socket_gives_up(db: Data
         db.execute(SLOW, {"seconds": 5})
     assert time.monotonic() - started < 2.0  # 57014 at 1.5 s, before the 2 s socket timeout
     assert "57014" in repr(raised.value.__cause__)
+    assert not raised.value.outcome_unknown  # the server cancelled it: nothing committed
     assert db.execute(BACKEND)[0].pid == pid  # the connection stays in use
 
 

@@ -228,12 +228,17 @@ class DependencyUnavailable(ServiceError):
     slug = "dependency-unavailable"
     title = "Service Unavailable"
 
-    def __init__(self, dependency: str, retry_after: int = 5) -> None:
+    def __init__(
+        self, dependency: str, retry_after: int = 5, *, outcome_unknown: bool = False
+    ) -> None:
         super().__init__(
             f"The {dependency} is unavailable right now; retry in a few seconds.",
             headers={"Retry-After": str(retry_after)},
         )
         self.dependency = dependency
+        # True when a write may have taken effect before the dependency went away (a reply
+        # lost after the statement reached the server): the caller must keep what goes with it.
+        self.outcome_unknown = outcome_unknown
 
 
 class StoredProblem(ServiceError):

@@ -373,10 +373,15 @@ class Database:
         pool = make_pool(settings, credentials_from_settings(settings))
         return cls(pool, retry_after=settings.retry_after_seconds)
 
-    def unavailable(self, exc: BaseException, what: str) -> DependencyUnavailable:
-        """The 503 for ``exc`` (logged); the caller raises it ``from`` the driver's error."""
+    def unavailable(
+        self, exc: BaseException, what: str, *, outcome_unknown: bool = False
+    ) -> DependencyUnavailable:
+        """The 503 for ``exc`` (logged); the caller raises it ``from`` the driver's error.
+
+        ``outcome_unknown``: the statement may have run (and committed) before the failure.
+        """
         log.error("database %s: %s", what, exc)
-        return DependencyUnavailable("database", self.retry_after)
+        return DependencyUnavailable("database", self.retry_after, outcome_unknown=outcome_unknown)
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
@@ -413,7 +418,9 @@ class Database:
                     return conn.execute(statement, params)
             except ConnectionLost as lost:
                 if attempt == 2 or (lost.may_have_run and not statement.idempotent):
-                    raise self.unavailable(lost.error, "connection lost") from lost.error
+                    raise self.unavailable(
+                        lost.error, "connection lost", outcome_unknown=lost.may_have_run
+                    ) from lost.error
         raise AssertionError("unreachable")
 
     @contextmanager
@@ -437,7 +444,11 @@ class Database:
                     raise
                 conn.commit()
         except ConnectionLost as lost:
-            raise self.unavailable(lost.error, "connection lost") from lost.error
+            # Lost before BEGIN came back twice: nothing ran. Lost after: even a COMMIT's
+            # lost reply may follow a commit.
+            raise self.unavailable(
+                lost.error, "connection lost", outcome_unknown=lost.may_have_run
+            ) from lost.error
 
     @contextmanager
     def _begun(self) -> Iterator[Connection]:
