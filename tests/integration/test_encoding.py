@@ -13,7 +13,8 @@ from common.domain.users import create_user
 from common.domain.wav import parse_header
 
 from devstack import NativeStack, wavgen
-from tests.support.probe import audio_start, decoded_samples
+from tests.support.audio import assert_matches_source
+from tests.support.probe import audio_start
 from tests.support.stack_clients import build_services
 
 MIB = 1024 * 1024
@@ -46,7 +47,8 @@ def test_a_multipart_mp3_is_ffmpegs_seekable_file_byte_for_byte(
     assert proc.returncode == 0
     start = audio_start(stored)
     assert stored[start:] == reference.read_bytes()
-    assert decoded_samples(stored, 44100) == int(seconds * 44100)
+    # 300 s of stereo 44.1 kHz silence in, the same out (about 53 MB decoded, in a test only)
+    assert_matches_source(stored, b"".join(wavgen.silence_wav(seconds)))
     row = get_record(services.db, record.id)
     assert row is not None
     assert (row.bitrate_kbps, row.vbr_quality, row.tags) == (320, None, {"title": "Long"})

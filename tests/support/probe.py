@@ -1,4 +1,7 @@
-"""ffprobe of MP3 bytes, for checking what the service produced."""
+"""ffprobe and mutagen on MP3 bytes: the codec, headers and tags the service wrote.
+
+The decoded audio itself is compared with its source in :mod:`tests.support.audio` (pydub).
+"""
 
 from __future__ import annotations
 
@@ -49,20 +52,6 @@ def audio_start(data: bytes) -> int:
     for byte in data[6:10]:
         size = (size << 7) | (byte & 0x7F)
     return 10 + size
-
-
-def decoded_samples(data: bytes, rate: int) -> int:
-    """Samples per channel of ``data`` decoded by ffmpeg at ``rate`` (mono s16)."""
-    with tempfile.NamedTemporaryFile(suffix=".mp3") as f:
-        f.write(data)
-        f.flush()
-        pcm = subprocess.run(
-            ["ffmpeg", "-v", "error", "-i", f.name, "-ac", "1", "-ar", str(rate),
-             "-f", "s16le", "-"],
-            capture_output=True,
-            check=True,
-        ).stdout  # fmt: skip
-    return len(pcm) // 2
 
 
 def ffprobe_warnings(data: bytes) -> str:
