@@ -200,14 +200,16 @@ def test_object_store_stopped_mid_upload(
         status, headers, body = upload.finish()
     finally:
         upload.close()
-    assert status == 503, body
-    assert headers["content-type"] == "application/problem+json"
-    assert int(headers["retry-after"]) >= 1
-    assert b"object store" in body
-    assert record_rows(fault_services, user["id"]) == 0
-    # Health says so too, then storage returns and uploads work again without a restart.
-    assert requests.get(f"{fault_stack.base_url}/healthz", timeout=30).status_code == 503
-    fault_stack.start_storage()
+    try:
+        assert status == 503, body
+        assert headers["content-type"] == "application/problem+json"
+        assert int(headers["retry-after"]) >= 1
+        assert b"object store" in body
+        assert record_rows(fault_services, user["id"]) == 0
+        # Health says so too, then storage returns and uploads work again without a restart.
+        assert requests.get(f"{fault_stack.base_url}/healthz", timeout=30).status_code == 503
+    finally:  # the module's other tests need it, whatever failed above
+        fault_stack.start_storage()
     upload_until_created(fault_stack, user, timeout=60)
     assert record_rows(fault_services, user["id"]) == 1
     assert len(user_objects(fault_services, user["id"])) == 1
@@ -225,16 +227,19 @@ def test_postgres_stopped_after_authentication(
         status, headers, body = upload.finish()
     finally:
         upload.close()
-    assert status == 503, body
-    assert int(headers["retry-after"]) >= 1
-    assert b"database" in body
-    # The MP3 was stored before the row failed: it must have been removed again.
-    assert user_objects(fault_services, user["id"]) == []
-    assert open_multipart(fault_services, user["id"]) == []
-    refused = requests.post(f"{fault_stack.base_url}/users", json={"name": "x"}, timeout=30)
-    assert refused.status_code == 503
-    assert int(refused.headers["Retry-After"]) >= 1
-    fault_stack.start_postgres()
+    try:
+        assert status == 503, body
+        assert int(headers["retry-after"]) >= 1
+        assert b"database" in body
+        # The MP3 was stored before the INSERT, which never reached the server (no connection):
+        # it must have been removed again.
+        assert user_objects(fault_services, user["id"]) == []
+        assert open_multipart(fault_services, user["id"]) == []
+        refused = requests.post(f"{fault_stack.base_url}/users", json={"name": "x"}, timeout=30)
+        assert refused.status_code == 503
+        assert int(refused.headers["Retry-After"]) >= 1
+    finally:  # the module's other tests need it, whatever failed above
+        fault_stack.start_postgres()
     # The functions' pooled connections are all dead now: pre-ping replaces them.
     attempts = upload_until_created(fault_stack, user, timeout=60)
     assert attempts == 1, f"{attempts - 1} answers of 503 after PostgreSQL was back"
