@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import flask
 import pytest
+from common.domain.conversion import REQUEST_STOP
 from common.errors import RequestTimeout
 from common.http.request_body import FIELDS_REGION_BYTES
+from common.http.responses import BODY_DRAINED_BY_SERVER, drain_body
+from common.platform import bridge
 from common.platform.bridge import BodyPace, Message, WsgiBridge
 
 PACE = BodyPace(grace_seconds=0.3, min_bytes_per_second=1024 * 1024)
@@ -43,13 +48,8 @@ FIELDS = b'--b\r\nContent-Disposition: form-data; name="user"\r\n\r\nu1\r\n'
 FILE_HEADERS = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
 
 
-def _run(
-    app: Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]],
-    chunks: list[bytes | float],
-    scope: dict[str, Any] | None = None,
-) -> tuple[list[Message], float]:
-    """Serve one request whose body is ``chunks`` (a float: a pause of that many seconds)."""
-    sent: list[Message] = []
+def _receiver(chunks: list[bytes | float]) -> Callable[[], Any]:
+    """An ASGI receive giving ``chunks`` (a float: a pause of that many seconds)."""
     pending = list(chunks)
 
     async def receive() -> Message:
@@ -61,11 +61,28 @@ def _run(
         more = any(isinstance(x, bytes) for x in pending)
         return {"type": "http.request", "body": chunk, "more_body": more}
 
+    return receive
+
+
+def _sender(sent: list[Message]) -> Callable[[Message], Any]:
     async def send(message: Message) -> None:
         sent.append(message)
 
+    return send
+
+
+def _run(
+    app: Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]],
+    chunks: list[bytes | float],
+    scope: dict[str, Any] | None = None,
+    pace: BodyPace = PACE,
+) -> tuple[list[Message], float]:
+    """Serve one request whose body is ``chunks`` (a float: a pause of that many seconds)."""
+    sent: list[Message] = []
+
     async def main() -> None:
-        await WsgiBridge(app, 2, PACE)(scope or _scope(), receive, send)
+        bridge = WsgiBridge(app, 2, pace)
+        await bridge(scope or _scope(), _receiver(chunks), _sender(sent))
 
     start = time.monotonic()
     asyncio.run(main())
@@ -229,3 +246,123 @@ def test_a_client_that_stops_reading_is_dropped_and_the_answer_closed() -> None:
     asyncio.run(main())
     assert time.monotonic() - start < 2.0
     assert len(sent) == 3 and closed == [True]
+
+
+def test_a_body_that_bursts_then_trickles_ends_at_the_absolute_deadline() -> None:
+    """Bytes sent early buy no time past ``max_seconds``, whatever the pace would allow."""
+    pace = BodyPace(grace_seconds=0.3, min_bytes_per_second=1024, max_seconds=1.0)
+    assert pace.deadline(100.0, 0) == pytest.approx(100.3)
+    assert pace.deadline(100.0, 1024 * 1024) == pytest.approx(101.0)
+    raised: list[BaseException] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        try:
+            while environ["wsgi.input"].read(64 * 1024):
+                pass
+        except RequestTimeout as exc:
+            raised.append(exc)
+        start_response("408 Request Timeout", [])
+        return [b""]
+
+    trickle: list[bytes | float] = [b"x" * 512 * 1024]
+    for _ in range(40):
+        trickle += [0.1, b"x"]
+    sent, elapsed = _run(app, trickle, pace=pace)
+    assert _status_and_body(sent)[0] == 408
+    assert len(raised) == 1 and "within 1 seconds" in str(raised[0])
+    assert 1.0 <= elapsed < 1.8
+
+
+def test_the_requests_stop_wakes_a_read_blocked_on_a_silent_body() -> None:
+    """A conversion's deadline (or a shutdown) ends the read at once, not at the next byte."""
+    seen: list[object] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        stop = REQUEST_STOP.get()
+        assert stop is not None
+        threading.Timer(0.2, stop.set, (RequestTimeout("the conversion's deadline"),)).start()
+        started = time.monotonic()
+        try:
+            environ["wsgi.input"].read()
+        except RequestTimeout as exc:
+            seen.append((str(exc), round(time.monotonic() - started, 1)))
+        seen.append(getattr(environ["wsgi.input"], BODY_DRAINED_BY_SERVER))
+        start_response("408 Request Timeout", [])
+        return [b""]
+
+    sent, elapsed = _run(app, [b"RIFF", b"x" * 1024 * 1024, 30.0, b"never"])
+    assert _status_and_body(sent)[0] == 408
+    assert seen == [("the conversion's deadline", 0.2), True]
+    assert elapsed < 1.0  # not drained either: the body is given up on
+
+
+def test_uploads_hold_at_most_threads_and_the_reserve_serves_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the one upload thread taken, a GET is answered at once; a second upload waits
+    for a thread, then is told 503 with Retry-After."""
+    monkeypatch.setattr(bridge, "SLOT_WAIT_SECONDS", 0.3)
+    answered: dict[str, tuple[int, float]] = {}
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [])
+        return [b""]
+
+    async def request(name: str, scope: dict[str, Any], chunks: list[bytes | float]) -> None:
+        sent: list[Message] = []
+        start = time.monotonic()
+        await shared(scope, _receiver(chunks), _sender(sent))
+        answered[name] = (sent[0]["status"], time.monotonic() - start)
+        if name == "second upload":
+            answered["retry-after"] = (
+                int(dict(sent[0]["headers"])[b"retry-after"]),
+                0.0,
+            )
+
+    shared = WsgiBridge(app, 1, BodyPace(grace_seconds=5.0, min_bytes_per_second=1))
+    slow_body: list[bytes | float] = [b"RIFF", 0.2, b"x" * 65536, 0.2, b"x" * 65536, 0.2, b"x"]
+
+    async def main() -> None:
+        first = asyncio.create_task(request("upload", _scope(), slow_body))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(
+            request("get", _scope(method="GET", headers=[]), [b""]),
+            request("second upload", _scope(), [b"RIFF", 0.1, b"x"]),
+        )
+        await first
+
+    asyncio.run(main())
+    assert answered["get"][0] == 200 and answered["get"][1] < 0.15
+    assert answered["second upload"][0] == 503 and 0.3 <= answered["second upload"][1] < 0.6
+    assert answered["retry-after"][0] == bridge.BUSY_RETRY_AFTER_SECONDS
+    assert answered["upload"][0] == 200
+
+
+def test_the_app_drains_nothing_itself_behind_the_bridge_and_survives_a_stalled_body() -> None:
+    """drain_body leaves the body to the server that set the flag; elsewhere a 408 from the
+    stream ends its drain quietly."""
+    reads: list[int] = []
+
+    class Stalled:
+        def __init__(self, drained_by_server: bool) -> None:
+            setattr(self, BODY_DRAINED_BY_SERVER, drained_by_server)
+
+        def read(self, size: int = -1) -> bytes:
+            reads.append(size)
+            raise RequestTimeout("stalled")
+
+    def request(stream: Stalled) -> flask.Request:
+        return flask.Request(
+            {
+                "REQUEST_METHOD": "POST",
+                "CONTENT_LENGTH": "1000",
+                "wsgi.input": stream,
+                "wsgi.input_terminated": True,
+            }
+        )
+
+    drain_body(request(Stalled(drained_by_server=True)))
+    assert reads == []
+    drain_body(request(Stalled(drained_by_server=False)))
+    assert reads  # tried, and the RequestTimeout did not escape

@@ -152,6 +152,9 @@ class Settings:
     # this many bytes per second on average; a slower one is cut off with 408.
     body_grace_seconds: float = 10.0
     body_min_bytes_per_second: int = 16 * 1024
+    # However fast it starts, a request body must have arrived this long after its reading
+    # began (a WAV of MAX_UPLOAD_BYTES at 1 MB/s takes about 270 s); then 408.
+    body_deadline_seconds: float = 300.0
     # Direct uploads a user may have pending (form usable, queued or converting); over it 429.
     max_pending_uploads_per_user: int = 10
 
@@ -230,6 +233,7 @@ class Settings:
             body_min_bytes_per_second=int_setting(
                 e, "BODY_MIN_BYTES_PER_SECOND", d["body_min_bytes_per_second"], minimum=1
             ),
+            body_deadline_seconds=_float(e, "BODY_DEADLINE_SECONDS", d["body_deadline_seconds"]),
             max_pending_uploads_per_user=int_setting(
                 e, "MAX_PENDING_UPLOADS_PER_USER", d["max_pending_uploads_per_user"], minimum=1
             ),

@@ -5,7 +5,8 @@ The WAV's chunks go into ffmpeg as they arrive (header checked first by
 fills in the Xing/LAME header. Every full part behind the first is sent to the sink as soon
 as it is written and its disk space released; part 1, which holds the header and the ID3 tag
 (known only at the end), goes last. Memory: one part in flight, whatever the input size.
-docs/encoding.md has the whole design.
+docs/encoding.md has the whole design. A conversion ends early when its :class:`Stop` is set:
+by its own deadline, or by whoever else holds it (the server that reads the body, a shutdown).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
@@ -34,7 +36,7 @@ from common.domain.wav import (
     parse_header,
     trailing_metadata,
 )
-from common.errors import RequestTimeout, UndecodableAudio
+from common.errors import RequestTimeout, ServiceError, UndecodableAudio
 from common.settings import MP3_BITRATES_MPEG1, MP3_BITRATES_MPEG2
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,59 @@ _STDERR_KEEP = 4096
 RESAMPLER = "aresample=resampler=swr:filter_size=64:phase_shift=14:cutoff=0.97"
 _RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+class Stop:
+    """Why a request's work must end now, set once: a deadline, or the server shutting down.
+
+    What waits on something that must be cut short (a blocked body read, ffmpeg) registers a
+    waker with :meth:`on_set`; :meth:`set` keeps the first error and calls every waker, from
+    the setter's thread. The work then raises :attr:`error`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wakers: list[Callable[[], object]] = []
+        self.error: ServiceError | None = None
+
+    def set(self, error: ServiceError) -> bool:
+        """Stop with ``error``; False when already stopped (the first error stands)."""
+        with self._lock:
+            if self.error is not None:
+                return False
+            self.error = error
+            wakers, self._wakers = self._wakers, []
+        for wake in wakers:
+            wake()
+        return True
+
+    def on_set(self, wake: Callable[[], object]) -> Callable[[], None]:
+        """Call ``wake`` when stopped (now, if already); returns what unregisters it."""
+        with self._lock:
+            if self.error is None:
+                self._wakers.append(wake)
+                return lambda: self._forget(wake)
+        wake()
+        return lambda: None
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _forget(self, wake: Callable[[], object]) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._wakers.remove(wake)
+
+
+# The Stop of the request being served in this context: the server that reads the body sets
+# one (common.platform.bridge) so that a conversion's deadline also wakes a blocked read.
+REQUEST_STOP: ContextVar[Stop | None] = ContextVar("request_stop", default=None)
+_RUNNING: weakref.WeakSet[Stop] = weakref.WeakSet()
+
+
+def stop_conversions(error: ServiceError) -> int:
+    """Stop every conversion running in this process with ``error``; how many there were."""
+    return sum(stop.set(error) for stop in list(_RUNNING))
 
 
 class PartSink(Protocol):
@@ -201,12 +256,37 @@ def convert_wav_stream(
     ``bitrate_kbps`` is the deployment's default, used when ``options`` choose neither a
     bitrate nor a VBR quality. ``chunks`` is read to its end in every successful case.
     Errors: NotAWav / UnsupportedWav (415), InvalidWav / UndecodableAudio / InvalidOption
-    (422), RequestTimeout (408); whatever ``chunks`` or ``sink`` raise (disconnects, storage
-    outages) is re-raised after ffmpeg is stopped.
+    (422), RequestTimeout (408) at ``timeout_seconds`` (the WAV header's wait included), the
+    error of the context's :data:`REQUEST_STOP` when it is set; whatever ``chunks`` or
+    ``sink`` raise (disconnects, storage outages) is re-raised after ffmpeg is stopped.
     """
     options = options or EncodingOptions()
-    deadline = time.monotonic() + timeout_seconds
+    stop = REQUEST_STOP.get() or Stop()
+    timeout = RequestTimeout(
+        f"The upload was not received and converted within {timeout_seconds:g} seconds."
+    )
+    watchdog = threading.Timer(timeout_seconds, stop.set, (timeout,))
+    watchdog.daemon = True
+    watchdog.start()
+    _RUNNING.add(stop)
+    try:
+        return _convert(chunks, sink, stop, ffmpeg, bitrate_kbps, options, temp_dir)
+    finally:
+        watchdog.cancel()
+        _RUNNING.discard(stop)
+
+
+def _convert(
+    chunks: Iterator[bytes],
+    sink: PartSink,
+    stop: Stop,
+    ffmpeg: str,
+    bitrate_kbps: int,
+    options: EncodingOptions,
+    temp_dir: str | None,
+) -> ConversionResult:
     header, head_bytes = read_header(chunks)
+    stop.check()
     encoding = options.resolve(header.sample_rate, header.channels, bitrate_kbps)
     workdir = tempfile.mkdtemp(prefix="mp3-", dir=temp_dir)
     output = os.path.join(workdir, "out.mp3")
@@ -217,7 +297,7 @@ def convert_wav_stream(
         return _run(
             ffmpeg_command(ffmpeg, header, encoding, output),
             header, head_bytes, chunks, sink, encoding, options,
-            out_fd=out_fd, err_fd=err_fd, deadline=deadline, timeout_seconds=timeout_seconds,
+            out_fd=out_fd, err_fd=err_fd, stop=stop,
         )  # fmt: skip
     finally:
         os.close(out_fd)
@@ -242,8 +322,7 @@ def _run(
     *,
     out_fd: int,
     err_fd: int,
-    deadline: float,
-    timeout_seconds: float,
+    stop: Stop,
 ) -> ConversionResult:
     proc = subprocess.Popen(
         command,
@@ -256,29 +335,18 @@ def _run(
     _lower_priority(proc.pid)
     _widen_pipe(proc.stdin)
     tail = _Tail(out_fd, sink)
-    timed_out = threading.Event()
-
-    def on_deadline() -> None:
-        timed_out.set()
-        proc.kill()
-
-    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), on_deadline)
-    watchdog.daemon = True
-    watchdog.start()
+    forget = stop.on_set(proc.kill)
     try:
-        data_bytes, trailing = _feed(proc, header, head_bytes, chunks, timed_out, tail)
-        # A blocking wait, woken the moment ffmpeg exits: the watchdog kills it at the
-        # deadline. (wait(timeout) polls with sleeps, noticing a short conversion's end late.)
+        data_bytes, trailing = _feed(proc, header, head_bytes, chunks, stop, tail)
+        # A blocking wait, woken the moment ffmpeg exits: a stop kills it. (wait(timeout)
+        # polls with sleeps, noticing a short conversion's end late.)
         proc.wait()
     finally:
-        watchdog.cancel()
+        forget()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    if timed_out.is_set():
-        raise RequestTimeout(
-            f"The upload was not received and converted within {timeout_seconds:g} seconds."
-        )
+    stop.check()
     if proc.returncode != 0:
         size = os.fstat(err_fd).st_size
         stderr = os.pread(err_fd, _STDERR_KEEP, max(0, size - _STDERR_KEEP))
@@ -410,7 +478,7 @@ def _feed(
     header: WavHeader,
     head_bytes: bytes,
     chunks: Iterator[bytes],
-    stop: threading.Event,
+    stop: Stop,
     tail: _Tail,
 ) -> tuple[int, bytes]:
     """Write the WAV into ffmpeg; (audio-data bytes given to it, the bytes after the audio).
@@ -418,8 +486,8 @@ def _feed(
     Bytes past the declared data size (trailing metadata chunks) are not forwarded; the
     first :data:`MAX_TRAILING_BYTES` of them are kept for their tags. Between writes, the
     parts ffmpeg has finished are sent on. If ffmpeg exits early the rest of the body is
-    still consumed, so the caller can answer, unless ``stop`` is set (the deadline passed):
-    then reading ends at once.
+    still consumed, so the caller can answer, unless ``stop`` is set: then reading ends at
+    the next chunk (or at once, where the body's reader registered a waker on it).
     """
     assert proc.stdin is not None
     limit = header.data_size
@@ -434,7 +502,7 @@ def _feed(
         writing = _write(proc, head_bytes[: header.data_offset] + data)
         forwarded = len(data)
         for chunk in chunks:
-            if stop.is_set():
+            if stop.error is not None:
                 break
             if not writing:
                 continue

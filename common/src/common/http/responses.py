@@ -37,6 +37,9 @@ Handler = Callable[[flask.Request], flask.Response]
 # Reading what is left of a refused request body: the read size and the most time it may take.
 DRAIN_READ_BYTES = 64 * 1024
 DRAIN_SECONDS = 30.0
+# True on the wsgi.input of a server that drains what the app leaves of a body itself,
+# without a thread (common.platform.bridge): the app then does not drain.
+BODY_DRAINED_BY_SERVER = "drained_by_server"
 # Statuses without content: no Content-Type or Content-Length either (RFC 9110, 15.3.5, 15.4.5).
 _NO_BODY = frozenset({204, 304})
 # host[:port], or [IPv6]:port: anything else in a Host header is not put into a URL.
@@ -101,16 +104,19 @@ def drain_body(request: flask.Request) -> None:
     pipe)`` and a 502). This runs when the answer has been handed over: the router reads it,
     stops sending, closes, and the read ends; a client sending straight to the function is
     read to the end of its body. Bounded by ``MAX_UPLOAD_BYTES`` (a longer declared body is
-    left alone) and :data:`DRAIN_SECONDS`.
+    left alone) and :data:`DRAIN_SECONDS`. Skipped where the server drains on its own
+    (:data:`BODY_DRAINED_BY_SERVER`): there this would hold a thread for the whole drain.
     """
     length = request.content_length
+    if getattr(request.stream, BODY_DRAINED_BY_SERVER, False):
+        return
     if not length or length > get_settings().max_upload_bytes:
         return
     deadline = time.monotonic() + DRAIN_SECONDS
     try:
         while time.monotonic() < deadline and request.stream.read(DRAIN_READ_BYTES):
             pass
-    except (OSError, ValueError, HTTPException):  # the peer went away: nothing left to read
+    except (OSError, ValueError, HTTPException, ServiceError):  # the peer went away or stalled
         log.debug("request body not drained", extra={"path": request.path})
 
 

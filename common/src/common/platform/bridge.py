@@ -5,14 +5,19 @@ granian serves this (``Interfaces.ASGINL``) for upload_record. A form's fields (
 loop, without a thread; only then does the WSGI app run, in a pool of ``threads``. For a raw
 body it runs at the first chunk: the credentials are in the headers, and the app checks them
 (and claims the idempotency key) before the audio arrives. Every later read waits on a timer,
-not on the next chunk: the body must keep a minimum rate (:class:`BodyPace`), else the read
-raises RequestTimeout (408), and a client too slow for the fields is answered 408 by this front
-itself. What a refused request leaves of its body is drained on the loop after the answer.
+not on the next chunk: the body must keep a minimum rate and end by an absolute deadline
+(:class:`BodyPace`), else the read raises RequestTimeout (408); a client too slow for the
+fields is answered 408 by this front itself, and a conversion's own deadline wakes a blocked
+read (the request's :class:`~common.domain.conversion.Stop`). At most ``threads`` requests
+still receiving a body hold a thread; :data:`RESERVED_THREADS` more serve the rest. What a
+refused request leaves of its body is drained on the loop after the answer, not in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import json
 import logging
 import sys
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from common.domain.conversion import REQUEST_STOP, Stop
 from common.errors import PROBLEM_CONTENT_TYPE, InternalError, RequestTimeout, ServiceError
 from common.http.request_body import FieldsRegion
 
@@ -37,22 +43,56 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 DRAIN_SECONDS = 5.0
 # A client that takes none of the answer for this long is dropped (nginx's send_timeout).
 SEND_STALL_SECONDS = 30.0
+# Threads beyond ``threads`` for requests whose body has all arrived with its fields (status,
+# completion, deletion, health): uploads that hold every upload thread never starve them.
+RESERVED_THREADS = 2
+# A request still sending its body waits this long for one of the ``threads``, then 503.
+SLOT_WAIT_SECONDS = 10.0
+BUSY_RETRY_AFTER_SECONDS = 5
+
+
+class Busy(ServiceError):
+    """Every thread for uploads is taken (slow or many uploads): retry later."""
+
+    status = 503
+    slug = "busy"
+    title = "Service Unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Every upload slot of this server is taken; retry in a few seconds.",
+            headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)},
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class BodyPace:
-    """The slowest body accepted: ``grace_seconds``, then ``min_bytes_per_second`` on average.
+    """The slowest body accepted: ``grace_seconds``, then ``min_bytes_per_second`` on average,
+    and all of it within ``max_seconds``.
 
     Having received ``n`` bytes, a request waits for more until
-    ``start + grace_seconds + n / min_bytes_per_second``; a client that falls below the rate is
+    ``start + grace_seconds + n / min_bytes_per_second``, and never past
+    ``start + max_seconds``; a client that falls below the rate, or bursts then trickles, is
     cut off then, in whatever phase it is (fields, WAV header, audio).
     """
 
     grace_seconds: float
     min_bytes_per_second: int
+    max_seconds: float = float("inf")
 
     def deadline(self, start: float, received: int) -> float:
-        return start + self.grace_seconds + received / self.min_bytes_per_second
+        paced = start + self.grace_seconds + received / self.min_bytes_per_second
+        return min(paced, start + self.max_seconds)
+
+    def describe(self) -> str:
+        """The 408's detail."""
+        slow = (
+            f"The request body arrived slower than {self.min_bytes_per_second} bytes per "
+            f"second after {self.grace_seconds:g} seconds"
+        )
+        if self.max_seconds == float("inf"):
+            return f"{slow}."
+        return f"{slow}, or not all within {self.max_seconds:g} seconds."
 
 
 class _Body:
@@ -66,6 +106,10 @@ class _Body:
         self.done = False
         self.timed_out = False
 
+    def restart(self) -> None:
+        """The pace counts from now (the request waited for a thread, its body unread)."""
+        self.start = time.monotonic()
+
     async def next(self) -> bytes:
         """The next chunk (b"" at the end or on a disconnect); RequestTimeout past the pace."""
         if self.done:
@@ -76,10 +120,7 @@ class _Body:
         except TimeoutError:
             self.timed_out = True
             self.done = True
-            raise RequestTimeout(
-                f"The request body arrived slower than {self.pace.min_bytes_per_second} bytes "
-                f"per second after {self.pace.grace_seconds:g} seconds."
-            ) from None
+            raise RequestTimeout(self.pace.describe()) from None
         if message["type"] != "http.request":  # http.disconnect
             self.done = True
             return b""
@@ -113,24 +154,43 @@ class _Body:
 
 
 class _Input:
-    """``wsgi.input``: the prefix, then chunks fetched from the loop (blocking this thread)."""
+    """``wsgi.input``: the prefix, then chunks fetched from the loop (blocking this thread
+    until one arrives, the pace's deadline passes, or the request's ``stop`` is set)."""
 
-    def __init__(self, body: _Body, prefix: bytes, loop: asyncio.AbstractEventLoop) -> None:
+    drained_by_server = True  # what the app leaves of the body is drained on the loop
+
+    def __init__(
+        self, body: _Body, prefix: bytes, loop: asyncio.AbstractEventLoop, stop: Stop
+    ) -> None:
         self.body = body
         self.buffer = prefix
         self.loop = loop
+        self.stop = stop
 
     def read(self, size: int | None = -1) -> bytes:
         if not self.buffer:
-            self.buffer = asyncio.run_coroutine_threadsafe(self.body.next(), self.loop).result()
+            self.buffer = self._fetch()
         if size is None or size < 0:
             parts = [self.buffer]
-            while chunk := asyncio.run_coroutine_threadsafe(self.body.next(), self.loop).result():
+            while chunk := self._fetch():
                 parts.append(chunk)
             self.buffer = b""
             return b"".join(parts)
         data, self.buffer = self.buffer[:size], self.buffer[size:]
         return data
+
+    def _fetch(self) -> bytes:
+        self.stop.check()
+        future = asyncio.run_coroutine_threadsafe(self.body.next(), self.loop)
+        forget = self.stop.on_set(future.cancel)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            self.body.done = self.body.timed_out = True  # given up on: not drained either
+            self.stop.check()
+            raise
+        finally:
+            forget()
 
     def readline(self, size: int | None = -1) -> bytes:  # WSGI requires it; nothing here uses it
         return self.read(size)
@@ -149,7 +209,18 @@ class WsgiBridge:
         self.app = app
         self.pace = pace
         self.stall_seconds = stall_seconds
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
+        self.pool = ThreadPoolExecutor(
+            max_workers=threads + RESERVED_THREADS, thread_name_prefix="wsgi"
+        )
+        self.threads = threads
+        self._slots: asyncio.Semaphore | None = None
+
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        """The threads for requests still receiving a body (made in the server's loop)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.threads)
+        return self._slots
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -161,8 +232,29 @@ class WsgiBridge:
             log.info(exc.detail, extra={"status": exc.status, "path": scope.get("path")})
             await _send_problem(send, exc, scope.get("path"))
             return
+        slot = not body.done  # the rest of the body is read in a thread
+        if slot:
+            try:
+                await asyncio.wait_for(self.slots.acquire(), SLOT_WAIT_SECONDS)
+            except TimeoutError:
+                log.warning("no upload slot", extra={"status": 503, "path": scope.get("path")})
+                await _send_problem(send, Busy(), scope.get("path"))
+                await body.drain()
+                return
+            body.restart()
+        try:
+            await self._answer(scope, send, body, prefix)
+        finally:
+            if slot:
+                self.slots.release()
+        await body.drain()
+
+    async def _answer(self, scope: Scope, send: Send, body: _Body, prefix: bytes) -> None:
         loop = asyncio.get_running_loop()
-        environ = wsgi_environ(scope, _Input(body, prefix, loop))
+        stop = Stop()
+        environ = wsgi_environ(scope, _Input(body, prefix, loop, stop))
+        context = contextvars.copy_context()
+        context.run(REQUEST_STOP.set, stop)
         started: list[Any] = []
 
         def start_response(
@@ -177,11 +269,10 @@ class WsgiBridge:
             return answer, chunks, next(chunks, None)
 
         try:
-            answer, result, first = await loop.run_in_executor(self.pool, call)
+            answer, result, first = await loop.run_in_executor(self.pool, context.run, call)
         except Exception:  # the app's own handler answers every error: this is a bug
             log.exception("the WSGI app raised", extra={"path": scope.get("path")})
             await _send_problem(send, InternalError(), scope.get("path"))
-            await body.drain()
             return
         try:
             status, headers = started
@@ -212,7 +303,6 @@ class WsgiBridge:
             close = getattr(answer, "close", None)
             if close is not None:
                 await loop.run_in_executor(self.pool, close)
-        await body.drain()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -230,6 +320,9 @@ async def _send_problem(send: Send, error: ServiceError, path: str | None) -> No
     payload = json.dumps(error.to_problem(path)).encode()
     headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode()),
                (b"content-length", str(len(payload)).encode())]  # fmt: skip
+    headers += [
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()
+    ]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": payload, "more_body": False})
 

@@ -99,7 +99,11 @@ def load_app(source_and_target: str) -> Callable[..., Any]:
 
         settings = get_settings()
         threads = int_setting(os.environ, "THREADS", SERVER_DEFAULTS[target][1], minimum=1)
-        pace = BodyPace(settings.body_grace_seconds, settings.body_min_bytes_per_second)
+        pace = BodyPace(
+            settings.body_grace_seconds,
+            settings.body_min_bytes_per_second,
+            settings.body_deadline_seconds,
+        )
         return WsgiBridge(app, threads, pace)
     return app
 
