@@ -1,7 +1,7 @@
-"""Figure 7: cold starts under AWS's Lambda Runtime Interface Emulator, and the init's imports.
+"""Figure 9: cold starts under AWS's Lambda Runtime Interface Emulator, and the init's imports.
 
 A compose project of its own (docker-compose.yml's PostgreSQL and SeaweedFS, the function
-images under the emulator of tests/compose/lambda-emulator.yaml with the template's memory):
+images under the emulator of devstack's lambda-emulator.yaml with the template's memory):
 each function's container is restarted ``rounds`` times and its first invocation timed (the
 emulator's init included), then the second and the best warm one. The import tree of each
 init (``python -X importtime``) goes to the bench output. Needs a Docker engine; the
@@ -20,11 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from devstack.lambda_events import event
+
 from bench import ROOT
 from bench.core import Bench, Row, log
 from devstack import free_port, wavgen
 from devstack import lambda_emulator as rie
-from tests.support.lambda_events import event
 
 SANDBOX = Path(os.environ.get("DOCKER_SANDBOX_TOOLS", "/work/shared/tools/docker-sandbox"))
 TARGETS_MS = {"create_user": 400, "upload_record": 600, "get_record": 400}
@@ -58,7 +59,7 @@ def _docker_env() -> tuple[dict[str, str], str]:
 def measure_cold_starts(bench: Bench) -> None:
     env, reason = ({}, "not measured in a smoke run") if bench.plan.smoke else _docker_env()
     if reason:
-        bench.rows.append(Row("7. cold start under the Lambda emulator", f"not measured: "
+        bench.rows.append(Row("9. cold start under the Lambda emulator", f"not measured: "
                               f"{reason}", "≤ 400 / 600 ms", None, None))  # fmt: skip
         return
     ports = {f: free_port() for f in FUNCTIONS}
@@ -80,7 +81,7 @@ def measure_cold_starts(bench: Bench) -> None:
             raise RuntimeError(f"docker compose {' '.join(args)}: {done.stderr[-400:]}")
         return done.stdout + done.stderr
 
-    log("7. cold starts under the Lambda emulator (a compose project of their own)")
+    log("9. cold starts under the Lambda emulator (a compose project of their own)")
     try:
         compose("build", *FUNCTIONS)
         compose("up", "-d", "--wait", "postgres", "storage", "sqs")
@@ -142,16 +143,16 @@ def _measure(bench: Bench, compose: Callable[..., str], ports: dict[str, int]) -
         note = f"second invoke {second:.1f} ms"
         note += f"; init {statistics.median(init):.0f} ms" if init else ""
         bench.rows.append(Row(
-            f"7. {function} first invoke, init included (median of {len(runs)})",
+            f"9. {function} first invoke, init included (median of {len(runs)})",
             f"{first:.0f} ms", f"≤ {target} ms", first / target, first <= target, note,
         ))  # fmt: skip
         if function == "create_user":  # what the deferred imports must not slow down
             bench.rows.append(Row(
-                "7. create_user second invoke (median)", f"{second:.1f} ms",
+                "9. create_user second invoke (median)", f"{second:.1f} ms",
                 f"≤ {WARM_TARGET_MS} ms", second / WARM_TARGET_MS, second <= WARM_TARGET_MS,
             ))  # fmt: skip
             bench.rows.append(Row(
-                "7. create_user warm invoke (best)", f"{warm:.1f} ms",
+                "9. create_user warm invoke (best)", f"{warm:.1f} ms",
                 f"≤ {WARM_TARGET_MS} ms", warm / WARM_TARGET_MS, warm <= WARM_TARGET_MS,
             ))  # fmt: skip
 

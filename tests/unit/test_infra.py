@@ -24,11 +24,11 @@ from common.ops import bucket
 from common.platform import aws_lambda
 from common.platform.runtime import Services, set_services
 from common.settings import Settings
+from devstack.lambda_events import event, event_fixture
 from devstack.native import DEFAULT_RATE_LIMIT_BURST, DEFAULT_RATE_LIMIT_RPS, FUNCTIONS
 from devstack.templates import render_template
 
 from tests.support import ROOT
-from tests.support.lambda_events import event, event_fixture
 
 AWS_TEMPLATE = ROOT / "infra" / "aws" / "template.yaml"
 EDGE_TEMPLATE = ROOT / "infra" / "aws" / "edge.yaml"

@@ -38,6 +38,7 @@ for good or had nothing to do are acknowledged.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -77,9 +78,9 @@ def make_job_handler(target: str) -> LambdaHandler:
 
     def run(_event: dict[str, Any], _context: Any) -> dict[str, Any]:
         if target == "sweep":
-            from common.ops.sweep import main as sweep_main
-
-            sweep_main([])
+            # Loaded by name, as the container runs it (`python -m`): ops sits above platform.
+            job = importlib.import_module(JOBS[target][0])
+            job.main([])
         else:
             from alembic import command
             from alembic.config import Config
