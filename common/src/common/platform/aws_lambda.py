@@ -1,39 +1,10 @@
 """AWS Lambda mode: the same function handlers behind Lambda's Runtime Interface Client.
 
-The container's entry point (:mod:`common.platform.entrypoint`) runs
-``python -m awslambdaric common.platform.aws_lambda.handler`` when Lambda's
-``AWS_LAMBDA_RUNTIME_API`` is set. :func:`handler` receives Function URL and API Gateway
-HTTP API (payload format 2.0) events and hands them to the very Flask app functions-framework
-builds for ``FUNCTION_TARGET``
-(``functions_framework.create_app``), translated by apig-wsgi: base64 request bodies are
-decoded, query strings and headers pass as WSGI sees them, and responses come back with
-``isBase64Encoded`` for binary content (the MP3) and plain text for JSON and problem+json.
-
-Lambda caps a request and a response at 6 MB: large WAVs go through the direct upload
-(:mod:`common.domain.uploads`) and downloads run with ``DOWNLOAD_MODE=redirect``.
-
-With a job target (``FUNCTION_TARGET=sweep`` or ``migrate``, see
-:data:`common.platform.entrypoint.JOBS`) the handler runs that job in-process for any event
-(EventBridge Scheduler's, or the deploy script's ``aws lambda invoke``) and answers
-``{"target": ..., "status": "done"}``; a failing job raises, so Lambda reports a FunctionError.
-
-Secrets that are not rotated while a process runs (``IDEMPOTENCY_SECRET``,
-``ORIGIN_VERIFY_SECRET``) are given as the ARN of a Secrets Manager secret (``<NAME>_ARN``) and
-read into the process's environment at start (:func:`export_secrets`), never stored in the
-function's configuration.
-
-HTTP events must carry CloudFront's origin-verify header when ``ORIGIN_VERIFY_SECRET`` is set
-(:mod:`common.http.origin`): one without it, or with another value, is answered ``403``
-problem+json here, before the app sees it, so the HTTP API's own URL leads around CloudFront
-and its WAF rate limit to no handler. The header is removed before the app gets the event.
-SQS and scheduled events are not HTTP and are not checked.
-
-SQS events (``JOB_QUEUE=sqs``: the job queue's event source mapping, batch size 1,
-``ReportBatchItemFailures``) are conversion jobs, run by :func:`run_sqs_jobs` in the same
-function: a message whose job could not run now (an outage, or another delivery holding it)
-is reported in ``batchItemFailures``, so SQS delivers it again after the visibility timeout and
-moves it to the dead-letter queue after maxReceiveCount deliveries. Jobs that finished, failed
-for good or had nothing to do are acknowledged.
+:func:`handler` takes three kinds of event: HTTP (Function URL, API Gateway HTTP API 2.0), given
+to the function's WSGI app through apig-wsgi after the CloudFront origin check; SQS (conversion
+jobs, with ``batchItemFailures`` for the ones to deliver again); and, for the ``sweep`` and
+``migrate`` targets, any event runs that job. Secrets named by ``<NAME>_ARN`` are read at init.
+docs/deploy-aws.md ("What the handler takes") says why and how.
 """
 
 from __future__ import annotations
