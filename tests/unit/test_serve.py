@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from common.platform.serve import SERVER_DEFAULTS, ServerConfig
-from common.settings import SettingsError
+from common.settings import ServerSettings, SettingsError
 
 
 def test_defaults_follow_the_function() -> None:
@@ -27,7 +27,19 @@ def test_platform_variables_win() -> None:
             "THREADS": "16",
         }
     )
-    assert config == ServerConfig("get_record", "/elsewhere/main.py", "127.0.0.1", 9090, 3, 16)
+    assert config == ServerConfig("get_record", "/elsewhere/main.py", "127.0.0.1", 9090, 3, 16, 7.0)
+
+
+def test_the_shutdown_fits_in_cloud_runs_grace() -> None:
+    """SIGTERM to SIGKILL is 10 s on Cloud Run (and `docker stop`'s default): the drain, then
+    the abort of what still runs, must both end before it."""
+    config = ServerConfig.from_env({"FUNCTION_TARGET": "upload_record"})
+    assert config.drain_seconds == ServerSettings().shutdown_drain_seconds == 7.0
+    assert config.kill_timeout == 9 < 10
+    longer = ServerConfig.from_env(
+        {"FUNCTION_TARGET": "upload_record", "SHUTDOWN_DRAIN_SECONDS": "25.5"}
+    )
+    assert longer.kill_timeout == 28
 
 
 @pytest.mark.parametrize(
@@ -38,6 +50,10 @@ def test_platform_variables_win() -> None:
         ({"FUNCTION_TARGET": "create_user", "WORKERS": "two"}, "WORKERS must be an integer"),
         ({"FUNCTION_TARGET": "create_user", "THREADS": "0"}, "THREADS must be at least 1"),
         ({"FUNCTION_TARGET": "create_user", "PORT": "-1"}, "PORT must be at least 1"),
+        (
+            {"FUNCTION_TARGET": "create_user", "SHUTDOWN_DRAIN_SECONDS": "0"},
+            "SHUTDOWN_DRAIN_SECONDS must be positive",
+        ),
     ],
 )
 def test_bad_settings_are_refused_with_the_reason(env: dict[str, str], message: str) -> None:

@@ -11,8 +11,10 @@ import pytest
 from common.settings import (
     DatabaseLogin,
     DownloadMode,
+    ServerSettings,
     Settings,
     SettingsError,
+    app_dir,
     normalise_database_url,
 )
 
@@ -200,3 +202,17 @@ def test_the_scheduled_jobs_need_no_idempotency_secret_on_lambda() -> None:
         assert Settings.from_env({**lambda_env, "FUNCTION_TARGET": job}).idempotency_secret
     with pytest.raises(SettingsError, match="IDEMPOTENCY_SECRET"):
         Settings.from_env({**lambda_env, "FUNCTION_TARGET": "create_user"})
+
+
+def test_server_settings_defaults_and_platform_names() -> None:
+    assert ServerSettings.from_env({}) == ServerSettings(
+        port=8080, host="0.0.0.0", workers=None, threads=None, app_dir="/app",
+        shutdown_drain_seconds=7.0,
+    )  # fmt: skip
+    env = {"PORT": "9000", "HOST": "127.0.0.1", "WORKERS": "3", "THREADS": "4",
+           "APP_DIR": "/srv/app", "SHUTDOWN_DRAIN_SECONDS": "2.5"}  # fmt: skip
+    assert ServerSettings.from_env(env) == ServerSettings(9000, "127.0.0.1", 3, 4, "/srv/app", 2.5)
+    assert app_dir(env) == "/srv/app"
+    assert app_dir({}) == "/app"
+    with pytest.raises(SettingsError, match="WORKERS must be at least 1"):
+        ServerSettings.from_env({"WORKERS": "0"})

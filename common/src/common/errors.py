@@ -241,6 +241,21 @@ class DependencyUnavailable(ServiceError):
         self.outcome_unknown = outcome_unknown
 
 
+class ServerStopping(ServiceError):
+    """The server was asked to stop (SIGTERM) and this request could not finish in its grace."""
+
+    status = 503
+    slug = "server-stopping"
+    title = "Service Unavailable"
+
+    def __init__(self, retry_after: int = 5) -> None:
+        super().__init__(
+            "The server stopped before this request could finish; nothing of it was kept. "
+            "Repeat it (with the same Idempotency-Key, if it had one).",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
 class StoredProblem(ServiceError):
     """A problem document kept from earlier (a failed conversion job), answered again as it was."""
 

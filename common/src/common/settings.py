@@ -4,7 +4,7 @@ Every setting has a safe default for the local stack, written once: on its field
 listed in docs/configuration.md. Platform variables keep their platform's spelling (``PORT``,
 ``AWS_ACCESS_KEY_ID`` ...); the project's own are upper-case names grouped by prefix (``S3_``,
 ``DB_``, ``MAX_``). This is the only module that reads the environment, besides the entry
-points' choice of what to run (``common.platform.entrypoint``, ``aws_lambda``, ``serve``).
+points' choice of what to run (``FUNCTION_TARGET``, ``AWS_LAMBDA_RUNTIME_API`` ...).
 """
 
 from __future__ import annotations
@@ -83,6 +83,49 @@ class DatabaseLogin:
             tls=tls,
             secret_arn=e.get("DATABASE_SECRET_ARN", "").strip() or None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """How a function's container serves it (``common.platform.serve``, ``.entrypoint``).
+
+    ``PORT`` keeps Cloud Run's spelling; ``WORKERS`` and ``THREADS`` functions-framework's.
+    """
+
+    port: int = 8080
+    host: str = "0.0.0.0"
+    # None: the function's own (common.platform.serve's SERVER_DEFAULTS).
+    workers: int | None = None
+    threads: int | None = None
+    # Where the image keeps functions/ and alembic.ini.
+    app_dir: str = "/app"
+    # After SIGTERM, requests in flight get this long to finish; then uploads still running
+    # are answered 503 and their partial MP3 discarded, and the server exits within
+    # SHUTDOWN_DRAIN_SECONDS + 2 s: below Cloud Run's 10-s grace with the default.
+    shutdown_drain_seconds: float = 7.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
+        e = os.environ if env is None else env
+        d = _SERVER_DEFAULTS
+        return cls(
+            port=int_setting(e, "PORT", d["port"], minimum=1),
+            host=e.get("HOST", "").strip() or d["host"],
+            workers=_optional_int(e, "WORKERS"),
+            threads=_optional_int(e, "THREADS"),
+            app_dir=app_dir(e),
+            shutdown_drain_seconds=_float(e, "SHUTDOWN_DRAIN_SECONDS", d["shutdown_drain_seconds"]),
+        )
+
+
+def app_dir(env: Mapping[str, str] | None = None) -> str:
+    """``APP_DIR`` alone: what the entry point needs before anything else is read."""
+    e = os.environ if env is None else env
+    return e.get("APP_DIR", "") or str(_SERVER_DEFAULTS["app_dir"])
+
+
+def _optional_int(env: Mapping[str, str], name: str) -> int | None:
+    return int_setting(env, name, 0, minimum=1) if env.get(name, "") else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +297,7 @@ class Settings:
 
 # Each field's default, as from_env falls back to it.
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)}
+_SERVER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ServerSettings)}
 
 
 def glibc_malloc_overrides(env: Mapping[str, str] | None = None) -> frozenset[str]:

@@ -24,10 +24,10 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from common.settings import SettingsError
+from common.settings import SettingsError, app_dir
 
 TARGETS = ("create_user", "upload_record", "get_record")  # the HTTP functions
-APP_DIR = Path(os.environ.get("APP_DIR", "/app"))
+APP_DIR = Path(app_dir())
 # One-shot jobs the same image runs: target -> the module and arguments of `python -m`.
 JOBS: dict[str, tuple[str, ...]] = {
     "sweep": ("common.ops.sweep",),

@@ -2,32 +2,33 @@
 
 functions-framework builds the function's WSGI app (``functions_framework.create_app``: the
 same seam its own CLI, the Lambda adapter and the tests use); granian serves it rather than
-functions-framework's default gunicorn, whose HTTP parsing, writes and body reads are Python:
-granian does them in Rust and hands the body to the function as it arrives (``wsgi.input``
-reads from the socket on demand). docs/performance.md has what that saves. Settings, from the
-environment:
-
-* ``FUNCTION_TARGET`` (required) and ``FUNCTION_SOURCE``, as functions-framework names them;
-* ``PORT`` (default 8080) and ``HOST`` (default 0.0.0.0), as Cloud Run and ff spell them;
-* ``WORKERS`` (processes) and ``THREADS`` (requests each process runs at once), ff's names,
-  with defaults per function (:data:`SERVER_DEFAULTS`).
-
-upload_record is served through :mod:`common.platform.bridge` (granian's ASGI interface): its
-bodies are read with deadlines, and a slow client holds no thread while it sends its fields.
+functions-framework's default gunicorn: granian parses, writes and reads bodies in Rust
+(docs/performance.md). Its settings are :class:`~common.settings.ServerSettings` (``PORT``,
+``HOST``, ``WORKERS``, ``THREADS``; per-function defaults in :data:`SERVER_DEFAULTS`).
+upload_record is served through :mod:`common.platform.bridge` (granian's ASGI interface).
+Shutdown (SIGTERM): granian stops accepting and lets requests in flight finish; after
+``SHUTDOWN_DRAIN_SECONDS`` the uploads still running are answered 503 (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
+import math
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from common.platform.entrypoint import TARGETS, check_target, function_source
 from common.platform.memory import tune_malloc
-from common.settings import SettingsError, int_setting
+from common.settings import ServerSettings, SettingsError
 
 # (processes, threads) per function. A small request is bound by the GIL, so one process tops
 # out near one core: create_user, the busiest, runs two (the router renews its connections so
@@ -56,8 +57,11 @@ def is_bridged(target: str, env: Mapping[str, str]) -> bool:
 
 # Connections waiting to be accepted; the router keeps a few dozen open to each function.
 BACKLOG = 1024
-# Seconds a stopping worker gets to finish its requests (an upload can take minutes).
-KILL_TIMEOUT_SECONDS = 30
+# After the drain, what an aborted upload needs to answer 503 and abort its multipart upload;
+# a worker still running then is killed (granian's workers_kill_timeout).
+ABORT_SECONDS = 2.0
+# Sent by the server process to its workers when the drain is over: stop the uploads.
+ABORT_SIGNAL = signal.SIGUSR1
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,20 +72,27 @@ class ServerConfig:
     port: int
     workers: int
     threads: int
+    drain_seconds: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServerConfig:
         target = check_target(env, TARGETS)
-        source = function_source(target, env)
+        server = ServerSettings.from_env(env)
         workers, threads = SERVER_DEFAULTS[target]
         return cls(
             target=target,
-            source=source,
-            host=env.get("HOST", "") or "0.0.0.0",
-            port=int_setting(env, "PORT", 8080, minimum=1),
-            workers=int_setting(env, "WORKERS", workers, minimum=1),
-            threads=int_setting(env, "THREADS", threads, minimum=1),
+            source=function_source(target, env),
+            host=server.host,
+            port=server.port,
+            workers=server.workers or workers,
+            threads=server.threads or threads,
+            drain_seconds=server.shutdown_drain_seconds,
         )
+
+    @property
+    def kill_timeout(self) -> int:
+        """Seconds from SIGTERM until granian kills a worker still running."""
+        return math.ceil(self.drain_seconds + ABORT_SECONDS)
 
 
 def load_app(source_and_target: str) -> Callable[..., Any]:
@@ -98,14 +109,34 @@ def load_app(source_and_target: str) -> Callable[..., Any]:
         from common.settings import get_settings
 
         settings = get_settings()
-        threads = int_setting(os.environ, "THREADS", SERVER_DEFAULTS[target][1], minimum=1)
+        threads = ServerSettings.from_env().threads or SERVER_DEFAULTS[target][1]
         pace = BodyPace(
             settings.body_grace_seconds,
             settings.body_min_bytes_per_second,
             settings.body_deadline_seconds,
         )
-        return WsgiBridge(app, threads, pace)
+        app = WsgiBridge(app, threads, pace)
+    # granian keeps SIGTERM to itself in its workers (it stops accepting and waits for the
+    # requests in flight): the end of the drain comes as a signal of its own.
+    signal.signal(ABORT_SIGNAL, _abort_requests)
     return app
+
+
+def _abort_requests(_signum: int, _frame: FrameType | None) -> None:
+    # In a thread: a handler runs between two bytecodes of the main thread, which may hold the
+    # very locks (logging's, a Stop's) that the abort takes.
+    threading.Thread(target=_stop_conversions, name="shutdown-abort", daemon=True).start()
+
+
+def _stop_conversions() -> None:
+    """The drain is over: every conversion still running (an upload, a pushed job) ends with
+    a 503 and discards its partial MP3; what else is in flight finishes or is killed."""
+    from common.domain.conversion import stop_conversions
+    from common.errors import ServerStopping
+    from common.settings import get_settings
+
+    stopped = stop_conversions(ServerStopping(get_settings().retry_after_seconds))
+    logging.getLogger(__name__).warning("shutdown: %d conversions aborted", stopped)
 
 
 def settle() -> None:
@@ -140,10 +171,47 @@ def build_server(config: ServerConfig) -> Any:
         # A worker that dies (killed mid-conversion, out of memory) is replaced, not fatal.
         respawn_failed_workers=True,
         respawn_interval=0.5,
-        workers_kill_timeout=KILL_TIMEOUT_SECONDS,
+        # SIGTERM: granian stops accepting, lets the requests in flight finish, and kills a
+        # worker still running this long after; drain_deadline aborts the uploads before.
+        workers_kill_timeout=config.kill_timeout,
         websockets=False,
         log_level=LogLevels.warning,
     )
+
+
+def drain_deadline(drain_seconds: float) -> Callable[[], None]:
+    """A startup hook for the server process: its first SIGTERM or SIGINT also starts a
+    timer that sends :data:`ABORT_SIGNAL` to the workers after ``drain_seconds``.
+
+    It wraps granian's own handlers, which it installs just before its startup hooks run.
+    """
+
+    def install() -> None:
+        started = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            granian_handler = signal.getsignal(signum)
+
+            def handler(
+                number: int, frame: FrameType | None, previous: Any = granian_handler
+            ) -> None:
+                if not started.is_set():
+                    started.set()
+                    timer = threading.Timer(drain_seconds, _abort_workers)
+                    timer.daemon = True
+                    timer.start()
+                if callable(previous):
+                    previous(number, frame)
+
+            signal.signal(signum, handler)
+
+    return install
+
+
+def _abort_workers() -> None:
+    for worker in multiprocessing.active_children():
+        if worker.pid is not None:
+            with contextlib.suppress(ProcessLookupError):  # it has finished already
+                os.kill(worker.pid, ABORT_SIGNAL)
 
 
 def main() -> None:
@@ -152,7 +220,9 @@ def main() -> None:
     except SettingsError as exc:
         sys.exit(str(exc))
     tune_malloc()
-    build_server(config).serve(target_loader=load_app)
+    server = build_server(config)
+    server.on_startup(drain_deadline(config.drain_seconds))
+    server.serve(target_loader=load_app)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ def serve(services: Services, *, once: bool = False) -> None:
 
 
 def _stop(signum: int, _frame: FrameType | None) -> None:
+    # Once is enough: a second signal must not cut short the giving back of the job in hand.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise Stopping(signal.Signals(signum).name)
 
 
