@@ -1,9 +1,11 @@
-"""Slow clients cannot hold upload_record, and each is cut off by its deadline, in any phase.
+"""Slow clients cannot hold a function, and each is cut off by its deadline, in any phase.
 
 A stack of its own with BODY_GRACE_SECONDS=3. Four times the function's threads in clients
-trickle a form field, unauthenticated (one byte a second); meanwhile requests to the same
-function keep answering. An authenticated client that stalls in the WAV header or in the
-audio gets a 408 at its deadline too, though no further byte arrives.
+trickle a form field, unauthenticated (one byte a second), or send whole fields with a wrong
+token and then trickle the file; meanwhile requests to the same function (uploads too) keep
+answering. An authenticated client that stalls in the WAV header or in the audio gets a 408
+at its deadline too, though no further byte arrives, and one that bursts then trickles gets it
+at BODY_DEADLINE_SECONDS. With DOWNLOAD_MODE=stream, slow readers leave get_record free.
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from devstack import ScratchStack
+from devstack import ScratchStack, wavgen
 from tests.support.stacks import running_stack
 
 GRACE = 3.0
+BODY_DEADLINE = 12.0
 THREADS = 8  # running_stack's
 SLACK = 2.5  # a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
 def slow_stack() -> Iterator[ScratchStack]:
-    with running_stack("records-slow-", {"BODY_GRACE_SECONDS": str(GRACE)}) as native:
+    env = {"BODY_GRACE_SECONDS": str(GRACE), "BODY_DEADLINE_SECONDS": str(BODY_DEADLINE)}
+    with running_stack("records-slow-", env) as native:
         yield native
 
 
@@ -113,11 +117,7 @@ def test_an_authenticated_upload_that_stalls_gets_408_at_its_deadline(
     slow_stack: ScratchStack, phase: str
 ) -> None:
     user = _user(slow_stack)
-    fields = b"".join(
-        b'--b\r\nContent-Disposition: form-data; name="' + name + b'"\r\n\r\n' + value + b"\r\n"
-        for name, value in ((b"user", user["id"].encode()), (b"token", user["token"].encode()))
-    )
-    fields += b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    fields = _fields(user, user["token"])
     wav = _wav_start()
     if phase == "audio":
         wav += b"data" + struct.pack("<I", 0) + bytes(200_000)
@@ -129,3 +129,72 @@ def test_an_authenticated_upload_that_stalls_gets_408_at_its_deadline(
     # The deadline: the grace, plus what the bytes sent buy at the minimum rate (16 KiB/s).
     assert took < GRACE + body_so_far / (16 * 1024) + SLACK
     assert took >= GRACE - 0.1
+
+
+def _fields(user: dict[str, str], token: str) -> bytes:
+    form = b"".join(
+        b'--b\r\nContent-Disposition: form-data; name="' + name + b'"\r\n\r\n' + value + b"\r\n"
+        for name, value in ((b"user", user["id"].encode()), (b"token", token.encode()))
+    )
+    return form + b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+
+
+def test_refused_clients_that_trickle_on_hold_no_thread(slow_stack: ScratchStack) -> None:
+    """A wrong token with its fields complete is answered 401 at once; what it trickles after
+    is drained without a thread, so uploads and the other routes keep answering."""
+    user = _user(slow_stack)
+    port = slow_stack.ports.router
+    head = _form_head(_fields(user, str(uuid.uuid4())) + _wav_start())
+    ends: list[tuple[float, int]] = []
+    clients = [
+        threading.Thread(target=_answer_after, args=(port, head, True, ends))
+        for _ in range(4 * THREADS)
+    ]
+    for thread in clients:
+        thread.start()
+    time.sleep(1.0)
+    wav = wavgen.wav(seconds=0.5)
+    latencies: list[float] = []
+    statuses: list[int] = []
+    stop_at = time.monotonic() + 10.0  # the refused bodies trickle on all along
+    while time.monotonic() < stop_at:
+        start = time.monotonic()
+        if len(latencies) % 2:
+            response = requests.get(
+                f"{slow_stack.base_url}/records/uploads/{uuid.uuid4()}",
+                params={"user": user["id"]},
+                headers={"Authorization": f"Bearer {user['token']}"},
+                timeout=30,
+            )
+        else:
+            response = requests.post(
+                f"{slow_stack.base_url}/records",
+                params={"user": user["id"]},
+                headers={"Authorization": f"Bearer {user['token']}", "Content-Type": "audio/wav"},
+                data=wav,
+                timeout=30,
+            )
+        latencies.append(time.monotonic() - start)
+        statuses.append(response.status_code)
+        time.sleep(0.1)
+    for thread in clients:
+        thread.join()
+    assert set(statuses) == {201, 404}, statuses
+    assert statistics.quantiles(latencies, n=100)[98] < 1.0, latencies
+    assert {status for _, status in ends} == {401}, sorted(ends)
+    assert max(took for took, _ in ends) < SLACK, sorted(ends)
+
+
+def test_a_body_that_bursts_then_trickles_ends_at_the_absolute_deadline(
+    slow_stack: ScratchStack,
+) -> None:
+    """Half a megabyte at once buys 30 s at the minimum rate; the body's deadline comes first."""
+    user = _user(slow_stack)
+    wav = _wav_start() + b"data" + struct.pack("<I", 0) + bytes(512 * 1024)
+    ends: list[tuple[float, int]] = []
+    _answer_after(
+        slow_stack.ports.router, _form_head(_fields(user, user["token"]) + wav), True, ends
+    )
+    [(took, status)] = ends
+    assert status == 408
+    assert BODY_DEADLINE - 0.1 <= took < BODY_DEADLINE + SLACK
