@@ -1,6 +1,6 @@
 """The function images under AWS's Lambda Runtime Interface Emulator, as Lambda runs them.
 
-tests/compose/lambda-emulator.yaml runs each image's own entry point under the emulator binary
+devstack's lambda-emulator.yaml runs each image's own entry point under the emulator binary
 from the aws-sam-cli wheel (devstack.lambda_emulator), with the memory, /tmp size and timeout
 of infra/aws/template.yaml, a read-only root, on the compose network with docker-compose.yml's
 PostgreSQL and SeaweedFS, and an SQS API (moto) as the job queue. The events are AWS's shapes:
@@ -24,10 +24,10 @@ import pg8000.native
 import pytest
 import requests
 from botocore.config import Config
+from devstack.lambda_events import LambdaResponse, event, event_fixture, parse_response
 
 from devstack import lambda_emulator as rie
 from devstack import wavgen
-from tests.support.lambda_events import LambdaResponse, event, event_fixture, parse_response
 
 from .conftest import ROOT, Compose, free_port
 

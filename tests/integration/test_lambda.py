@@ -27,11 +27,12 @@ from common.platform import aws_lambda, entrypoint
 from common.platform.aws_lambda import LambdaHandler, make_handler
 from common.platform.runtime import Services, set_services
 from common.settings import DownloadMode, JobQueueKind, Settings
+from devstack.lambda_events import event, event_fixture, parse_response
 from moto import mock_aws
 
 from devstack import NativeStack, wavgen
 from tests.support import ROOT, Client
-from tests.support.lambda_events import event, event_fixture, multipart, parse_response
+from tests.support.forms import multipart
 from tests.support.stack_clients import RecordingQueue, build_services
 
 FUNCTION_URL_HOST = "abcdefghijklmnopqrstuvwxyz012345.lambda-url.us-east-1.on.aws"

@@ -2,9 +2,9 @@
 
 The emulator is the ``aws-lambda-rie`` binary inside the aws-sam-cli wheel on PyPI:
 :func:`rie_binary` downloads that wheel (pinned version and SHA-256) with pip, once, and takes
-the binary out of it.
-``tests/compose/lambda-emulator.yaml`` runs each image's own entry point under it, with the memory,
-/tmp size and timeout that infra/aws/template.yaml gives the function (:func:`template_limits`).
+the binary out of it. ``lambda-emulator.yaml`` (next to this module) runs each image's own
+entry point under it, with the memory, /tmp size and timeout that infra/aws/template.yaml gives
+the function (:func:`template_limits`).
 :func:`invoke` posts an event to a function; :func:`cold_start` restarts one and times its first
 invocation (init included) and the next; :func:`import_tree` is ``python -X importtime`` of what
 the function's init imports, summed per top-level package.
@@ -36,7 +36,7 @@ SAM_CLI_WHEEL = f"aws_sam_cli-{SAM_CLI_VERSION}-py3-none-any.whl"
 SAM_CLI_WHEEL_SHA256 = "24ebaf5ecba38dc1758089968cb89ab61e124b84e92a344fc7a2771a47f4d0bf"
 RIE_MEMBER = "samcli/local/rapid/aws-lambda-rie-x86_64"
 INVOKE_PATH = "/2015-03-31/functions/function/invocations"
-OVERRIDE = Path(__file__).resolve().parents[3] / "tests" / "compose" / "lambda-emulator.yaml"
+OVERRIDE = Path(__file__).resolve().parent / "lambda-emulator.yaml"  # a compose override file
 # The template's functions, by the name of their compose service (lambda_<name>).
 TEMPLATE_FUNCTIONS = {
     "create_user": "CreateUserFunction",

@@ -1,8 +1,9 @@
-"""Lambda Function URL / HTTP API (payload 2.0) events from the JSON fixtures in support/events/.
+"""Lambda Function URL / HTTP API (payload 2.0) events from the JSON fixtures in ``events/``.
 
 The fixtures are real event payloads as the Lambda service delivers them; :func:`event` fills
 in the parts a test varies (path, method, query string, headers, body) the way Lambda would:
-a base64 body for fixtures that carry one (``isBase64Encoded``), text otherwise.
+a base64 body for fixtures that carry one (``isBase64Encoded``), text otherwise. The tests and
+the benchmark both send them; the fixtures ship inside this package.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
-
-import requests
 
 EVENTS = Path(__file__).resolve().parent / "events"
 
@@ -73,15 +72,6 @@ def event(
             ev["body"] = raw.decode("utf-8")
         ev["headers"]["content-length"] = str(len(raw))
     return ev
-
-
-def multipart(fields: dict[str, str], file: tuple[str, bytes, str]) -> tuple[str, bytes]:
-    """(content type, body) of a multipart/form-data request as requests builds it."""
-    prepared = requests.Request(
-        "POST", "http://example.invalid/", data=fields, files={"file": file}
-    ).prepare()
-    assert isinstance(prepared.body, bytes)
-    return prepared.headers["Content-Type"], prepared.body
 
 
 @dataclass
