@@ -6,8 +6,9 @@ writes to ``bench/results.md`` with the machine and its load. The figures: 1 upl
 bare ffmpeg, 2 memory, 3 two uploads at once (:mod:`bench.uploads`); 4 small requests, 5 their
 slowest while a WAV converts (:mod:`bench.small`); 6 image size and cold start
 (:mod:`bench.images`); 7 voice notes (:mod:`bench.voice_notes`); 8 slow clients
-(:mod:`bench.slow_clients`). ``--smoke`` runs every step tiny: it proves the command works.
-docs/performance.md explains each figure."""
+(:mod:`bench.slow_clients`); 9 cold starts under the Lambda emulator (:mod:`bench.cold_starts`).
+``--smoke`` runs every step tiny: it proves the command works. docs/performance.md explains
+each figure."""
 
 from __future__ import annotations
 
