@@ -2,8 +2,9 @@
 # make deploy-gcp: build the images, push them to Artifact Registry, and roll out in the safe
 # order: accounts and bucket, secrets, the Cloud Tasks queue, the migrations (a Cloud Run job
 # on the new image, executed and waited for), then the Cloud Run services (infra/gcp/*.yaml),
-# the scheduled sweep (Cloud Run job + Cloud Scheduler) and the HTTPS load balancer with Cloud
-# Armor in front (infra/gcp/url-map.yaml, http-redirect.yaml). Safe to run again.
+# the scheduled sweep (Cloud Run job + Cloud Scheduler), the HTTPS load balancer with Cloud
+# Armor in front (infra/gcp/url-map.yaml, http-redirect.yaml) and the Cloud Monitoring alert
+# policies (infra/gcp/alerts/*.yaml, the AWS template's alarms). Safe to run again.
 # docs/deploy-gcp.md explains each step.
 #
 # Needs: docker (with buildx), gcloud signed in with a project you own, and a Cloud SQL for
@@ -23,6 +24,8 @@
 #   MAX_INSTANCES_CREATE_USER (2), MAX_INSTANCES_UPLOAD_RECORD (3), MAX_INSTANCES_GET_RECORD (3),
 #   DB_POOL_SIZE_CREATE_USER (4), DB_POOL_SIZE_UPLOAD_RECORD (2), DB_POOL_SIZE_GET_RECORD (4),
 #   DB_HEADROOM (5), RATE_LIMIT_RPS (100), RATE_LIMIT_BURST (300), SWEEP_SCHEDULE (hourly)
+#   ALARM_EMAIL         address notified by the alert policies (an email notification channel;
+#                       unset: incidents show in the console only, channels already set are kept)
 #   DRY_RUN=1           print the steps instead of running them
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +42,10 @@ require() {  # require NAME...: set, and not a placeholder from the docs
 }
 require PROJECT_ID REGION CLOUDSQL_INSTANCE DATABASE_URL DB_MAX_CONNECTIONS
 if [[ "${HTTP_ONLY:-}" != 1 ]]; then require DOMAIN; fi
+if [[ -n "${ALARM_EMAIL:-}" ]]; then
+    require ALARM_EMAIL
+    [[ "$ALARM_EMAIL" =~ ^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$ ]] || missing+=(ALARM_EMAIL)
+fi
 for name in DB_MAX_CONNECTIONS DB_HEADROOM MAX_INSTANCES_CREATE_USER MAX_INSTANCES_UPLOAD_RECORD \
     MAX_INSTANCES_GET_RECORD DB_POOL_SIZE_CREATE_USER DB_POOL_SIZE_UPLOAD_RECORD \
     DB_POOL_SIZE_GET_RECORD RATE_LIMIT_RPS RATE_LIMIT_BURST; do
@@ -136,10 +143,11 @@ custom_role() {  # custom_role ID PERMISSIONS: a project role with exactly these
     fi
 }
 
-echo "==> 1/10 APIs, one service account per function and job, Artifact Registry"
+echo "==> 1/11 APIs, one service account per function and job, Artifact Registry"
 run "${G[@]}" services enable run.googleapis.com artifactregistry.googleapis.com \
     sqladmin.googleapis.com secretmanager.googleapis.com compute.googleapis.com \
-    storage.googleapis.com cloudtasks.googleapis.com cloudscheduler.googleapis.com
+    storage.googleapis.com cloudtasks.googleapis.com cloudscheduler.googleapis.com \
+    monitoring.googleapis.com
 for name in create-user upload-record get-record sweep migrate tasks scheduler; do
     exists iam service-accounts describe "$(sa "$name")" \
         || run "${G[@]}" iam service-accounts create "records-$name" \
@@ -154,7 +162,7 @@ exists artifacts repositories describe "$REPOSITORY" --location "$REGION" \
         --repository-format=docker
 run "${G[@]}" auth configure-docker "$REGION-docker.pkg.dev"
 
-echo "==> 2/10 build and push the images"
+echo "==> 2/11 build and push the images"
 for fn in "${FUNCTIONS[@]}"; do
     image="$REGISTRY/${fn//_/-}:$IMAGE_TAG"
     run docker buildx build --platform linux/amd64 --build-arg "FUNCTION=$fn" \
@@ -162,7 +170,7 @@ for fn in "${FUNCTIONS[@]}"; do
     export "IMAGE_${fn^^}=$image"
 done
 
-echo "==> 3/10 bucket gs://$BUCKET and each account's rights on it"
+echo "==> 3/11 bucket gs://$BUCKET and each account's rights on it"
 exists storage buckets describe "gs://$BUCKET" \
     || run "${G[@]}" storage buckets create "gs://$BUCKET" --location "$REGION" \
         --uniform-bucket-level-access --public-access-prevention
@@ -180,7 +188,7 @@ bind_bucket "$SA_UPLOAD_RECORD" roles/storage.objectUser
 bind_bucket "$SA_GET_RECORD" "projects/$PROJECT_ID/roles/recordsReader"
 bind_bucket "$SA_SWEEP" "projects/$PROJECT_ID/roles/recordsSweeper"
 
-echo "==> 4/10 secrets: DATABASE_URL, IDEMPOTENCY_SECRET, an HMAC key per account"
+echo "==> 4/11 secrets: DATABASE_URL, IDEMPOTENCY_SECRET, an HMAC key per account"
 printf '%s' "$DATABASE_URL" | put_secret records-database-url
 grant_secret records-database-url "$SA_CREATE_USER" "$SA_UPLOAD_RECORD" "$SA_GET_RECORD" \
     "$SA_SWEEP" "$SA_MIGRATE"
@@ -206,7 +214,7 @@ for name in create-user upload-record get-record sweep; do
     grant_secret "records-hmac-$name-secret" "$account"
 done
 
-echo "==> 5/10 Cloud Tasks queue records-jobs (3 attempts; the task's dispatch deadline is 1800 s)"
+echo "==> 5/11 Cloud Tasks queue records-jobs (3 attempts; the task's dispatch deadline is 1800 s)"
 if exists tasks queues describe records-jobs --location "$REGION"; then
     run "${G[@]}" tasks queues update records-jobs --location "$REGION" --max-attempts=3 \
         --max-concurrent-dispatches="$MAX_INSTANCES_UPLOAD_RECORD"
@@ -226,14 +234,14 @@ else
 fi
 export TASKS_TARGET_URL="https://records-upload-record-$PROJECT_NUMBER.$REGION.run.app/_tasks/convert"
 
-echo "==> 6/10 migrations: the Cloud Run job records-migrate on the new image, before any service"
+echo "==> 6/11 migrations: the Cloud Run job records-migrate on the new image, before any service"
 run "${G[@]}" run jobs deploy records-migrate --region "$REGION" --image "$IMAGE_UPLOAD_RECORD" \
     --service-account "$SA_MIGRATE" --set-cloudsql-instances "$CLOUDSQL_INSTANCE" \
     --set-secrets DATABASE_URL=records-database-url:latest \
     --set-env-vars FUNCTION_TARGET=migrate --max-retries 0 --task-timeout 900s
 run "${G[@]}" run jobs execute records-migrate --region "$REGION" --wait
 
-echo "==> 7/10 Cloud Run services (reached only through the load balancer)"
+echo "==> 7/11 Cloud Run services (reached only through the load balancer)"
 VARS='${PROJECT_ID} ${CLOUDSQL_INSTANCE} ${BUCKET} ${DOWNLOAD_MODE} ${MAX_UPLOAD_BYTES}
 ${MAX_DIRECT_UPLOAD_BYTES} ${PUBLIC_BASE_URL} ${IMAGE_CREATE_USER} ${IMAGE_UPLOAD_RECORD}
 ${IMAGE_GET_RECORD} ${SA_CREATE_USER} ${SA_UPLOAD_RECORD} ${SA_GET_RECORD}
@@ -254,7 +262,7 @@ done
 run "${G[@]}" run services add-iam-policy-binding records-upload-record --region "$REGION" \
     --member="serviceAccount:$TASKS_SERVICE_ACCOUNT" --role=roles/run.invoker
 
-echo "==> 8/10 the sweep: Cloud Run job records-sweep, run by Cloud Scheduler ($SWEEP_SCHEDULE)"
+echo "==> 8/11 the sweep: Cloud Run job records-sweep, run by Cloud Scheduler ($SWEEP_SCHEDULE)"
 run "${G[@]}" run jobs deploy records-sweep --region "$REGION" --image "$IMAGE_UPLOAD_RECORD" \
     --service-account "$SA_SWEEP" --set-cloudsql-instances "$CLOUDSQL_INSTANCE" \
     --set-env-vars "FUNCTION_TARGET=sweep,DB_POOL_SIZE=1,S3_ENDPOINT_URL=https://storage.googleapis.com,S3_REGION=auto,S3_BUCKET=$BUCKET" \
@@ -269,7 +277,7 @@ run "${G[@]}" scheduler jobs "$verb" http records-sweep --location "$REGION" \
     --schedule="$SWEEP_SCHEDULE" --uri="$sweep_uri" --http-method=POST \
     --oauth-service-account-email="$SA_SCHEDULER"
 
-echo "==> 9/10 load balancer: NEGs, backend services with Cloud Armor, URL map, HTTPS"
+echo "==> 9/11 load balancer: NEGs, backend services with Cloud Armor, URL map, HTTPS"
 # Cloud Armor: per client address, RATE_LIMIT_RPS/s with bursts of RATE_LIMIT_BURST (the
 # router's limit), counted over 10 s windows: 10 x rps + burst; over it, 429.
 exists compute security-policies describe records-armor \
@@ -332,7 +340,47 @@ exists compute forwarding-rules describe records-http --global \
         --load-balancing-scheme=EXTERNAL_MANAGED --address=records-ip \
         --target-http-proxy=records-http-proxy --ports=80
 
-echo "==> 10/10 done"
+echo "==> 10/11 alert policies (infra/gcp/alerts/*.yaml), notifying ${ALARM_EMAIL:-nobody (ALARM_EMAIL unset)}"
+channel=""
+if [[ -n "${ALARM_EMAIL:-}" ]]; then
+    if [[ "$DRY" != 1 ]]; then
+        channel=$("${G[@]}" beta monitoring channels list --format='value(name)' \
+            --filter="type=email AND labels.email_address=\"$ALARM_EMAIL\"" | head -n 1)
+    fi
+    if [[ -z "$channel" && "$DRY" == 1 ]]; then
+        printf '+ %s beta monitoring channels create --type=email --channel-labels=%s\n' \
+            "${G[*]}" "email_address=$ALARM_EMAIL"
+        channel="projects/$PROJECT_ID/notificationChannels/DRY_RUN"
+    elif [[ -z "$channel" ]]; then
+        channel=$("${G[@]}" beta monitoring channels create --type=email \
+            --display-name="records alarms" --channel-labels="email_address=$ALARM_EMAIL" \
+            --format='value(name)')
+    fi
+fi
+# A policy is found again by its displayName (the first line of its file that starts with
+# one): replaced from the file on a re-run, keeping the channels it already notifies.
+for policy in infra/gcp/alerts/*.yaml; do
+    name=$(sed -n 's/^displayName: *//p' "$policy" | head -n 1)
+    id=""
+    if [[ "$DRY" != 1 ]]; then
+        id=$("${G[@]}" monitoring policies list --format='value(name)' \
+            --filter="displayName=\"$name\"" | head -n 1)
+    fi
+    if [[ -z "$id" ]]; then
+        run "${G[@]}" monitoring policies create --policy-from-file="$policy" \
+            ${channel:+--notification-channels="$channel"}
+        continue
+    fi
+    channels=$("${G[@]}" monitoring policies describe "$id" \
+        --format='value(notificationChannels.list(separator=","))')
+    if [[ -n "$channel" && ",$channels," != *",$channel,"* ]]; then
+        channels=${channels:+$channels,}$channel
+    fi
+    run "${G[@]}" monitoring policies update "$id" --policy-from-file="$policy" \
+        ${channels:+--set-notification-channels="$channels"}
+done
+
+echo "==> 11/11 done"
 if [[ "$DRY" != 1 ]]; then
     ip=$("${G[@]}" compute addresses describe records-ip --global --format='value(address)')
     if [[ "${HTTP_ONLY:-}" == 1 ]]; then

@@ -528,6 +528,320 @@ def test_gcp_http_redirect_map() -> None:
     assert "defaultService" not in redirect
 
 
+# --- GCP alerting: the AWS template's alarms as Cloud Monitoring alert policies -----------------
+
+ALERTS = GCP / "alerts"
+# The metric types the policies may name, each with the monitored resource that reports it
+# (Google Cloud's metrics list, run.googleapis.com and cloudtasks.googleapis.com).
+KNOWN_METRICS = {
+    "run.googleapis.com/request_count": "cloud_run_revision",
+    "run.googleapis.com/request_latencies": "cloud_run_revision",
+    "run.googleapis.com/job/completed_execution_count": "cloud_run_job",
+    "run.googleapis.com/job/running_executions": "cloud_run_job",
+    "cloudtasks.googleapis.com/queue/task_attempt_count": "cloud_tasks_queue",
+    "cloudtasks.googleapis.com/queue/depth": "cloud_tasks_queue",
+}
+# The AlertPolicy and MetricThreshold fields of the Monitoring API v3 (projects.alertPolicies).
+POLICY_FIELDS = {"displayName", "documentation", "userLabels", "conditions", "combiner",
+                 "enabled", "notificationChannels", "alertStrategy", "severity"}  # fmt: skip
+THRESHOLD_FIELDS = {"filter", "aggregations", "denominatorFilter", "denominatorAggregations",
+                    "comparison", "thresholdValue", "duration", "trigger",
+                    "evaluationMissingData", "forecastOptions"}  # fmt: skip
+ALIGNERS = {"ALIGN_DELTA", "ALIGN_RATE", "ALIGN_SUM", "ALIGN_MAX", "ALIGN_MEAN", "ALIGN_COUNT",
+            "ALIGN_PERCENTILE_99", "ALIGN_PERCENTILE_95", "ALIGN_PERCENTILE_50"}  # fmt: skip
+REDUCERS = {"REDUCE_SUM", "REDUCE_MAX", "REDUCE_MEAN", "REDUCE_COUNT"}
+COMPARISON = {"GreaterThanThreshold": "COMPARISON_GT", "LessThanThreshold": "COMPARISON_LT",
+              "GreaterThanOrEqualToThreshold": "COMPARISON_GE",
+              "LessThanOrEqualToThreshold": "COMPARISON_LE"}  # fmt: skip
+# The AWS alarm (infra/aws/template.yaml) each policy file stands for.
+AWS_TWINS = {
+    "http-5xx-rate.yaml": ["Api5xxRateAlarm"],
+    "request-latency.yaml": ["CreateUserDurationAlarm", "UploadRecordDurationAlarm",
+                             "GetRecordDurationAlarm"],
+    "job-attempts-failed.yaml": ["JobDeadLetterAlarm"],
+    "sweep-failed.yaml": ["AsyncFailureAlarm"],
+    "sweep-duration.yaml": ["SweepDurationAlarm"],
+}  # fmt: skip
+_TERM = r'(?:metric|resource)\.(?:type|label\.\w+)\s*!?=\s*"[^"]*"'
+_TERMS = re.compile(r'((?:metric|resource)\.(?:type|label\.\w+))\s*(!?=)\s*"([^"]*)"')
+
+
+def alert_policy(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ALERTS / name).read_text())
+    return loaded
+
+
+def filter_terms(text: str) -> dict[str, tuple[str, str]]:
+    """A monitoring filter made of `key = "value"` terms joined by AND, as {key: (op, value)}."""
+    assert re.fullmatch(rf"{_TERM}(\s+AND\s+{_TERM})*", text.strip()), text
+    terms = {key: (op, value) for key, op, value in _TERMS.findall(text)}
+    assert len(terms) == len(_TERMS.findall(text)), f"a key twice in {text}"
+    return terms
+
+
+def _thresholds(name: str) -> list[dict[str, Any]]:
+    return [c["conditionThreshold"] for c in alert_policy(name)["conditions"]]
+
+
+def _seconds(duration: str) -> int:
+    assert re.fullmatch(r"\d+s", duration), duration
+    return int(duration[:-1])
+
+
+def test_alert_policies_are_alert_policies_on_known_metrics() -> None:
+    files = sorted(p.name for p in ALERTS.glob("*"))
+    assert files == sorted(AWS_TWINS)  # each file has its AWS alarm, each alarm its file
+    names = [alert_policy(f)["displayName"] for f in files]
+    assert len(set(names)) == len(names)  # the deploy script finds a policy by its name
+    for name in files:
+        policy = alert_policy(name)
+        assert set(policy) <= POLICY_FIELDS, name
+        assert policy["combiner"] == "OR" and policy["conditions"], name
+        assert policy["documentation"]["mimeType"] == "text/markdown"
+        assert "notificationChannels" not in policy  # the deploy script adds ALARM_EMAIL's
+        lines = (ALERTS / name).read_text().splitlines()
+        first = next(line for line in lines if line.startswith("displayName:"))
+        assert first.removeprefix("displayName:").strip() == policy["displayName"]  # the sed
+        for condition in policy["conditions"]:
+            assert set(condition) == {"displayName", "conditionThreshold"}, name
+            threshold = condition["conditionThreshold"]
+            assert set(threshold) <= THRESHOLD_FIELDS, name
+            assert threshold["comparison"] in COMPARISON.values()
+            assert isinstance(threshold["thresholdValue"], int | float)
+            assert threshold["trigger"] == {"count": 1}
+            _seconds(threshold["duration"])
+            terms = filter_terms(threshold["filter"])
+            metric = terms["metric.type"][1]
+            assert KNOWN_METRICS.get(metric) == terms["resource.type"][1], metric
+            pairs = [("aggregations", threshold["filter"])]
+            if "denominatorFilter" in threshold:
+                denominator = filter_terms(threshold["denominatorFilter"])
+                # A ratio of the same metric on the same resource, the numerator a subset.
+                assert denominator.items() <= terms.items(), name
+                assert denominator["metric.type"] == terms["metric.type"]
+                pairs.append(("denominatorAggregations", threshold["denominatorFilter"]))
+            for key, text in pairs:
+                (aggregation,) = threshold[key]
+                assert aggregation["perSeriesAligner"] in ALIGNERS
+                assert aggregation["crossSeriesReducer"] in REDUCERS
+                _seconds(aggregation["alignmentPeriod"])
+                for field in aggregation["groupByFields"]:  # labels the filter pins down
+                    assert field in filter_terms(text), (name, field)
+
+
+def test_filter_terms_refuses_what_it_does_not_understand() -> None:
+    with pytest.raises(AssertionError):
+        filter_terms('metric.type="x" OR resource.type="y"')
+    with pytest.raises(AssertionError):
+        filter_terms('metric.type=starts_with("run.googleapis.com/")')
+    assert filter_terms('metric.label.result!="ok" AND metric.type="m"') == {
+        "metric.label.result": ("!=", "ok"), "metric.type": ("=", "m")}  # fmt: skip
+
+
+def _aws_alarm(name: str) -> dict[str, Any]:
+    props: dict[str, Any] = _resources("AWS::CloudWatch::Alarm")[name]["Properties"]
+    assert props["EvaluationPeriods"] == 1 and props["TreatMissingData"] == "notBreaching"
+    return props
+
+
+def _same_window(threshold: dict[str, Any], alarm: dict[str, Any]) -> None:
+    """One AWS evaluation period of Period seconds is one alignment period, no extra duration."""
+    stats = [m["MetricStat"] for m in alarm.get("Metrics", []) if "MetricStat" in m]
+    periods = {alarm.get("Period")} | {stat["Period"] for stat in stats}
+    periods.discard(None)
+    (period,) = periods
+    assert threshold["aggregations"][0]["alignmentPeriod"] == f"{period}s"
+    assert threshold["duration"] == "0s"
+    assert threshold["comparison"] == COMPARISON[alarm["ComparisonOperator"]]
+
+
+def _by_service(name: str, label: str) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for threshold in _thresholds(name):
+        resource = filter_terms(threshold["filter"])[label]
+        assert resource[0] == "=" and resource[1] not in found, (name, resource)
+        found[resource[1]] = threshold
+    return found
+
+
+def _gcp_sweep_task_timeout() -> int:
+    out = dry_run("deploy_gcp.sh", GCP_ENV)
+    sweep = _steps(out)[_index(_steps(out), "run jobs deploy records-sweep")]
+    found = re.search(r"--task-timeout (\d+)s", sweep)
+    assert found, sweep
+    return int(found.group(1))
+
+
+def test_alert_thresholds_are_the_aws_alarms_on_every_service_queue_and_job() -> None:
+    services = {f: rendered(f"{f.replace('_', '-')}.yaml") for f in FUNCTIONS}
+    names = {f: s["metadata"]["name"] for f, s in services.items()}
+    # 5xx: AWS alarms on a percentage of the API's requests; here each service's ratio.
+    alarm = _aws_alarm("Api5xxRateAlarm")
+    (expression,) = [m["Expression"] for m in alarm["Metrics"] if "Expression" in m]
+    assert expression.startswith("100 * errors / ")
+    ratios = _by_service("http-5xx-rate.yaml", "resource.label.service_name")
+    assert set(ratios) == set(names.values())
+    for threshold in ratios.values():
+        _same_window(threshold, alarm)
+        assert threshold["thresholdValue"] == alarm["Threshold"] / 100
+        assert filter_terms(threshold["filter"])["metric.label.response_code_class"] == (
+            "=", "5xx")  # fmt: skip
+        assert "metric.label.response_code_class" not in filter_terms(
+            threshold["denominatorFilter"])  # fmt: skip
+    # Latency: AWS alarms at a fraction of each Lambda's timeout; the same fraction of each
+    # Cloud Run service's request timeout, in milliseconds both.
+    functions = _resources("AWS::Lambda::Function")
+    fractions: dict[str, float] = {}
+    for alarm_name in [*AWS_TWINS["request-latency.yaml"], "SweepDurationAlarm"]:
+        alarm = _aws_alarm(alarm_name)
+        function = functions[alarm["Dimensions"][0]["Value"]["Ref"]]["Properties"]
+        target = function["Environment"]["Variables"]["FUNCTION_TARGET"]
+        fractions[target] = alarm["Threshold"] / (function["Timeout"] * 1000)
+        assert alarm["Statistic"] == "Maximum"
+    assert set(fractions) == {*FUNCTIONS, "sweep"}
+    latencies = _by_service("request-latency.yaml", "resource.label.service_name")
+    assert set(latencies) == set(names.values())
+    for function, service in services.items():
+        threshold = latencies[names[function]]
+        alarm = _aws_alarm(AWS_TWINS["request-latency.yaml"][FUNCTIONS.index(function)])
+        _same_window(threshold, alarm)
+        timeout = service["spec"]["template"]["spec"]["timeoutSeconds"]
+        assert threshold["thresholdValue"] == fractions[function] * timeout * 1000, function
+        # AWS's Maximum: the slowest 1 % of a window, the highest of the service's series.
+        (aggregation,) = threshold["aggregations"]
+        assert aggregation["perSeriesAligner"] == "ALIGN_PERCENTILE_99"
+        assert aggregation["crossSeriesReducer"] == "REDUCE_MAX"
+    # The sweep: running for the same fraction of the job's task timeout.
+    (running,) = _thresholds("sweep-duration.yaml")
+    terms = filter_terms(running["filter"])
+    assert terms["resource.label.job_name"] == ("=", "records-sweep")
+    assert terms["metric.type"] == ("=", "run.googleapis.com/job/running_executions")
+    assert running["comparison"] == "COMPARISON_GT" and running["thresholdValue"] == 0
+    assert _seconds(running["duration"]) == fractions["sweep"] * _gcp_sweep_task_timeout()
+    assert _seconds(running["aggregations"][0]["alignmentPeriod"]) <= 60
+    # Dead letters and failed sweeps: any at all in a window, as on AWS.
+    (attempts,) = _thresholds("job-attempts-failed.yaml")
+    _same_window(attempts, _aws_alarm("JobDeadLetterAlarm"))
+    assert attempts["thresholdValue"] == _aws_alarm("JobDeadLetterAlarm")["Threshold"] == 0
+    terms = filter_terms(attempts["filter"])
+    assert terms["resource.label.queue_id"] == ("=", GCP_VALUES["CLOUD_TASKS_QUEUE"].split("/")[-1])
+    assert terms["metric.label.response_code"] == ("!=", "ok")
+    (failed,) = _thresholds("sweep-failed.yaml")
+    _same_window(failed, _aws_alarm("AsyncFailureAlarm"))
+    assert failed["thresholdValue"] == _aws_alarm("AsyncFailureAlarm")["Threshold"] == 0
+    terms = filter_terms(failed["filter"])
+    assert terms["resource.label.job_name"] == ("=", "records-sweep")
+    assert terms["metric.label.result"] == ("=", "failed")
+
+
+def _policy_lines(out: str, verb: str) -> dict[str, str]:
+    lines = [line for line in _steps(out) if f" monitoring policies {verb} " in line]
+    found = {}
+    for line in lines:
+        match = re.search(r"--policy-from-file=infra/gcp/alerts/(\S+)", line)
+        assert match, line
+        found[match.group(1)] = line
+    assert len(found) == len(lines), lines  # each file once
+    return found
+
+
+def test_deploy_gcp_creates_every_alert_policy_with_the_alarm_address() -> None:
+    out = dry_run("deploy_gcp.sh", {**GCP_ENV, "ALARM_EMAIL": "oncall@acme.test"})
+    lines = _steps(out)
+    assert "monitoring.googleapis.com" in lines[_index(lines, "services enable")]
+    channel = _index(lines, "monitoring channels create --type=email")
+    assert "--channel-labels=email_address=oncall@acme.test" in lines[channel]
+    created = _policy_lines(out, "create")
+    assert set(created) == set(AWS_TWINS)
+    for line in created.values():
+        assert line.startswith("+ gcloud --project records-prod --quiet monitoring policies")
+        assert line.endswith(
+            " --notification-channels=projects/records-prod/notificationChannels/DRY_RUN"
+        )
+        assert lines.index(line) > max(channel, _index(lines, "run jobs deploy records-sweep"))
+    # Without an address the policies still open incidents (in the console), notifying nobody.
+    quiet = dry_run("deploy_gcp.sh", GCP_ENV)
+    assert "channels create" not in quiet and "notifying nobody (ALARM_EMAIL unset)" in quiet
+    assert set(_policy_lines(quiet, "create")) == set(AWS_TWINS)
+    assert "--notification-channels" not in quiet
+    for bad in ("oncall@example.com", "not-an-address", "a b@acme.test"):
+        assert "ALARM_EMAIL" in refused("deploy_gcp.sh", {**GCP_ENV, "ALARM_EMAIL": bad})
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# gcloud for the re-run test: records each call; every resource exists already.
+printf '%s\n' "$*" >>"$FAKE_LOG"
+case "$*" in
+    *"--data-file=-"*) cat >/dev/null ;;
+    *"monitoring policies list"*)
+        [[ "$FAKE_POLICIES" == 1 ]] && echo "projects/records-prod/alertPolicies/$RANDOM" ;;
+    *"monitoring policies describe"*) echo "$FAKE_POLICY_CHANNELS" ;;
+    *"monitoring channels list"*) echo "$FAKE_EMAIL_CHANNEL" ;;
+    *"monitoring channels create"*) echo "projects/records-prod/notificationChannels/9" ;;
+    *"projects describe"*) echo 123456789012 ;;
+    *"addresses describe"*) echo 203.0.113.7 ;;
+esac
+exit 0
+"""
+
+
+def rerun_with_fake_gcloud(tmp_path: Path, env: dict[str, str]) -> list[str]:
+    """deploy_gcp.sh for real, against a gcloud (and docker) that only record their calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (bin_dir / "docker").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("gcloud", "docker"):
+        (bin_dir / tool).chmod(0o755)
+    log = tmp_path / "gcloud.log"
+    log.write_text("")
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "deploy_gcp.sh")],
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path),
+             "FAKE_LOG": str(log), "FAKE_POLICIES": "", "FAKE_POLICY_CHANNELS": "",
+             "FAKE_EMAIL_CHANNEL": "", **GCP_ENV, **env},
+        capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return log.read_text().splitlines()
+
+
+def test_deploy_gcp_rerun_replaces_the_alert_policies_it_made(tmp_path: Path) -> None:
+    kept = "projects/records-prod/notificationChannels/7"
+    calls = rerun_with_fake_gcloud(
+        tmp_path,
+        {"FAKE_POLICIES": "1", "FAKE_POLICY_CHANNELS": kept, "ALARM_EMAIL": "oncall@acme.test"},
+    )
+    assert not [c for c in calls if "monitoring policies create" in c]
+    updates = [c for c in calls if "monitoring policies update" in c]
+    files = {re.search(r"alerts/(\S+)", c).group(1) for c in updates}  # type: ignore[union-attr]
+    assert files == set(AWS_TWINS) and len(updates) == len(AWS_TWINS)
+    lookups = [c for c in calls if "monitoring policies list" in c]
+    for name in AWS_TWINS:
+        assert f'--filter=displayName="{alert_policy(name)["displayName"]}"' in " ".join(lookups)
+    new = "projects/records-prod/notificationChannels/9"  # ALARM_EMAIL had none: created
+    (create,) = [c for c in calls if "monitoring channels create" in c]
+    assert "--channel-labels=email_address=oncall@acme.test" in create
+    for call in updates:
+        assert re.search(r"monitoring policies update projects/records-prod/alertPolicies/\d+ ",
+                         call), call  # fmt: skip
+        assert call.endswith(f"--set-notification-channels={kept},{new}"), call
+    # The address's channel found, and already on the policies: reused, listed once.
+    calls = rerun_with_fake_gcloud(
+        tmp_path,
+        {"FAKE_POLICIES": "1", "FAKE_POLICY_CHANNELS": f"{kept},{new}",
+         "FAKE_EMAIL_CHANNEL": new, "ALARM_EMAIL": "oncall@acme.test"},
+    )  # fmt: skip
+    assert not [c for c in calls if "channels create" in c]
+    updates = [c for c in calls if "monitoring policies update" in c]
+    assert updates and all(c.endswith(f"--set-notification-channels={kept},{new}") for c in updates)
+    # None there yet: created, with no channel when ALARM_EMAIL is unset.
+    calls = rerun_with_fake_gcloud(tmp_path, {})
+    created = [c for c in calls if "monitoring policies create" in c]
+    assert len(created) == len(AWS_TWINS)
+    assert not [c for c in calls if "notification-channels" in c or "policies update" in c]
+
+
 # --- AWS properties --------------------------------------------------------------------------
 
 
