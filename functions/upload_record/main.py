@@ -21,11 +21,18 @@ import flask
 import functions_framework
 from common.domain.encoding import EncodingOptions
 from common.domain.jobs import Outcome, run_job
-from common.domain.records import create_record, delete_record
-from common.domain.uploads import complete_upload, start_upload, upload_status, wait_for_job
+from common.domain.records import NewRecord, create_record, delete_record
+from common.domain.uploads import (
+    Completion,
+    PresignedUpload,
+    complete_upload,
+    start_upload,
+    upload_status,
+    wait_for_job,
+)
 from common.domain.users import authenticate
 from common.http.auth import authenticated_user, bearer_token
-from common.http.idempotency import idempotent, idempotent_upload
+from common.http.idempotency import Recorder, idempotent, idempotent_upload
 from common.http.jobs import (
     completion_response,
     conversion_in_progress,
@@ -78,17 +85,15 @@ def upload(request: flask.Request, services: Services) -> flask.Response:
     # Encoding options and tags: form fields before the file, or the query of a raw WAV body.
     options = EncodingOptions.from_fields(upload.fields if upload.fields else request.args)
 
-    def run(audio: Iterator[bytes]) -> flask.Response:
-        record = create_record(
-            services.db,
-            services.storage,
-            settings,
-            user_id=user_id,
-            audio=audio,
-            filename=upload.filename,
-            options=options,
-        )
+    def answer(record: NewRecord) -> flask.Response:
         return record_created_response(request, settings, record)
+
+    def run(audio: Iterator[bytes], recorder: Recorder) -> flask.Response:
+        record = create_record(
+            services.db, services.storage, settings, user_id=user_id, audio=audio,
+            filename=upload.filename, options=options, within=recorder.storing(answer),
+        )  # fmt: skip
+        return answer(record)
 
     fields = {**upload.fields, "filename": upload.filename, "content_type": request.mimetype}
     return idempotent_upload(
@@ -100,21 +105,21 @@ def upload(request: flask.Request, services: Services) -> flask.Response:
 def presign_upload(request: flask.Request, services: Services) -> flask.Response:
     user_id, fields = authenticated_user(services.db, request)
 
-    def run() -> flask.Response:
-        upload = start_upload(
-            services.db,
-            services.storage,
-            services.settings,
-            user_id=user_id,
-            filename=fields.get("filename"),
-            options=EncodingOptions.from_fields(fields),
-        )
+    def answer(upload: PresignedUpload) -> flask.Response:
         body = presigned_upload_body(upload, public_base_url(request, services.settings))
         return json_response(body, status=201, headers={"Cache-Control": "no-store"})
 
+    def run(recorder: Recorder) -> flask.Response:
+        upload = start_upload(
+            services.db, services.storage, services.settings, user_id=user_id,
+            filename=fields.get("filename"), options=EncodingOptions.from_fields(fields),
+            within=recorder.storing(answer),
+        )  # fmt: skip
+        return answer(upload)
+
     return idempotent(
         request, services.db, services.settings, caller=user_id, route=UPLOADS_PATH,
-        fields=fields, run=run,
+        fields=fields, run_with=run,
     )  # fmt: skip
 
 
@@ -122,20 +127,23 @@ def complete(request: flask.Request, services: Services, upload_id: str) -> flas
     user_id, fields = authenticated_user(services.db, request)
     settings = services.settings
 
-    def run() -> flask.Response:
+    def answer(completion: Completion) -> flask.Response:  # the winner's, without waiting
+        return completion_response(request, settings, completion, waited=0)
+
+    def run(recorder: Recorder) -> flask.Response:
         completion = complete_upload(
             services.db, services.storage, services.queue, settings,
-            user_id=user_id, raw_upload_id=upload_id,
+            user_id=user_id, raw_upload_id=upload_id, within=recorder.storing(answer),
         )  # fmt: skip
         wait = preferred_wait(request, settings) if completion.won else 0
         if wait:
             job = wait_for_job(services.db, settings, completion.job, wait)
-            completion = type(completion)(won=True, job=job)
+            completion = Completion(won=True, job=job)
         return completion_response(request, settings, completion, waited=wait)
 
     return idempotent(
         request, services.db, settings, caller=user_id, route=COMPLETE_ROUTE,
-        fields=fields, run=run,
+        fields=fields, run_with=run,
     )  # fmt: skip
 
 

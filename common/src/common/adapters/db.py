@@ -412,15 +412,21 @@ class Database:
         only if it cannot have run (the server had ended the session) or is declared
         ``idempotent``; otherwise its outcome is unknown and the answer is a 503.
         """
+        may_have_run = False
         for attempt in (1, 2):
             try:
                 with self._connection() as conn:
                     return conn.execute(statement, params)
             except ConnectionLost as lost:
+                may_have_run = may_have_run or lost.may_have_run
                 if attempt == 2 or (lost.may_have_run and not statement.idempotent):
                     raise self.unavailable(
-                        lost.error, "connection lost", outcome_unknown=lost.may_have_run
+                        lost.error, "connection lost", outcome_unknown=may_have_run
                     ) from lost.error
+            except DependencyUnavailable as exc:
+                # No connection for the retry: what the first run did is still unknown.
+                exc.outcome_unknown = exc.outcome_unknown or may_have_run
+                raise
         raise AssertionError("unreachable")
 
     @contextmanager

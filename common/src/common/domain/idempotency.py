@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -111,6 +111,16 @@ _PURGE = sql(
     "DELETE FROM idempotency_keys WHERE key_hash IN (SELECT key_hash FROM idempotency_keys "
     "WHERE expires_at <= now() LIMIT :limit) RETURNING key_hash"
 )
+
+
+T_contra = TypeVar("T_contra", contravariant=True)
+
+
+class AnswerHook(Protocol[T_contra]):
+    """Stores a request's answer, made from ``value`` (the effect's result), in ``conn``'s
+    transaction, the effect's own: a domain function that takes one commits both together."""
+
+    def __call__(self, conn: Connection, value: T_contra, /) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

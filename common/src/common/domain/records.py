@@ -23,7 +23,8 @@ from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.storage import Storage
 from common.domain.conversion import convert_wav_stream
 from common.domain.encoding import EncodingOptions
-from common.domain.users import parse_uuid
+from common.domain.idempotency import AnswerHook
+from common.domain.users import parse_uuid, user_gone
 from common.errors import DependencyUnavailable, InvalidCursor, InvalidField, NotFound, Unauthorized
 from common.settings import Settings
 
@@ -121,20 +122,34 @@ def create_record(
     filename: str | None,
     options: EncodingOptions | None = None,
     record_id: uuid.UUID | None = None,
+    within: AnswerHook[NewRecord] | None = None,
 ) -> NewRecord:
     """Convert ``audio`` (a WAV, streamed) for an authenticated user and store the MP3.
 
-    Either both the object and its row exist afterwards, or neither does. ``record_id`` is
-    given by a caller that must land on the same record when it runs again (a retried job);
-    otherwise a new one is drawn.
+    Either both the object and its row exist afterwards, or neither does; on an unknown
+    outcome (503) the object stays. ``record_id`` is given by a caller that must land on the
+    same record when it runs again; otherwise a new one is drawn. ``within`` stores the
+    answer (an Idempotency-Key's) in the INSERT's transaction.
     """
     stored = store_mp3(
         storage, settings, user_id=user_id, audio=audio, filename=filename,
         options=options, record_id=record_id,
     )  # fmt: skip
+    # Trailing chunks the conversion left unread are still the request (its fingerprint):
+    # read them now, not while a transaction is open.
+    for _ in audio:
+        pass
     try:
-        db.execute(INSERT_RECORD, stored.row)
-    except DependencyUnavailable:
+        if within is None:  # one autocommitted INSERT, run again if its reply was lost
+            db.execute(INSERT_RECORD, stored.row)
+        else:
+            with db.transaction() as conn:
+                conn.execute(INSERT_RECORD, stored.row)
+                within(conn, stored.record)
+    except DependencyUnavailable as exc:
+        if not exc.outcome_unknown:  # the INSERT never ran: no row will come of it
+            storage.discard(stored.key)
+            raise
         # The INSERT may have committed (its reply was lost): the object stays, so there is
         # never a row without its object; if no row came of it, the sweep removes the object.
         log.warning("record insert outcome unknown; object kept", extra={"key": stored.key})
@@ -252,8 +267,11 @@ _LIST_AFTER = sql(
     "AND (created_at, id) < (:created_at, :id) ORDER BY created_at DESC, id DESC LIMIT :limit",
     idempotent=True,
 )
-# Not idempotent: a second run after a lost reply would find nothing and answer 404.
-_DELETE_RECORD = sql("DELETE FROM records WHERE id = :id AND user_id = :user RETURNING object_key")
+_RECORD_KEY = sql(
+    "SELECT object_key FROM records WHERE id = :id AND user_id = :user", idempotent=True
+)
+# A second run (its first reply was lost) deletes nothing more: the row was found before.
+_DELETE_RECORD = sql("DELETE FROM records WHERE id = :id AND user_id = :user", idempotent=True)
 _CURSOR_MAC_BYTES = 16
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -332,6 +350,8 @@ def list_records(
         )
         statement = _LIST_AFTER
     rows = db.execute(statement, params)
+    if not rows and (gone := user_gone(db, user_id)):  # erased since it was authenticated
+        raise gone
     listed = [
         ListedRecord(
             NewRecord(
@@ -364,10 +384,15 @@ def delete_record(
 ) -> None:
     """Delete the row, then the object: a crash between leaves only an orphan object,
     which ``make sweep`` removes; never a row without its object. NotFound for anyone else's.
+
+    The row is found first, then deleted: a DELETE run again after its reply was lost (or a
+    concurrent delete) finds nothing, and the answer is still that the record is gone.
     """
     record_id = parse_uuid(raw_id, "id")
-    rows = db.execute(_DELETE_RECORD, {"id": record_id, "user": user_id})
+    params = {"id": record_id, "user": user_id}
+    rows = db.execute(_RECORD_KEY, params)
     if not rows:
-        raise NotFound("No record with this id exists for this user.")
-    storage.discard(rows[0][0])  # the row is gone already: the sweep removes a leftover
+        raise user_gone(db, user_id) or NotFound("No record with this id exists for this user.")
+    db.execute(_DELETE_RECORD, params)
+    storage.discard(rows[0].object_key)  # the row is gone already: the sweep removes a leftover
     log.info("record deleted", extra={"record_id": str(record_id)})

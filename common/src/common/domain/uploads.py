@@ -21,8 +21,10 @@ from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.queue import JobQueue
 from common.adapters.storage import ObjectMissing, Storage
 from common.domain.encoding import EncodingOptions
+from common.domain.idempotency import AnswerHook
 from common.domain.jobs import abandoned
 from common.domain.records import FILENAME_MAX_LENGTH, NewRecord, get_record, new_record
+from common.domain.users import user_gone
 from common.errors import (
     InvalidField,
     NotFound,
@@ -112,8 +114,12 @@ def start_upload(
     user_id: uuid.UUID,
     filename: str | None,
     options: EncodingOptions | None = None,
+    within: AnswerHook[PresignedUpload] | None = None,
 ) -> PresignedUpload:
-    """A presigned POST for a new pending upload of ``user_id``, and its ``uploads`` row."""
+    """A presigned POST for a new pending upload of ``user_id``, and its ``uploads`` row.
+
+    ``within`` stores the answer (an Idempotency-Key's) in the INSERT's transaction.
+    """
     upload_id = uuid.uuid4()
     key = pending_key(user_id, upload_id)
     max_bytes = settings.max_direct_upload_bytes
@@ -126,28 +132,35 @@ def start_upload(
         max_bytes=max_bytes,
         expires=expires,
     )
-    options_json = (options or EncodingOptions()).to_json()
-    cap = settings.max_pending_uploads_per_user
-    try:
-        inserted = db.execute(
-            _INSERT_UPLOAD,
-            {"id": upload_id, "user_id": user_id, "object_key": key, "filename": name,
-             "options": options_json, "form_seconds": expires, "cap": cap},
-        )  # fmt: skip
-    except Exception as exc:
-        if is_foreign_key_violation(exc):  # the user was erased since it was authenticated
-            raise Unauthorized("The user id and access token do not match.") from exc
-        raise
-    if not inserted and not db.execute(_UPLOAD_EXISTS, {"id": upload_id}):
-        raise TooManyPendingUploads(cap, retry_after=settings.job_lease_seconds)
-    log.info("direct upload started", extra={"upload_id": str(upload_id)})
-    return PresignedUpload(
+    upload = PresignedUpload(
         id=upload_id,
         url=post.url,
         fields=post.fields,
         max_bytes=max_bytes,
         expires_at=datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=expires),
     )
+    cap = settings.max_pending_uploads_per_user
+    params = {
+        "id": upload_id, "user_id": user_id, "object_key": key, "filename": name,
+        "options": (options or EncodingOptions()).to_json(), "form_seconds": expires, "cap": cap,
+    }  # fmt: skip
+    try:
+        if within is None:  # autocommitted, retried if its reply was lost
+            inserted = db.execute(_INSERT_UPLOAD, params)
+            inserted = inserted or db.execute(_UPLOAD_EXISTS, {"id": upload_id})
+        else:
+            with db.transaction() as conn:
+                inserted = conn.execute(_INSERT_UPLOAD, params)
+                if inserted:
+                    within(conn, upload)
+    except Exception as exc:
+        if is_foreign_key_violation(exc):  # the user was erased since it was authenticated
+            raise Unauthorized("The user id and access token do not match.") from exc
+        raise
+    if not inserted:
+        raise TooManyPendingUploads(cap, retry_after=settings.job_lease_seconds)
+    log.info("direct upload started", extra={"upload_id": str(upload_id)})
+    return upload
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,12 +203,17 @@ def complete_upload(
     *,
     user_id: uuid.UUID,
     raw_upload_id: str,
+    within: AnswerHook[Completion] | None = None,
 ) -> Completion:
-    """Queue the conversion of upload ``raw_upload_id``, unless an earlier call did."""
+    """Queue the conversion of upload ``raw_upload_id``, unless an earlier call did.
+
+    ``within`` stores the winner's answer (an Idempotency-Key's) in the transaction that
+    queues the job.
+    """
     upload_id = parse_upload_id(raw_upload_id)
     row = _find(db, user_id, upload_id)
     if row is None:
-        raise _not_found()
+        raise _not_found(db, user_id)
     if row["status"] != "uploading":
         return Completion(won=False, job=_status_of(db, settings, row))
     try:
@@ -214,25 +232,42 @@ def complete_upload(
             storage.discard(row["object_key"])
             raise too_large
     else:
-        won = db.execute(
-            _QUEUE,
-            {"id": upload_id, "user_id": user_id, "record_id": uuid.uuid4(),
-             "queue": queue.kind.value},
-        )  # fmt: skip
-        if won:
+        params = {"id": upload_id, "user_id": user_id, "record_id": uuid.uuid4(),
+                  "queue": queue.kind.value}  # fmt: skip
+        queued = Completion(won=True, job=JobStatus(upload_id, user_id, "queued", 0.0))
+        if within is not None:
+            # The job is sent before COMMIT: a lost COMMIT reply leaves it queued, answered
+            # and sent. A delivery meanwhile waits for the row's lock; after a rollback it
+            # finds the upload not queued and does nothing.
+            with db.transaction() as conn:
+                if conn.execute(_QUEUE, params):
+                    within(conn, queued)
+                    queue.enqueue(upload_id)
+                    won = True
+                else:
+                    won = False
+            if won:
+                _log_queued(upload_id, queue)
+                return queued
+        elif db.execute(_QUEUE, params):  # run again after a lost reply: still the winner
             try:
                 queue.enqueue(upload_id)
             except BaseException:
                 db.execute(_UNQUEUE, {"id": upload_id})  # the client's retry may win again
                 raise
-            log.info("conversion job queued", extra={"upload_id": str(upload_id),
-                                                     "queue": queue.kind.value})  # fmt: skip
-            return Completion(won=True, job=JobStatus(upload_id, user_id, "queued", 0.0))
+            _log_queued(upload_id, queue)
+            return queued
     # Another call won the race between our read and our update.
     raced = _find(db, user_id, upload_id)
     if raced is None:
-        raise _not_found()
+        raise _not_found(db, user_id)
     return Completion(won=False, job=_status_of(db, settings, raced))
+
+
+def _log_queued(upload_id: uuid.UUID, queue: JobQueue) -> None:
+    log.info(
+        "conversion job queued", extra={"upload_id": str(upload_id), "queue": queue.kind.value}
+    )
 
 
 def upload_status(
@@ -240,7 +275,7 @@ def upload_status(
 ) -> JobStatus:
     row = _find(db, user_id, parse_upload_id(raw_upload_id))
     if row is None:
-        raise _not_found()
+        raise _not_found(db, user_id)
     return _status_of(db, settings, row)
 
 
@@ -300,8 +335,10 @@ def _clean_filename(raw: str | None) -> str | None:
     return name[:FILENAME_MAX_LENGTH] or None
 
 
-def _not_found() -> NotFound:
-    return NotFound("No pending upload with this id exists for this user.")
+def _not_found(db: Database, user_id: uuid.UUID) -> Unauthorized | NotFound:
+    """The 404 of an upload not found, or the 401 of a user erased since it authenticated."""
+    gone = user_gone(db, user_id)
+    return gone or NotFound("No pending upload with this id exists for this user.")
 
 
 def discard_spent_wavs(db: Database, storage: Storage, *, cutoff: datetime) -> list[str]:

@@ -86,6 +86,19 @@ def parse_uuid(raw: str | None, field: str) -> uuid.UUID:
         raise InvalidField(f"'{field}' must be a UUID.") from exc
 
 
+_USER_EXISTS = sql("SELECT 1 FROM users WHERE id = :id", idempotent=True)
+
+
+def user_gone(db: Database, user_id: uuid.UUID) -> Unauthorized | None:
+    """The 401 for an authenticated user that no longer exists (erased since), or None.
+
+    A query that found nothing for the user asks this before its 404: an erased user's
+    token is refused everywhere alike."""
+    if db.execute(_USER_EXISTS, {"id": user_id}):
+        return None
+    return Unauthorized("The user id and access token do not match.")
+
+
 def authenticate(db: Database, raw_user_id: str | None, token: str | None) -> uuid.UUID:
     """The user's id if ``token`` is theirs; Unauthorized otherwise (same answer either way)."""
     user_id = parse_uuid(raw_user_id, "user")

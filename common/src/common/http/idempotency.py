@@ -5,8 +5,9 @@ Handlers wrap the call that has an effect: ``idempotent(request, services, ..., 
 (with ``Idempotent-Replayed: true``) and ``run`` does not run again.
 
 A handler whose effect is a database write passes ``run_with``: it gets a :class:`Recorder`
-whose :meth:`Recorder.within` stores the answer in the effect's own transaction, so the effect
-and its answer commit together (a reply lost at COMMIT is then replayed, never run twice).
+whose :meth:`Recorder.within` (or :meth:`Recorder.storing`) stores the answer in the effect's
+own transaction, so the effect and its answer commit together (a reply lost at COMMIT is then
+replayed, never run twice). Every effect is stored so; ``run`` is for requests without one.
 ``required=True`` refuses a request without a key (400).
 
 Which answers are stored: successes, and the refusals that a repeat of the same request
@@ -19,7 +20,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import flask
 
@@ -27,6 +28,7 @@ from common.adapters.db import Connection, Database
 from common.domain.idempotency import (
     ANONYMOUS,
     KEY_TTL,
+    AnswerHook,
     Claim,
     Replay,
     RequestHasher,
@@ -46,6 +48,7 @@ STORED_REFUSALS = frozenset({404, 410, 413, 415, 422})
 # Fields that never change what a request does: the credential (a rotated token must not
 # make a repeat look like another request).
 _NOT_FINGERPRINTED = frozenset({"token"})
+T = TypeVar("T")
 
 
 def stored(status: int) -> bool:
@@ -78,23 +81,46 @@ def _key(request: flask.Request, *, anonymous: bool, required: bool = False) -> 
 class Recorder:
     """Stores a response as the request's answer inside the transaction of its effect."""
 
-    def __init__(self, claim: Claim | None) -> None:
+    def __init__(self, claim: Claim | None, fingerprint: Callable[[], bytes] | None = None) -> None:
         self.claim = claim
         self.stored = False
+        self._fingerprint = fingerprint  # known once the body is read (POST /records)
 
     def within(
         self, response: flask.Response, *, user_id: uuid.UUID | None = None
     ) -> Callable[[Connection], None] | None:
         """A callback for the effect's transaction; None without a key (nothing to store)."""
-        claim = self.claim
-        if claim is None or not stored(response.status_code):
+        if not stored(response.status_code):
             return None
+        hook: AnswerHook[None] | None = self.storing(lambda _: response, user_id=user_id)
+        return None if hook is None else lambda conn: hook(conn, None)
 
-        def store(conn: Connection) -> None:
-            claim.finish_in(conn, _reply(response), user_id=user_id)
-            self.stored = True
+    def storing(
+        self, answer: Callable[[T], flask.Response], *, user_id: uuid.UUID | None = None
+    ) -> AnswerHook[T] | None:
+        """A hook for a domain function that makes the response's content (a record, an
+        upload) inside its transaction: ``answer(value)`` is stored there; None without a key."""
+        return None if self.claim is None else _Storing(self, self.claim, answer, user_id)
 
-        return store
+
+class _Storing(Generic[T]):
+    def __init__(
+        self,
+        recorder: Recorder,
+        claim: Claim,
+        answer: Callable[[T], flask.Response],
+        user_id: uuid.UUID | None,
+    ) -> None:
+        self.recorder, self.claim, self.answer, self.user_id = recorder, claim, answer, user_id
+
+    def __call__(self, conn: Connection, value: T, /) -> None:
+        response = self.answer(value)
+        if not stored(response.status_code):
+            return
+        given = self.recorder._fingerprint
+        fingerprint = given() if given is not None else None
+        self.claim.finish_in(conn, _reply(response), fingerprint=fingerprint, user_id=self.user_id)
+        self.recorder.stored = True
 
 
 def _begin(
@@ -198,17 +224,18 @@ def idempotent_upload(
     route: str,
     fields: Mapping[str, Any],
     audio: Iterator[bytes],
-    run: Callable[[Iterator[bytes]], flask.Response],
+    run: Callable[[Iterator[bytes], Recorder], flask.Response],
 ) -> flask.Response:
     """As :func:`idempotent`, for a request whose body is part of its fingerprint.
 
-    The body is hashed as it streams into ``run``. A repeat of an answered request is not
-    run at all: its body streams through the hasher only, then the stored answer is
-    replayed (the same bytes) or refused with 422 (other bytes).
+    The body is hashed as it streams into ``run``, which gets a :class:`Recorder` to store
+    its answer with its effect (the body read to its end by then). A repeat of an answered
+    request is not run at all: its body streams through the hasher only, then the stored
+    answer is replayed (the same bytes) or refused with 422 (other bytes).
     """
     key = _key(request, anonymous=False)
     if key is None:
-        return run(audio)
+        return run(audio, Recorder(None))
     hasher = RequestHasher(request_parts(request, fields))
     outcome = _begin(
         request, db, settings, key=key, caller=caller, route=route, fingerprint=None, guard=None
@@ -218,11 +245,15 @@ def idempotent_upload(
         outcome.check(hasher.digest())
         return replay_response(outcome.reply)
     hashed = hasher.wrap(audio)
+    recorder = Recorder(outcome, fingerprint=hasher.digest)
     try:
         try:
-            response = run(hashed)
+            response = run(hashed, recorder)
         finally:
             hasher.drain(hashed)  # what the conversion left unread is still the request
+        if recorder.stored:
+            outcome.stop()
+            return response
     except ServiceError as exc:
         _settle(outcome, problem_response(exc, request.path), fingerprint=hasher.digest())
         raise
