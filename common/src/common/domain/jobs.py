@@ -27,7 +27,7 @@ from common.adapters.queue import JobQueue
 from common.adapters.storage import ObjectMissing, Storage
 from common.domain.encoding import EncodingOptions
 from common.domain.records import INSERT_RECORD, object_key, store_mp3
-from common.errors import ServiceError, UnprocessableContent
+from common.errors import RequestTimeout, ServiceError, UnprocessableContent
 from common.settings import JobQueueKind, Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,14 @@ class JobAbandoned(UnprocessableContent):
 
     slug = "conversion-abandoned"
     title = "Conversion Abandoned"
+
+
+class ConversionTimedOut(UnprocessableContent):
+    """The job ran past JOB_TIMEOUT_SECONDS: it ends failed, not sent to another worker
+    (a WAV that long would run out of time again)."""
+
+    slug = "conversion-timed-out"
+    title = "Conversion Timed Out"
 
 
 class UploadGone(UnprocessableContent):
@@ -207,6 +215,11 @@ def run_claimed(
     except LeaseLost:
         log.warning("conversion job taken over by another worker", extra=extra)
         return Outcome.SKIPPED
+    except RequestTimeout:  # the conversion's deadline (a request's words, not a job's)
+        log.warning("conversion job timed out", extra=extra)
+        mark_failed(db, job.id, timed_out(settings.job_timeout_seconds))
+        storage.discard(job.object_key)
+        return Outcome.FAILED
     except ServiceError as exc:
         if exc.status >= 500:
             raise  # an outage: the queue delivers the job again
@@ -260,6 +273,13 @@ def abandoned(max_attempts: int) -> JobAbandoned:
     return JobAbandoned(
         f"The conversion was started {max_attempts} times without finishing (the worker "
         "stopped or ran out of time each time); it is not tried again."
+    )
+
+
+def timed_out(seconds: float) -> ConversionTimedOut:
+    return ConversionTimedOut(
+        f"The conversion did not finish within {seconds:g} seconds, the job's deadline; "
+        "it is not tried again. Upload a shorter recording, or split it."
     )
 
 
