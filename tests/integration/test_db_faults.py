@@ -137,8 +137,8 @@ def test_the_server_cancels_a_slow_statement_before_the_socket_gives_up(db: Data
 def test_refused_connections_are_503s_until_the_database_is_back(
     db: Database, proxy: FaultProxy
 ) -> None:
-    proxy.reset_all()
-    with proxy.refusing():
+    db.execute(COUNT)  # a pooled connection, open through the proxy
+    with proxy.refusing():  # resets it (done on return), then refuses new ones
         for _ in range(2):
             with pytest.raises(DependencyUnavailable):
                 db.execute(COUNT)

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Callable
 
 import pytest
 import requests
+from common.adapters.db import sql
 from common.adapters.storage import ObjectMissing
-from common.domain.records import create_record, find_record
+from common.domain.erasure import erase_user
+from common.domain.jobs import Outcome, run_job
+from common.domain.records import create_record, delete_record, find_record, list_records
+from common.domain.uploads import complete_upload, pending_key, start_upload, upload_status
 from common.domain.users import authenticate, create_user
 from common.errors import NotFound, Unauthorized
 from common.platform.runtime import Services
 
 from devstack import wavgen
+from tests.support.stack_clients import RecordingQueue
+
+ATTEMPTS = sql("SELECT attempts FROM uploads WHERE id = :id", idempotent=True)
 
 MIB = 1024 * 1024
 
@@ -132,3 +141,76 @@ def test_presigned_url_is_signed_for_the_public_endpoint(services: Services) -> 
 def test_health_checks_pass(services: Services) -> None:
     services.db.check()
     services.storage.check()
+
+
+# --- a user erased mid-request, and the conversion job's own deadline ------------------------
+
+
+def _queued_upload(services: Services, user_id: uuid.UUID, wav: bytes) -> uuid.UUID:
+    """A direct upload whose WAV is in the bucket and whose job is queued (on SQS: the stack's
+    worker polls only the PostgreSQL queue, so the test runs the job itself)."""
+    started = start_upload(
+        services.db, services.storage, services.settings, user_id=user_id, filename="long.wav"
+    )
+    storage = services.storage
+    storage.client.put_object(Bucket=storage.bucket, Key=pending_key(user_id, started.id), Body=wav)
+    done = complete_upload(
+        services.db, services.storage, RecordingQueue(), services.settings,
+        user_id=user_id, raw_upload_id=str(started.id),
+    )  # fmt: skip
+    assert done.won
+    return started.id
+
+
+def test_an_upload_started_for_a_user_erased_meanwhile_is_a_401(services: Services) -> None:
+    """The INSERT's foreign key fails (no such user): the 401 of a dead token, not a 500."""
+    for within in (None, lambda conn, upload: None):
+        with pytest.raises(Unauthorized):
+            start_upload(
+                services.db, services.storage, services.settings, user_id=uuid.uuid4(),
+                filename=None, within=within,
+            )  # fmt: skip
+
+
+def test_a_user_erased_after_authenticating_gets_401_everywhere(services: Services) -> None:
+    """Completion, status, delete and list find nothing for a user erased since it was
+    authenticated: the 401 of its dead token, not the 404 of another user's upload."""
+    user = create_user(services.db, "Soon gone")
+    upload_id = _queued_upload(services, user.id, wavgen.wav(seconds=0.2))
+    erase_user(services.db, services.storage, services.settings, user.id)
+    db, storage, settings = services.db, services.storage, services.settings
+    calls: list[Callable[[], object]] = [
+        lambda: complete_upload(
+            db, storage, RecordingQueue(), settings, user_id=user.id, raw_upload_id=str(upload_id)
+        ),
+        lambda: upload_status(db, settings, user_id=user.id, raw_upload_id=str(upload_id)),
+        lambda: delete_record(db, storage, user_id=user.id, raw_id=str(uuid.uuid4())),
+        lambda: list_records(db, settings, user_id=user.id, limit=5, cursor=None),
+    ]
+    for call in calls:
+        with pytest.raises(Unauthorized):
+            call()
+    alive = create_user(services.db, "Still here")  # a live user's miss is still a 404
+    with pytest.raises(NotFound):
+        delete_record(db, storage, user_id=alive.id, raw_id=str(uuid.uuid4()))
+    assert list_records(db, settings, user_id=alive.id, limit=5, cursor=None).records == []
+
+
+def test_a_job_past_its_deadline_fails_once_with_a_problem_of_its_own(services: Services) -> None:
+    user = create_user(services.db, "Long take")
+    upload_id = _queued_upload(services, user.id, wavgen.wav(seconds=60))
+    hurried = dataclasses.replace(services.settings, job_timeout_seconds=0.05)
+    assert run_job(services.db, services.storage, hurried, upload_id) is Outcome.FAILED
+    status = upload_status(
+        services.db, services.settings, user_id=user.id, raw_upload_id=str(upload_id)
+    )
+    assert status.status == "failed" and status.error is not None
+    assert status.error["title"] == "Conversion Timed Out"
+    assert "0.05 seconds" in status.error["detail"] and "upload was" not in status.error["detail"]
+    attempts = services.db.execute(ATTEMPTS, {"id": upload_id})[0].attempts
+    assert attempts == 1
+    # Delivered again (a queue's retry): nothing runs, nothing is counted.
+    assert run_job(services.db, services.storage, hurried, upload_id) is Outcome.SKIPPED
+    assert services.db.execute(ATTEMPTS, {"id": upload_id})[0].attempts == 1
+    with pytest.raises(ObjectMissing):  # its WAV is gone with it
+        services.storage.size(pending_key(user.id, upload_id))

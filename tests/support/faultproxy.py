@@ -4,7 +4,9 @@
 connection to the upstream. :meth:`FaultProxy.arm` sets a one-shot :class:`Fault` on the
 reply to the first request that matches: for PostgreSQL the text of the statement being
 executed (it follows prepared statements by name), for any other protocol the request's bytes.
-:meth:`FaultProxy.refusing` closes every new connection with a reset while its block runs.
+:meth:`FaultProxy.refusing` resets the open connections and refuses new ones while its block
+runs (an outage); ``arm(..., outage=True)`` starts one when its fault fires (ended by
+:meth:`FaultProxy.end_outage`): a statement's outcome is then unknown, with no retry possible.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Fault:
     kind: Kind
     match: bytes  # a statement's text (PostgreSQL) or bytes of the request (raw protocols)
     then: bytes | None = None  # armed by `match`; fires on this connection's next `then`
+    outage: bool = False  # firing also resets every connection and refuses new ones
     fired: threading.Event = field(default_factory=threading.Event)
 
     def triggered_by(self, text: bytes, armed: bool) -> bool | None:
@@ -61,6 +64,7 @@ class FaultProxy:
         self.postgres = postgres
         self.port = 0
         self.refuse = False
+        self.refused = 0  # connections refused so far
         self._pending: list[Fault] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -80,8 +84,10 @@ class FaultProxy:
         self._thread.join(10)
         self._loop.close()
 
-    def arm(self, kind: Kind, match: bytes, *, then: bytes | None = None) -> Fault:
-        fault = Fault(kind, match, then)
+    def arm(
+        self, kind: Kind, match: bytes, *, then: bytes | None = None, outage: bool = False
+    ) -> Fault:
+        fault = Fault(kind, match, then, outage)
         with self._lock:
             self._pending.append(fault)
         return fault
@@ -92,15 +98,24 @@ class FaultProxy:
 
     @contextmanager
     def refusing(self) -> Iterator[None]:
+        """An outage while the block runs: open connections reset, new ones refused."""
         self.refuse = True
+        self.reset_all()
         try:
             yield
         finally:
-            self.refuse = False
+            self.end_outage()
+
+    def end_outage(self) -> None:
+        self.refuse = False
 
     def reset_all(self) -> None:
-        """Reset every open connection (as a failover would)."""
-        self._loop.call_soon_threadsafe(self._reset_all)
+        """Reset every open connection (as a failover would); done when this returns."""
+
+        async def reset() -> None:
+            self._reset_all()
+
+        asyncio.run_coroutine_threadsafe(reset(), self._loop).result(10)
 
     # --- the loop's side -----------------------------------------------------------------
     async def _listen(self) -> None:
@@ -112,12 +127,14 @@ class FaultProxy:
             self._server.close()
         self._reset_all()
 
-    def _reset_all(self) -> None:
+    def _reset_all(self, but: tuple[asyncio.StreamWriter, ...] = ()) -> None:
         for writer in list(self._closing):
-            _reset(writer)
+            if writer not in but:
+                _reset(writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refuse:
+            self.refused += 1
             _reset(writer)
             return
         try:
@@ -165,6 +182,9 @@ class FaultProxy:
                 client.write(data)
                 await client.drain()
                 continue
+            if fault.outage:
+                self.refuse = True
+                self._reset_all(but=(client, up))
             fault.fired.set()
             if fault.kind is Kind.HANG:
                 continue  # held back for good; the client gives up and closes
