@@ -26,7 +26,7 @@ from devstack import ScratchStack, wavgen
 from tests.support.stacks import running_stack
 
 GRACE = 3.0
-BODY_DEADLINE = 12.0
+BODY_DEADLINE = 20.0
 THREADS = 8  # running_stack's
 SLACK = 2.5  # a loaded 2-core machine
 
@@ -198,3 +198,111 @@ def test_a_body_that_bursts_then_trickles_ends_at_the_absolute_deadline(
     [(took, status)] = ends
     assert status == 408
     assert BODY_DEADLINE - 0.1 <= took < BODY_DEADLINE + SLACK
+
+
+STALL_DROP_SECONDS = 30.0  # the bridge's SEND_STALL_SECONDS, and the router's send_timeout
+READERS = 6
+
+
+def _slow_reader(port: int, path: str, token: str, reads: int, out: list[tuple[int, str]]) -> None:
+    """Take 32 KiB every 2 s ``reads`` times, then nothing: (bytes taken, how it ended)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connect
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        sock.settimeout(10.0)
+        taken = 0
+        for _ in range(reads):
+            want = 32 * 1024
+            while want:
+                got = sock.recv(want)
+                if not got:
+                    out.append((taken, "closed while read"))
+                    return
+                taken += len(got)
+                want -= len(got)
+            time.sleep(2.0)
+        time.sleep(STALL_DROP_SECONDS + 10.0)  # stalled: the server must give up on it
+        sock.settimeout(5.0)
+        try:
+            while got := sock.recv(1024 * 1024):
+                taken += len(got)
+        except ConnectionResetError:
+            out.append((taken, "reset"))
+            return
+        except TimeoutError:
+            out.append((taken, "still open"))
+            return
+        out.append((taken, "closed"))
+
+
+def test_slow_readers_leave_a_streaming_get_record_free(slow_stack: ScratchStack) -> None:
+    """DOWNLOAD_MODE=stream, get_record with 2 threads: six readers taking 32 KiB every 2 s of
+    a 14 MB MP3 hold none of them; others' downloads keep a p99 under 1 s; each slow reader
+    that then stops reading is dropped once it has taken nothing for 30 s."""
+    user = _user(slow_stack)
+    auth = {"Authorization": f"Bearer {user['token']}"}
+
+    def upload(wav: bytes, **options: str) -> dict[str, str]:
+        response = requests.post(
+            f"{slow_stack.base_url}/records",
+            params={"user": user["id"], **options},
+            headers={**auth, "Content-Type": "audio/wav"},
+            data=wav,
+            timeout=120,
+        )
+        assert response.status_code == 201, response.text
+        record: dict[str, str] = response.json()
+        return record
+
+    # 360 s of mono 32 kHz at 320 kbit/s: 14.4 MB of MP3.
+    silence = bytes(360 * 32000 * 2)
+    big_wav = wavgen.riff(wavgen.fmt_chunk(channels=1, rate=32000), wavgen.chunk(b"data", silence))
+    big = upload(big_wav, bitrate_kbps="320")
+    assert 14_000_000 < int(big["size_bytes"]) < 15_000_000
+    small = upload(wavgen.wav(seconds=0.5))
+    slow_stack.restart_function("get_record", {"DOWNLOAD_MODE": "stream", "THREADS": "2"})
+    try:
+        ends: list[tuple[int, str]] = []
+        readers = [
+            threading.Thread(
+                target=_slow_reader,
+                args=(
+                    slow_stack.ports.router,
+                    f"/record?id={big['id']}&user={user['id']}",
+                    user["token"],
+                    6,
+                    ends,
+                ),
+            )
+            for _ in range(READERS)
+        ]
+        for thread in readers:
+            thread.start()
+        time.sleep(1.0)
+        latencies: list[float] = []
+        stop_at = time.monotonic() + 10.0
+        while time.monotonic() < stop_at:
+            start = time.monotonic()
+            response = requests.get(
+                f"{slow_stack.base_url}/record",
+                params={"id": small["id"], "user": user["id"]},
+                headers=auth,
+                timeout=30,
+            )
+            latencies.append(time.monotonic() - start)
+            assert response.status_code == 200
+            assert len(response.content) == int(small["size_bytes"])
+            time.sleep(0.1)
+        for thread in readers:
+            thread.join()
+    finally:
+        slow_stack.restart_function("get_record")
+    assert statistics.quantiles(latencies, n=100)[98] < 1.0, latencies
+    assert len(ends) == READERS
+    for taken, how in ends:
+        assert how in ("closed", "reset"), ends
+        assert 6 * 32 * 1024 <= taken < int(big["size_bytes"]), ends
