@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import uuid
 
+import requests
 from common.adapters.db import sql
 from common.domain.records import get_record
 from common.platform.runtime import Services
@@ -77,3 +79,40 @@ def test_tokens_never_reach_the_logs(client: Client, stack: NativeStack) -> None
     assert user["id"].encode() in logs or len(logs) > 0
     assert user["token"].encode() not in logs
     assert user["token"].replace("-", "").encode() not in logs
+
+
+def _erase_at_once(base_url: str, user: dict[str, str]) -> list[requests.Response]:
+    """Two DELETE /users/<id> with the user's token, sent at the same moment."""
+    barrier = threading.Barrier(2)
+    answers: list[requests.Response] = []
+
+    def erase() -> None:
+        barrier.wait()
+        answers.append(
+            requests.delete(
+                f"{base_url}/users/{user['id']}",
+                headers={"Authorization": f"Bearer {user['token']}"},
+                timeout=60,
+            )
+        )
+
+    pair = [threading.Thread(target=erase) for _ in range(2)]
+    for thread in pair:
+        thread.start()
+    for thread in pair:
+        thread.join()
+    return answers
+
+
+def test_two_concurrent_erasures_give_one_204_and_one_401(client: Client) -> None:
+    """Both are authenticated when they start; one erases, the other finds the token dead and
+    is answered 401 as docs/lifecycle.md says (never 404 or a 5xx). Ten pairs, for the race."""
+    for n in range(10):
+        user = client.create_user(f"Erased {n}")
+        assert client.upload(user, wav(seconds=0.2)).status_code == 201
+        answers = _erase_at_once(client.base_url, user)
+        assert sorted(a.status_code for a in answers) == [204, 401], [a.text for a in answers]
+        (refused,) = (a for a in answers if a.status_code == 401)
+        assert refused.headers["Content-Type"] == "application/problem+json"
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+        assert client.upload(user, wav(seconds=0.2)).status_code == 401
