@@ -45,8 +45,11 @@ def _user(stack: ScratchStack) -> dict[str, str]:
     return body
 
 
-def _answer_after(port: int, head: bytes, trickle: bool, out: list[tuple[float, int]]) -> None:
-    """Send ``head``, then a byte a second (or nothing); (seconds to the answer, status)."""
+def _answer_after(
+    port: int, head: bytes, trickle: bool, out: list[tuple[float, int]], on_for: float = 0.0
+) -> None:
+    """Send ``head``, then a byte a second (or nothing); (seconds to the answer, status).
+    After the answer, a byte a second goes on until ``on_for`` seconds from the start."""
     start = time.monotonic()
     status = 0
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -62,7 +65,13 @@ def _answer_after(port: int, head: bytes, trickle: bool, out: list[tuple[float, 
             if got:
                 status = int(got.split(b" ", 2)[1])
             break
-    out.append((time.monotonic() - start, status))
+        out.append((time.monotonic() - start, status))
+        while time.monotonic() - start < on_for:
+            time.sleep(1.0)
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                break
 
 
 def _form_head(fields: bytes, length: int = 10_000_000) -> bytes:
@@ -139,15 +148,18 @@ def _fields(user: dict[str, str], token: str) -> bytes:
     return form + b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
 
 
-def test_refused_clients_that_trickle_on_hold_no_thread(slow_stack: ScratchStack) -> None:
+@pytest.mark.parametrize("via", ["router", "upload_record"])
+def test_refused_clients_that_trickle_on_hold_no_thread(slow_stack: ScratchStack, via: str) -> None:
     """A wrong token with its fields complete is answered 401 at once; what it trickles after
-    is drained without a thread, so uploads and the other routes keep answering."""
+    the answer (for 12 s) is drained without a thread, so uploads and the other routes keep
+    answering meanwhile. Through the router, which ends the upstream request once answered,
+    and straight to the function, as a platform without such a router sends it."""
     user = _user(slow_stack)
-    port = slow_stack.ports.router
+    port = getattr(slow_stack.ports, via)
     head = _form_head(_fields(user, str(uuid.uuid4())) + _wav_start())
     ends: list[tuple[float, int]] = []
     clients = [
-        threading.Thread(target=_answer_after, args=(port, head, True, ends))
+        threading.Thread(target=_answer_after, args=(port, head, True, ends, 12.0))
         for _ in range(4 * THREADS)
     ]
     for thread in clients:
