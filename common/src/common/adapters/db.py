@@ -16,7 +16,7 @@ import ssl
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar, overload
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pg8000 import native
@@ -51,39 +51,52 @@ FOREIGN_KEY_VIOLATION = "23503"
 # A prepared statement whose table changed shape under it (a migration ran): prepare anew.
 _PLAN_CHANGED = "0A000"
 
-# A row: a named tuple of the statement's columns (row.name, row[0], row._asdict()).
-Row = Any
+R = TypeVar("R")
 C = TypeVar("C")
 
 
-class Statement:
+class ColumnsMismatch(Exception):
+    """A statement returned other columns than its row type names: the code and the schema
+    (or the SQL and its row type) are out of step. A bug, answered 500."""
+
+
+class Statement(Generic[R]):
     """One SQL statement with ``:name`` parameters; its rows come back as named tuples.
 
-    ``idempotent``: running it twice with the same parameters has the effect and the rows of
-    running it once, so a connection lost under it may run it again.
+    ``row``: the NamedTuple of its rows, whose fields are the statement's columns in order
+    (checked when a connection first runs it). Without one, each row is a named tuple built
+    from the columns the server names (the tests' ad-hoc statements). ``idempotent``: running
+    it twice with the same parameters has the effect and the rows of running it once, so a
+    connection lost under it may run it again.
     """
 
-    __slots__ = ("_names", "_row", "idempotent", "text")
+    __slots__ = ("_names", "_row", "idempotent", "row", "text")
 
-    def __init__(self, text: str, *, idempotent: bool = False) -> None:
+    def __init__(self, text: str, row: type[R] | None = None, *, idempotent: bool = False) -> None:
         self.text = text
+        self.row = row
         self.idempotent = idempotent
-        self._names: list[str] | None = None
-        self._row: Callable[[Any], Row] | None = None
+        self._names: tuple[str, ...] | None = None
+        self._row: Callable[[list[Any]], R] | None = None
 
-    def rows(self, raw: list[list[Any]] | None) -> list[Row]:
+    def rows(self, raw: list[list[Any]] | None) -> list[R]:
         if not raw:
             return []
         assert self._row is not None, "rows before the statement's columns are known"
         return [self._row(values) for values in raw]
 
     def learn_columns(self, columns: list[dict[str, Any]] | None) -> None:
-        names = [column["name"] for column in columns or []]
+        names = tuple(column["name"] for column in columns or [])
         if names == self._names:
             return
+        shape: Any = self.row or _untyped_row(names)
+        if self.row is not None and names and names != shape._fields:
+            raise ColumnsMismatch(
+                f"{self!r} returns the columns {names}; its row type "
+                f"{shape.__name__} names {shape._fields}"
+            )
         self._names = names
-        row_type: Any = namedtuple("Row", names, rename=True)  # type: ignore[misc]
-        self._row = row_type._make
+        self._row = shape._make
 
     @property
     def columns_known(self) -> bool:
@@ -93,14 +106,23 @@ class Statement:
         return f"sql({self.text!r})"
 
 
-def sql(text: str, *, idempotent: bool = False) -> Statement:
-    """A statement with ``:name`` parameters, built once at import.
+def _untyped_row(names: tuple[str, ...]) -> Any:
+    return namedtuple("Row", names, rename=True)
+
+
+@overload
+def sql(text: str, *, idempotent: bool = False) -> Statement[Any]: ...
+@overload
+def sql(text: str, row: type[R], *, idempotent: bool = False) -> Statement[R]: ...
+def sql(text: str, row: Any = None, *, idempotent: bool = False) -> Statement[Any]:
+    """A statement with ``:name`` parameters, built once at import; ``row`` is the NamedTuple
+    of its rows (every statement of the service that returns rows names one).
 
     Declare ``idempotent=True`` only for a statement that a second run with the same
     parameters leaves as one did (a read; an insert with ON CONFLICT DO NOTHING of a given
     key; an update to fixed values whose WHERE still matches its own result).
     """
-    return Statement(text, idempotent=idempotent)
+    return Statement(text, row, idempotent=idempotent)
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -168,7 +190,7 @@ class Connection:
         # step (a socket error, an exit half-way through a reply): the pool discards it.
         self.broken = False
 
-    def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> list[Row]:
+    def execute(self, statement: Statement[R], params: Mapping[str, Any] | None = None) -> list[R]:
         """Run ``statement``; its rows (empty for a statement that returns none).
 
         A socket failure raises :class:`ConnectionLost` (the statement may or may not have
@@ -188,7 +210,7 @@ class Connection:
                 raise
             raise judged from exc
 
-    def _execute(self, statement: Statement, values: dict[str, Any]) -> list[Row]:
+    def _execute(self, statement: Statement[R], values: dict[str, Any]) -> list[R]:
         if not self.prepare or not statement.columns_known:  # the first run names its columns
             return self._run_and_learn(statement, values)
         prepared = self._prepared.get(statement.text)
@@ -196,14 +218,14 @@ class Connection:
             prepared = self._prepared[statement.text] = self.raw.prepare(statement.text)
         return statement.rows(prepared.run(**values))
 
-    def _prepare_again(self, statement: Statement, values: dict[str, Any]) -> list[Row]:
+    def _prepare_again(self, statement: Statement[R], values: dict[str, Any]) -> list[R]:
         """Run ``statement`` whose table changed shape (a migration): its columns anew."""
         prepared = self._prepared.pop(statement.text, None)
         if prepared is not None:
             prepared.close()
         return self._run_and_learn(statement, values)
 
-    def _run_and_learn(self, statement: Statement, values: dict[str, Any]) -> list[Row]:
+    def _run_and_learn(self, statement: Statement[R], values: dict[str, Any]) -> list[R]:
         rows = self.raw.run(statement.text, **values)
         statement.learn_columns(self.raw.columns)  # the same names again: nothing to do
         return statement.rows(rows)
@@ -213,7 +235,7 @@ class Connection:
         if session_gone(exc):  # the server ended the session (it said so)
             self.broken = True
             return ConnectionLost(exc, may_have_run=sqlstate(exc) not in _NOT_RUN_CODES)
-        if sqlstate(exc) is not None:  # any other server error: the protocol is in step
+        if sqlstate(exc) is not None or isinstance(exc, ColumnsMismatch):  # still in step
             return exc
         if is_network_error(exc):
             self.broken = True
@@ -405,7 +427,7 @@ class Database:
         finally:
             self.pool.release(lease, discard=lease.connection.broken)
 
-    def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> list[Row]:
+    def execute(self, statement: Statement[R], params: Mapping[str, Any] | None = None) -> list[R]:
         """Run one autocommitted statement; its rows (empty for a statement without any).
 
         A connection lost under it is discarded. The statement runs again on a fresh one
@@ -479,4 +501,8 @@ class Database:
         self.pool.dispose()
 
 
-_SELECT_ONE = sql("SELECT 1", idempotent=True)
+class _Alive(NamedTuple):
+    alive: int
+
+
+_SELECT_ONE = sql("SELECT 1 AS alive", _Alive, idempotent=True)

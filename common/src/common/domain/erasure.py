@@ -25,19 +25,30 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from common.adapters.db import Database, sql
 from common.adapters.storage import Storage
 from common.domain.records import RECORD_PREFIX
 from common.domain.uploads import PENDING_PREFIX
+from common.domain.users import UserId
 from common.errors import Unauthorized
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _MARK = sql("INSERT INTO erasures (user_id) VALUES (:id) ON CONFLICT (user_id) DO NOTHING")
-_DELETE_USER = sql("DELETE FROM users WHERE id = :id RETURNING id")
-_MARKERS = sql("SELECT user_id, created_at FROM erasures ORDER BY created_at", idempotent=True)
+
+
+class ErasureMarker(NamedTuple):
+    user_id: uuid.UUID
+    created_at: datetime
+
+
+_DELETE_USER = sql("DELETE FROM users WHERE id = :id RETURNING id", UserId)
+_MARKERS = sql(
+    "SELECT user_id, created_at FROM erasures ORDER BY created_at", ErasureMarker, idempotent=True
+)
 _UNMARK = sql("DELETE FROM erasures WHERE user_id = :id", idempotent=True)
 
 

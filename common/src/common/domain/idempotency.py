@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -63,6 +63,21 @@ _NONCE_BYTES = 12
 _PURGE_ONE_IN = 50
 _PURGE_BATCH = 200
 
+
+class Owner(NamedTuple):
+    owner: uuid.UUID
+
+
+class StoredKey(NamedTuple):
+    state: str
+    fingerprint: bytes | None
+    response: bytes | None
+
+
+class PurgedKey(NamedTuple):
+    key_hash: bytes
+
+
 _CLAIM = sql(
     "INSERT INTO idempotency_keys AS k "
     "(key_hash, user_id, fingerprint, state, owner, lease_until, expires_at) "
@@ -80,11 +95,13 @@ _CLAIM = sql(
     "AND (k.fingerprint IS NULL OR EXCLUDED.fingerprint IS NULL "
     "OR k.fingerprint = EXCLUDED.fingerprint)) "
     "RETURNING owner",
+    Owner,
     idempotent=True,
 )
 _SELECT = sql(
     "SELECT state, fingerprint, response FROM idempotency_keys "
     "WHERE key_hash = :key_hash AND expires_at > now()",
+    StoredKey,
     idempotent=True,
 )
 _RENEW = sql(
@@ -99,6 +116,7 @@ _FINISH = sql(
     "fingerprint), response_status = :status, response = :response, "
     "user_id = COALESCE(:user_id, user_id), lease_until = now() "
     "WHERE key_hash = :key_hash AND owner = :owner RETURNING owner",
+    Owner,
     idempotent=True,
 )
 # A running claim only: an answer stored (perhaps by a commit whose reply was lost) stays.
@@ -109,7 +127,8 @@ _RELEASE = sql(
 )
 _PURGE = sql(
     "DELETE FROM idempotency_keys WHERE key_hash IN (SELECT key_hash FROM idempotency_keys "
-    "WHERE expires_at <= now() LIMIT :limit) RETURNING key_hash"
+    "WHERE expires_at <= now() LIMIT :limit) RETURNING key_hash",
+    PurgedKey,
 )
 
 
@@ -377,7 +396,7 @@ def begin(
             if is_foreign_key_violation(exc):  # no such user (unknown, or erased meanwhile)
                 raise Unauthorized("The user id and access token do not match.") from exc
             raise
-        if claimed and claimed[0][0] == owner:
+        if claimed and claimed[0].owner == owner:
             claim = Claim(db, key, hashed, owner, secret, lease_seconds)
             claim.start_heartbeat()
             return claim
@@ -390,6 +409,7 @@ def begin(
         if fingerprint is not None and stored_fp is not None and stored_fp != fingerprint:
             raise _reused()
         if state == "done":
+            assert sealed is not None  # _FINISH sets the state and the answer together
             reply = unseal(bytes(sealed), secret=secret, key=key, hashed=hashed)
             return Replay(reply, stored_fp)
         break  # running, and still renewed (or just taken over by another repeat)

@@ -17,16 +17,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.queue import JobQueue
 from common.adapters.storage import ObjectMissing, Storage
 from common.domain.encoding import EncodingOptions
-from common.domain.records import INSERT_RECORD, object_key, store_mp3
+from common.domain.records import INSERT_RECORD, ObjectKey, object_key, store_mp3
 from common.errors import RequestTimeout, ServiceError, UnprocessableContent
 from common.settings import JobQueueKind, Settings
 
@@ -67,8 +66,9 @@ class UploadGone(UnprocessableContent):
     title = "Upload Gone"
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimedJob:
+class ClaimedJob(NamedTuple):
+    """A job's upload row, as a claim returns it."""
+
     id: uuid.UUID
     user_id: uuid.UUID
     object_key: str
@@ -99,6 +99,7 @@ _CLAIM_NEXT = sql(
     "  u.queued_at"
     " LIMIT 1 FOR UPDATE OF u SKIP LOCKED"
     ") RETURNING id, user_id, object_key, filename, options, record_id, attempts, lease_token",
+    ClaimedJob,
     idempotent=True,
 )
 _CLAIM_ONE = sql(
@@ -108,23 +109,37 @@ _CLAIM_ONE = sql(
     "WHERE id = :id AND (status = 'queued' OR (status = 'converting' "
     "AND (lease_until < now() OR lease_token = :token))) "
     "RETURNING id, user_id, object_key, filename, options, record_id, attempts, lease_token",
+    ClaimedJob,
     idempotent=True,
 )
-_STATUS = sql("SELECT status FROM uploads WHERE id = :id", idempotent=True)
+
+
+class JobState(NamedTuple):
+    status: str
+
+
+class UploadId(NamedTuple):
+    id: uuid.UUID
+
+
+_STATUS = sql("SELECT status FROM uploads WHERE id = :id", JobState, idempotent=True)
 # Jobs of a cloud queue still queued long after completion: their message was lost (the
 # process died between the UPDATE and the send) or dropped; sending one again is harmless.
 _STALLED = sql(
     "SELECT id FROM uploads WHERE status = 'queued' AND queue = :queue AND queued_at < :cutoff",
+    UploadId,
     idempotent=True,
 )
 # Direct uploads never completed, whose presigned form expired long ago.
 _ABANDONED_UPLOADS = sql(
-    "DELETE FROM uploads WHERE status = 'uploading' AND created_at < :cutoff RETURNING object_key"
+    "DELETE FROM uploads WHERE status = 'uploading' AND created_at < :cutoff RETURNING object_key",
+    ObjectKey,
 )
 _HEARTBEAT = sql(
     "UPDATE uploads SET progress = :progress, "
     "lease_until = now() + make_interval(secs => :lease) "
     "WHERE id = :id AND lease_token = :token AND status = 'converting' RETURNING id",
+    UploadId,
     idempotent=True,
 )
 _DONE = sql(
@@ -151,7 +166,7 @@ def claim_next(db: Database, settings: Settings) -> ClaimedJob | None:
         {"queue": JobQueueKind.POSTGRES.value, "token": uuid.uuid4(),
          "lease": settings.job_lease_seconds},
     )  # fmt: skip
-    return _claimed(rows[0]._asdict()) if rows else None
+    return rows[0] if rows else None
 
 
 def run_job(db: Database, storage: Storage, settings: Settings, upload_id: uuid.UUID) -> Outcome:
@@ -161,11 +176,11 @@ def run_job(db: Database, storage: Storage, settings: Settings, upload_id: uuid.
     )
     if not rows:
         status = db.execute(_STATUS, {"id": upload_id})
-        if status and status[0][0] in ("queued", "converting"):
+        if status and status[0].status in ("queued", "converting"):
             return Outcome.BUSY
         log.info("job delivered again, nothing to do", extra={"upload_id": str(upload_id)})
         return Outcome.SKIPPED
-    return run_claimed(db, storage, settings, _claimed(rows[0]._asdict()))
+    return run_claimed(db, storage, settings, rows[0])
 
 
 def release(db: Database, job: ClaimedJob) -> None:
@@ -280,19 +295,6 @@ def timed_out(seconds: float) -> ConversionTimedOut:
     return ConversionTimedOut(
         f"The conversion did not finish within {seconds:g} seconds, the job's deadline; "
         "it is not tried again. Upload a shorter recording, or split it."
-    )
-
-
-def _claimed(row: dict[str, Any]) -> ClaimedJob:
-    return ClaimedJob(
-        id=row["id"],
-        user_id=row["user_id"],
-        object_key=row["object_key"],
-        filename=row["filename"],
-        options=dict(row["options"] or {}),
-        record_id=row["record_id"],
-        attempts=int(row["attempts"]),
-        lease_token=row["lease_token"],
     )
 
 

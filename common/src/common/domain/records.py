@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import logging
@@ -13,7 +12,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from itsdangerous import BadData, Signer
 from itsdangerous.encoding import base64_decode, base64_encode
@@ -41,15 +40,9 @@ INSERT_RECORD = sql(
     ":bitrate_kbps, :sample_rate, :channels, :vbr_quality, :tags) ON CONFLICT (id) DO NOTHING",
     idempotent=True,
 )
-_SELECT_RECORD = sql(
-    "SELECT id, user_id, object_key, filename, size_bytes, etag, duration_seconds, "
-    "bitrate_kbps, sample_rate, channels, vbr_quality, tags FROM records WHERE id = :id",
-    idempotent=True,
-)
 
 
-@dataclass(frozen=True, slots=True)
-class StoredRecord:
+class StoredRecord(NamedTuple):
     """A ``records`` row, as INSERT_RECORD writes it and _SELECT_RECORD reads it."""
 
     id: uuid.UUID
@@ -64,6 +57,34 @@ class StoredRecord:
     channels: int
     vbr_quality: int | None  # LAME -V quality of a VBR record; None for CBR
     tags: dict[str, str] | None  # the ID3v2.4 tags written into the MP3; None: none
+
+
+class ListedRow(NamedTuple):
+    """A row of the records list: what its JSON shows, and the keyset's created_at."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    filename: str
+    size_bytes: int
+    duration_seconds: float
+    bitrate_kbps: int
+    sample_rate: int
+    channels: int
+    vbr_quality: int | None
+    tags: dict[str, str] | None
+    created_at: datetime
+
+
+class ObjectKey(NamedTuple):
+    object_key: str
+
+
+_SELECT_RECORD = sql(
+    "SELECT id, user_id, object_key, filename, size_bytes, etag, duration_seconds, "
+    "bitrate_kbps, sample_rate, channels, vbr_quality, tags FROM records WHERE id = :id",
+    StoredRecord,
+    idempotent=True,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +236,7 @@ def store_mp3(
     )
     return StoredMp3(
         key=key,
-        row=dataclasses.asdict(record),
+        row=record._asdict(),
         record=new_record(record),
     )
 
@@ -238,7 +259,7 @@ def new_record(record: StoredRecord) -> NewRecord:
 
 def get_record(db: Database, record_id: uuid.UUID) -> StoredRecord | None:
     rows = db.execute(_SELECT_RECORD, {"id": record_id})
-    return StoredRecord(**rows[0]._asdict()) if rows else None
+    return rows[0] if rows else None
 
 
 def find_record(db: Database, raw_id: str | None, raw_user: str | None) -> StoredRecord:
@@ -259,16 +280,18 @@ _LIST_FIRST = sql(
     "SELECT id, user_id, filename, size_bytes, duration_seconds, bitrate_kbps, sample_rate, "
     "channels, vbr_quality, tags, created_at FROM records WHERE user_id = :user "
     "ORDER BY created_at DESC, id DESC LIMIT :limit",
+    ListedRow,
     idempotent=True,
 )
 _LIST_AFTER = sql(
     "SELECT id, user_id, filename, size_bytes, duration_seconds, bitrate_kbps, sample_rate, "
     "channels, vbr_quality, tags, created_at FROM records WHERE user_id = :user "
     "AND (created_at, id) < (:created_at, :id) ORDER BY created_at DESC, id DESC LIMIT :limit",
+    ListedRow,
     idempotent=True,
 )
 _RECORD_KEY = sql(
-    "SELECT object_key FROM records WHERE id = :id AND user_id = :user", idempotent=True
+    "SELECT object_key FROM records WHERE id = :id AND user_id = :user", ObjectKey, idempotent=True
 )
 # A second run (its first reply was lost) deletes nothing more: the row was found before.
 _DELETE_RECORD = sql("DELETE FROM records WHERE id = :id AND user_id = :user", idempotent=True)

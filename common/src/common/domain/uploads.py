@@ -15,15 +15,21 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.queue import JobQueue
 from common.adapters.storage import ObjectMissing, Storage
 from common.domain.encoding import EncodingOptions
 from common.domain.idempotency import AnswerHook
-from common.domain.jobs import abandoned
-from common.domain.records import FILENAME_MAX_LENGTH, NewRecord, get_record, new_record
+from common.domain.jobs import UploadId, abandoned
+from common.domain.records import (
+    FILENAME_MAX_LENGTH,
+    NewRecord,
+    ObjectKey,
+    get_record,
+    new_record,
+)
 from common.domain.users import user_gone
 from common.errors import (
     InvalidField,
@@ -43,6 +49,21 @@ FILENAME_META = "filename"
 # How often a completion that waits (Prefer: wait=N) looks at its job.
 WAIT_POLL_SECONDS = 0.25
 
+
+class UploadRow(NamedTuple):
+    """An ``uploads`` row as the completion and the status read it."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    object_key: str
+    status: str
+    progress: float
+    record_id: uuid.UUID | None
+    error: dict[str, Any] | None
+    attempts: int
+    lease_expired: bool | None  # None: no lease (not converting)
+
+
 # Inserted only while the user has fewer than :cap uploads pending: queued or converting, or
 # waiting for their WAV with a form that can still be used. A retried insert that had landed
 # finds its own row (_UPLOAD_EXISTS).
@@ -53,18 +74,21 @@ _INSERT_UPLOAD = sql(
     " AND (status IN ('queued', 'converting') OR (status = 'uploading'"
     " AND created_at > now() - make_interval(secs => :form_seconds)))) < :cap "
     "ON CONFLICT (id) DO NOTHING RETURNING id",
+    UploadId,
     idempotent=True,
 )
 # Of these WAV keys, those whose upload may still need its WAV.
 _KEYS_STILL_NEEDED = sql(
     "SELECT object_key FROM uploads WHERE object_key = ANY(:keys) "
     "AND status IN ('uploading', 'queued', 'converting')",
+    ObjectKey,
     idempotent=True,
 )
-_UPLOAD_EXISTS = sql("SELECT 1 FROM uploads WHERE id = :id", idempotent=True)
+_UPLOAD_EXISTS = sql("SELECT id FROM uploads WHERE id = :id", UploadId, idempotent=True)
 _SELECT_UPLOAD = sql(
     "SELECT id, user_id, object_key, status, progress, record_id, error, attempts, "
     "lease_until < now() AS lease_expired FROM uploads WHERE id = :id AND user_id = :user_id",
+    UploadRow,
     idempotent=True,
 )
 # The one promise: exactly one completion moves the row out of 'uploading'. That completion
@@ -75,11 +99,13 @@ _QUEUE = sql(
     "queued_at = COALESCE(queued_at, now()) WHERE id = :id AND user_id = :user_id "
     "AND (status = 'uploading' OR (status = 'queued' AND record_id = :record_id)) "
     "RETURNING id",
+    UploadId,
     idempotent=True,
 )
 _QUEUE_CLAIM_FAILED = sql(
     "UPDATE uploads SET status = 'failed', error = CAST(:error AS JSONB), finished_at = now() "
-    "WHERE id = :id AND user_id = :user_id AND status = 'uploading' RETURNING id"
+    "WHERE id = :id AND user_id = :user_id AND status = 'uploading' RETURNING id",
+    UploadId,
 )
 _UNQUEUE = sql(
     "UPDATE uploads SET status = 'uploading', record_id = NULL, queue = NULL, queued_at = NULL "
@@ -214,10 +240,10 @@ def complete_upload(
     row = _find(db, user_id, upload_id)
     if row is None:
         raise _not_found(db, user_id)
-    if row["status"] != "uploading":
+    if row.status != "uploading":
         return Completion(won=False, job=_status_of(db, settings, row))
     try:
-        size = storage.size(row["object_key"])
+        size = storage.size(row.object_key)
     except ObjectMissing as exc:
         raise UploadNotReceived(
             "The upload's file has not arrived in the bucket: send it with the presigned POST "
@@ -229,7 +255,7 @@ def complete_upload(
         )
         error = json.dumps(too_large.to_problem())
         if db.execute(_QUEUE_CLAIM_FAILED, {"id": upload_id, "user_id": user_id, "error": error}):
-            storage.discard(row["object_key"])
+            storage.discard(row.object_key)
             raise too_large
     else:
         params = {"id": upload_id, "user_id": user_id, "record_id": uuid.uuid4(),
@@ -298,31 +324,27 @@ def parse_upload_id(raw: str) -> uuid.UUID:
         raise InvalidField("The upload id in the path must be a UUID.") from exc
 
 
-def _find(db: Database, user_id: uuid.UUID, upload_id: uuid.UUID) -> dict[str, Any] | None:
+def _find(db: Database, user_id: uuid.UUID, upload_id: uuid.UUID) -> UploadRow | None:
     rows = db.execute(_SELECT_UPLOAD, {"id": upload_id, "user_id": user_id})
-    return rows[0]._asdict() if rows else None
+    return rows[0] if rows else None
 
 
-def _status_of(db: Database, settings: Settings, row: dict[str, Any]) -> JobStatus:
-    status, error = row["status"], row["error"]
-    if (
-        status == "converting"
-        and row["lease_expired"]
-        and row["attempts"] >= settings.job_max_attempts
-    ):
+def _status_of(db: Database, settings: Settings, row: UploadRow) -> JobStatus:
+    status, error = row.status, row.error
+    if status == "converting" and row.lease_expired and row.attempts >= settings.job_max_attempts:
         # Its last attempt died and no queue will deliver it again (SQS: maxReceiveCount).
         error = abandoned(settings.job_max_attempts).to_problem()
-        db.execute(_ABANDON, {"id": row["id"], "error": json.dumps(error)})
+        db.execute(_ABANDON, {"id": row.id, "error": json.dumps(error)})
         status = "failed"
     record = None
-    if status == "done" and row["record_id"] is not None:
-        found = get_record(db, row["record_id"])
+    if status == "done" and row.record_id is not None:
+        found = get_record(db, row.record_id)
         record = new_record(found) if found is not None else None
     return JobStatus(
-        id=row["id"],
-        user_id=row["user_id"],
+        id=row.id,
+        user_id=row.user_id,
         status=status,
-        progress=1.0 if status == "done" else float(row["progress"]),
+        progress=1.0 if status == "done" else float(row.progress),
         record=record,
         error=error if status == "failed" else None,
     )

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 from common.adapters.db import Connection, Database, sql
 from common.domain.text import first_control
@@ -41,7 +42,21 @@ _INSERT_USER = sql(
     "ON CONFLICT (id) DO NOTHING",  # a retried insert that had landed: the row is ours
     idempotent=True,
 )
-_SELECT_TOKEN_HASH = sql("SELECT token_hash FROM users WHERE id = :id", idempotent=True)
+
+
+class TokenHash(NamedTuple):
+    token_hash: bytes
+
+
+class UserId(NamedTuple):
+    id: uuid.UUID
+
+
+class Found(NamedTuple):
+    found: int
+
+
+_SELECT_TOKEN_HASH = sql("SELECT token_hash FROM users WHERE id = :id", TokenHash, idempotent=True)
 
 
 # How long a rotation's answer is replayed to a repeat with its Idempotency-Key (and the old
@@ -86,7 +101,7 @@ def parse_uuid(raw: str | None, field: str) -> uuid.UUID:
         raise InvalidField(f"'{field}' must be a UUID.") from exc
 
 
-_USER_EXISTS = sql("SELECT 1 FROM users WHERE id = :id", idempotent=True)
+_USER_EXISTS = sql("SELECT 1 AS found FROM users WHERE id = :id", Found, idempotent=True)
 
 
 def user_gone(db: Database, user_id: uuid.UUID) -> Unauthorized | None:
@@ -105,7 +120,7 @@ def authenticate(db: Database, raw_user_id: str | None, token: str | None) -> uu
     if not token:
         raise Unauthorized("An access token is required (form field 'token' or a Bearer header).")
     rows = db.execute(_SELECT_TOKEN_HASH, {"id": user_id})
-    stored_hash = bytes(rows[0][0]) if rows else None
+    stored_hash = bytes(rows[0].token_hash) if rows else None
     if not token_matches(token, stored_hash):
         raise Unauthorized("The user id and access token do not match.")
     return user_id
@@ -115,6 +130,7 @@ def authenticate(db: Database, raw_user_id: str | None, token: str | None) -> uu
 _ROTATE_TOKEN = sql(
     "UPDATE users SET token_hash = :new_hash WHERE id = :id "
     "AND token_hash IN (:old_hash, :new_hash) RETURNING id",
+    UserId,
     idempotent=True,
 )
 

@@ -20,7 +20,7 @@ from common.adapters.db import Database, sql
 from common.domain.erasure import continue_erasures
 from common.domain.idempotency import purge_expired
 from common.domain.jobs import forget_abandoned_uploads, requeue_stalled
-from common.domain.records import RECORD_PREFIX
+from common.domain.records import RECORD_PREFIX, ObjectKey
 from common.domain.uploads import discard_spent_wavs
 from common.platform.runtime import Services, get_services
 
@@ -29,7 +29,7 @@ log = logging.getLogger("common.ops.sweep")
 RECORD_KEY = re.compile(r"^users/[0-9a-f-]{36}/records/[0-9a-f-]{36}\.mp3$")
 _BATCH = 500
 _KEYS_WITH_ROWS = sql(
-    "SELECT object_key FROM records WHERE object_key = ANY(:keys)", idempotent=True
+    "SELECT object_key FROM records WHERE object_key = ANY(:keys)", ObjectKey, idempotent=True
 )
 
 
