@@ -338,3 +338,53 @@ def test_persistence_across_a_restart_of_the_stack(tmp_path: Path) -> None:
         import shutil
 
         shutil.rmtree(data, ignore_errors=True)
+
+
+def curl_form(client: Client, tmp_path: Path, *parts: str) -> tuple[int, dict[str, object]]:
+    """POST /records through the router with curl's -F parts, in the order given."""
+    (tmp_path / "x.wav").write_bytes(wavgen.wav(seconds=0.5))
+    args = [arg for part in parts for arg in ("-F", part)]
+    done = subprocess.run(
+        ["curl", "-s", "-w", "\n%{http_code}", *args, f"{client.base_url}/records"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60, check=True,
+    )  # fmt: skip
+    body, _, code = done.stdout.rpartition("\n")
+    problem: dict[str, object] = json.loads(body)
+    return int(code), problem
+
+
+def records_of(client: Client, user: dict[str, str]) -> list[object]:
+    listed = client.session.get(
+        f"{client.base_url}/records",
+        params={"user": user["id"]},
+        headers={"Authorization": f"Bearer {user['token']}"},
+        timeout=30,
+    )
+    assert listed.status_code == 200, listed.text
+    records: list[object] = listed.json()["records"]
+    return records
+
+
+def test_a_field_after_the_file_is_422_naming_it_and_stores_nothing(
+    client: Client, tmp_path: Path
+) -> None:
+    user = client.create_user("Late field")
+    code, problem = curl_form(
+        client, tmp_path, f"user={user['id']}", f"token={user['token']}", "file=@x.wav",
+        "bitrate_kbps=999",
+    )  # fmt: skip
+    assert code == 422, problem
+    assert problem["type"] == "urn:record-service:problem:field-after-file"
+    assert problem["field"] == "bitrate_kbps"
+    assert records_of(client, user) == []
+
+
+def test_a_token_after_the_file_is_401_and_stores_nothing(client: Client, tmp_path: Path) -> None:
+    """The credentials are checked when the file starts: a token after it is not seen."""
+    user = client.create_user("Late token")
+    code, problem = curl_form(
+        client, tmp_path, f"user={user['id']}", "file=@x.wav", f"token={user['token']}"
+    )
+    assert code == 401, problem
+    assert problem["status"] == 401
+    assert records_of(client, user) == []

@@ -13,6 +13,14 @@ from typing import Any
 from devstack import ScratchStack, wavgen
 from tests.support import ROOT
 
+LIST = (
+    "list your records, newest first, one a page here (for the next page, set "
+    "`NEXT=<the answer's next_cursor>` and add `&cursor=$NEXT`; `null`: the last page)"
+)
+ROTATE = (
+    "rotate the token, with a key set once (`KEY=$(python3 -c 'import uuid; "
+    "print(uuid.uuid4())')`): the same line again answers the same new token"
+)
 _ROW = re.compile(r"^\| ([^|]+) \| `(curl [^`]+)`")
 # What each call answers when it works (the complete call may finish within its Prefer: wait).
 EXPECTED = {
@@ -20,14 +28,14 @@ EXPECTED = {
     "upload a WAV": {201},
     "upload with encoding options and tags": {201},
     "download the MP3": {200},
-    "list your records": {200},
+    LIST: {200},
     "start a direct upload (large WAV), its form saved in `upload.json`": {201},
     "send the WAV to the bucket (the form's fields, then the file)": {200, 201, 204},
     "complete it: a job, `202` at once (add `-H 'Prefer: wait=25'` to block up to 25 s for a "
     "`201` with the record)": {202},
     "poll the job": {200},
     "delete a record": {204},
-    "rotate the token": {200},
+    ROTATE: {200},
     "erase the user, with the rotated token (`TOKEN=<its token>`)": {204},
 }
 START, COMPLETE = list(EXPECTED)[5], list(EXPECTED)[7]
@@ -52,6 +60,18 @@ def run(command: str, base: str, env: dict[str, str], cwd: Path) -> tuple[int, s
     return int(code), output
 
 
+def key_set_once(row: str, env: dict[str, str]) -> str:
+    """The row's own ``KEY=...`` command, run as written."""
+    set_key = re.search(r"`(KEY=[^`]+)`", row)
+    assert set_key, row
+    key = subprocess.run(
+        ["bash", "-c", set_key.group(1) + '; echo "$KEY"'], capture_output=True, text=True,
+        env=env, check=True, timeout=30,
+    ).stdout.strip()  # fmt: skip
+    assert len(key) == 36, key
+    return key
+
+
 def body_of(output: str) -> Any:
     """The JSON body of an answer (after the headers when curl printed them with -i)."""
     if output.startswith("HTTP/"):
@@ -69,6 +89,8 @@ def test_every_curl_line_of_the_api_table_works_as_written(
     base = stack.base_url.removeprefix("http://")
     env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(tmp_path)}
     for name, command in rows:
+        if name == ROTATE:
+            env["KEY"] = key_set_once(name, env)
         code, output = run(command, base, env, tmp_path)
         assert code in EXPECTED[name], (name, code, output)
         if name == "create a user":
@@ -82,13 +104,25 @@ def test_every_curl_line_of_the_api_table_works_as_written(
             assert record["tags"]["title"] == "First take"
         elif name == "download the MP3":
             assert (tmp_path / "take.mp3").stat().st_size > 0
-        elif name == "list your records":
-            assert len(body_of(output)["records"]) == 2
+        elif name == LIST:
+            # One a page: follow the cursor as the row says, to the last page.
+            first = body_of(output)
+            assert len(first["records"]) == 1 and first["next_cursor"], first
+            next_page = command.replace('&limit=1"', '&limit=1&cursor=$NEXT"')
+            assert next_page != command, command
+            code, output = run(next_page, base, {**env, "NEXT": first["next_cursor"]}, tmp_path)
+            second = body_of(output)
+            assert code == 200 and len(second["records"]) == 1, output
+            assert second["next_cursor"] is None, second
+            assert second["records"][0]["id"] == env["RECORD_ID"]  # the older upload
         elif name == START:
             env["UPLOAD_ID"] = json.loads((tmp_path / "upload.json").read_text())["id"]
         elif name == COMPLETE or name == "poll the job":
             assert body_of(output)["status"] in ("queued", "converting", "done")
-        elif name == "rotate the token":
+        elif name == ROTATE:
+            # The same line again, with the same key (and the old token): the same answer.
+            again, replayed = run(command, base, env, tmp_path)
+            assert again == 200 and body_of(replayed) == body_of(output), replayed
             env["TOKEN"] = body_of(output)["token"]
 
 
