@@ -21,7 +21,8 @@ import flask
 import functions_framework
 from common.domain.encoding import EncodingOptions
 from common.domain.jobs import Outcome, run_job
-from common.domain.records import NewRecord, create_record, delete_record
+from common.domain.new_records import create_record
+from common.domain.records import NewRecord, delete_record
 from common.domain.uploads import (
     Completion,
     PresignedUpload,

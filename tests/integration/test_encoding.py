@@ -8,7 +8,8 @@ from pathlib import Path
 
 from common.domain.conversion import ffmpeg_command
 from common.domain.encoding import EncodingOptions
-from common.domain.records import create_record, get_record
+from common.domain.new_records import create_record
+from common.domain.records import get_record
 from common.domain.users import create_user
 from common.domain.wav import parse_header
 

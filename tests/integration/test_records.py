@@ -12,7 +12,8 @@ from common.adapters.db import sql
 from common.adapters.storage import ObjectMissing
 from common.domain.erasure import erase_user
 from common.domain.jobs import Outcome, run_job
-from common.domain.records import create_record, delete_record, find_record, list_records
+from common.domain.new_records import create_record
+from common.domain.records import delete_record, find_record, list_records
 from common.domain.uploads import complete_upload, pending_key, start_upload, upload_status
 from common.domain.users import authenticate, create_user
 from common.errors import NotFound, Unauthorized

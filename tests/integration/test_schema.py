@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from common.adapters.db import Statement, connect_params, sql
-from common.domain import records
+from common.domain import new_records
 from common.settings import Settings
 from pg8000 import native
 from pg8000.native import DatabaseError
@@ -53,7 +53,7 @@ def prepares(conn: native.Connection, statement: Statement[Any]) -> None:
 
 def test_the_service_has_statements_to_check() -> None:
     assert len(STATEMENTS) >= 30, sorted(STATEMENTS)
-    assert records.INSERT_RECORD in STATEMENTS.values()
+    assert new_records.INSERT_RECORD in STATEMENTS.values()
 
 
 @pytest.mark.parametrize("name", sorted(STATEMENTS))

@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from common.adapters.db import sql
-from common.domain.records import create_record, object_key
+from common.domain.new_records import create_record
+from common.domain.records import object_key
 from common.domain.uploads import pending_key
 from common.domain.users import create_user
 from common.errors import Unauthorized

@@ -55,3 +55,10 @@ def test_create_user_imports_nothing_of_the_bucket_or_the_jobs() -> None:
 def test_the_sqs_path_is_imported_only_by_its_first_job() -> None:
     modules = init_modules("get_record")
     assert loaded(modules, ("common.domain.jobs", "common.adapters.queue")) == []
+
+
+def test_get_record_reads_records_without_the_conversion() -> None:
+    """Reading, listing and downloading never convert: no ffmpeg pipeline, WAV gate or ID3."""
+    modules = init_modules("get_record")
+    assert loaded(modules, ("common.domain.conversion", "common.domain.wav", "mutagen")) == []
+    assert "common.domain.records" in modules

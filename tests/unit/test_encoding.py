@@ -16,7 +16,7 @@ from common.domain.encoding import (
     clean_file_tag,
 )
 from common.domain.id3 import build_tag, read_tag
-from common.domain.records import mp3_filename
+from common.domain.new_records import mp3_filename
 from common.domain.wav import file_tags, parse_header, trailing_metadata
 from common.settings import MP3_BITRATES_MPEG1, MP3_BITRATES_MPEG2
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from common.domain.records import mp3_filename, object_key
+from common.domain.new_records import mp3_filename
+from common.domain.records import object_key
 from common.domain.tokens import hash_token, new_token, token_matches
 from common.errors import DependencyUnavailable, MethodNotAllowed, NotFound, Unauthorized
 from common.http.auth import bearer_token

@@ -25,7 +25,8 @@ from common.adapters.db import Database, is_foreign_key_violation, sql
 from common.adapters.queue import JobQueue
 from common.adapters.storage import ObjectMissing, Storage
 from common.domain.encoding import EncodingOptions
-from common.domain.records import INSERT_RECORD, ObjectKey, object_key, store_mp3
+from common.domain.new_records import INSERT_RECORD, store_mp3
+from common.domain.records import ObjectKey, object_key
 from common.errors import RequestTimeout, ServiceError, UnprocessableContent
 from common.settings import JobQueueKind, Settings
 
