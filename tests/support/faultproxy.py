@@ -193,6 +193,13 @@ class FaultProxy:
                 await client.drain()
                 _reset(client)
             else:
+                # An autocommitted statement commits at its Sync, which may reach the server
+                # after the Execute's reply went out: drop replies until ReadyForQuery, so the
+                # cut always follows the commit.
+                while self.postgres and _READY_FOR_QUERY not in data:
+                    data = await reader.read(_CHUNK)
+                    if not data:
+                        break
                 client.close()
             up.close()
             return
@@ -244,6 +251,10 @@ class FaultProxy:
                 conn.portal = conn.statements.get(rest.partition(b"\0")[0], b"")
             elif kind == b"E":
                 texts.append(conn.portal)
+
+
+# PostgreSQL's ReadyForQuery message (its status byte follows): the server finished a Sync.
+_READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
