@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-import flask
-import functions_framework
 from common.domain.tokens import new_token as generate_token
 from common.domain.users import ROTATION_REPLAY_WINDOW, authenticate, parse_uuid, rotate_token
 from common.domain.users import create_user as create_user_in_db
 from common.domain.users import new_user as draw_user
+from common.http import Request, Response
 from common.http.auth import request_credentials
 from common.http.idempotency import Recorder, idempotent
 from common.http.request_body import read_fields
@@ -28,9 +27,8 @@ from common.platform.runtime import Services, get_services
 NO_STORE = {"Cache-Control": "no-store"}
 
 
-@functions_framework.http
 @function_handler
-def create_user(request: flask.Request) -> flask.Response:
+def create_user(request: Request) -> Response:
     target = route("create_user", request.path, request.method)
     services = get_services()
     if target.name == "health":
@@ -43,10 +41,10 @@ def create_user(request: flask.Request) -> flask.Response:
     return erase(request, services, user_id)
 
 
-def new_user(request: flask.Request, services: Services) -> flask.Response:
+def new_user(request: Request, services: Services) -> Response:
     fields = read_fields(request)
 
-    def run(recorder: Recorder) -> flask.Response:
+    def run(recorder: Recorder) -> Response:
         user = draw_user(fields.get("name"))
         body = {"id": str(user.id), "name": user.name, "token": user.token}
         response = json_response(body, status=201, headers=NO_STORE)
@@ -59,12 +57,12 @@ def new_user(request: flask.Request, services: Services) -> flask.Response:
     )  # fmt: skip
 
 
-def _created_user(response: flask.Response) -> uuid.UUID | None:
+def _created_user(response: Response) -> uuid.UUID | None:
     body = response.get_json(silent=True) if response.status_code == 201 else None
     return uuid.UUID(body["id"]) if isinstance(body, dict) else None
 
 
-def new_token(request: flask.Request, services: Services, user_id: uuid.UUID) -> flask.Response:
+def new_token(request: Request, services: Services, user_id: uuid.UUID) -> Response:
     """A rotation needs an Idempotency-Key (16+ characters): its answer is the only copy of
     the new token, and it is stored with the rotation, in one transaction, for a repeat that
     lost it. The scope is the path's user, and the fingerprint holds the presented token's
@@ -73,7 +71,7 @@ def new_token(request: flask.Request, services: Services, user_id: uuid.UUID) ->
     _, token, fields = request_credentials(request)
     user = str(user_id)
 
-    def run(recorder: Recorder) -> flask.Response:
+    def run(recorder: Recorder) -> Response:
         new = generate_token()
         response = json_response({"token": new}, headers=NO_STORE)
         rotate_token(services.db, user, token, new, within=recorder.within(response))
@@ -88,7 +86,7 @@ def new_token(request: flask.Request, services: Services, user_id: uuid.UUID) ->
     )  # fmt: skip
 
 
-def erase(request: flask.Request, services: Services, user_id: uuid.UUID) -> flask.Response:
+def erase(request: Request, services: Services, user_id: uuid.UUID) -> Response:
     _, token, _ = request_credentials(request)
     authenticate(services.db, str(user_id), token)
     # The one route of this function that touches the bucket: its code (and boto3's) loads
@@ -96,4 +94,4 @@ def erase(request: flask.Request, services: Services, user_id: uuid.UUID) -> fla
     from common.domain.erasure import erase_user
 
     erase_user(services.db, services.storage, services.settings, user_id)
-    return flask.Response(status=204, headers=NO_STORE)
+    return Response(status=204, headers=NO_STORE)

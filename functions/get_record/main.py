@@ -7,9 +7,8 @@
 
 from __future__ import annotations
 
-import flask
-import functions_framework
 from common.domain.records import find_record, list_records, parse_limit
+from common.http import Request, Response
 from common.http.auth import bearer_user
 from common.http.downloads import download_response
 from common.http.record_response import record_list_response
@@ -18,9 +17,8 @@ from common.http.routes import route
 from common.platform.runtime import get_services
 
 
-@functions_framework.http
 @function_handler
-def get_record(request: flask.Request) -> flask.Response:
+def get_record(request: Request) -> Response:
     target = route("get_record", request.path, request.method)
     services = get_services()
     if target.name == "health":

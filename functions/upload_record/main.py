@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import flask
-import functions_framework
 from common.domain.encoding import EncodingOptions
 from common.domain.jobs import Outcome, run_job
 from common.domain.new_records import create_record
@@ -32,6 +30,7 @@ from common.domain.uploads import (
     wait_for_job,
 )
 from common.domain.users import authenticate
+from common.http import Request, Response
 from common.http.auth import authenticated_user, bearer_token
 from common.http.idempotency import Recorder, idempotent, idempotent_upload
 from common.http.jobs import (
@@ -54,9 +53,8 @@ from common.http.tasks import pushed_job
 from common.platform.runtime import Services, get_services
 
 
-@functions_framework.http
 @function_handler
-def upload_record(request: flask.Request) -> flask.Response:
+def upload_record(request: Request) -> Response:
     target = route("upload_record", request.path, request.method)
     services = get_services()
     if target.name == "health":
@@ -74,7 +72,7 @@ def upload_record(request: flask.Request) -> flask.Response:
     return upload(request, services)
 
 
-def upload(request: flask.Request, services: Services) -> flask.Response:
+def upload(request: Request, services: Services) -> Response:
     settings = services.settings
     check_content_length(request, settings.max_upload_bytes)
     body = RequestBody(request.stream, settings.max_upload_bytes)
@@ -86,10 +84,10 @@ def upload(request: flask.Request, services: Services) -> flask.Response:
     # Encoding options and tags: form fields before the file, or the query of a raw WAV body.
     options = EncodingOptions.from_fields(upload.fields if upload.fields else request.args)
 
-    def answer(record: NewRecord) -> flask.Response:
+    def answer(record: NewRecord) -> Response:
         return record_created_response(request, settings, record)
 
-    def run(audio: Iterator[bytes], recorder: Recorder) -> flask.Response:
+    def run(audio: Iterator[bytes], recorder: Recorder) -> Response:
         record = create_record(
             services.db, services.storage, settings, user_id=user_id, audio=audio,
             filename=upload.filename, options=options, within=recorder.storing(answer),
@@ -103,14 +101,14 @@ def upload(request: flask.Request, services: Services) -> flask.Response:
     )  # fmt: skip
 
 
-def presign_upload(request: flask.Request, services: Services) -> flask.Response:
+def presign_upload(request: Request, services: Services) -> Response:
     user_id, fields = authenticated_user(services.db, request)
 
-    def answer(upload: PresignedUpload) -> flask.Response:
+    def answer(upload: PresignedUpload) -> Response:
         body = presigned_upload_body(upload, public_base_url(request, services.settings))
         return json_response(body, status=201, headers={"Cache-Control": "no-store"})
 
-    def run(recorder: Recorder) -> flask.Response:
+    def run(recorder: Recorder) -> Response:
         upload = start_upload(
             services.db, services.storage, services.settings, user_id=user_id,
             filename=fields.get("filename"), options=EncodingOptions.from_fields(fields),
@@ -124,14 +122,14 @@ def presign_upload(request: flask.Request, services: Services) -> flask.Response
     )  # fmt: skip
 
 
-def complete(request: flask.Request, services: Services, upload_id: str) -> flask.Response:
+def complete(request: Request, services: Services, upload_id: str) -> Response:
     user_id, fields = authenticated_user(services.db, request)
     settings = services.settings
 
-    def answer(completion: Completion) -> flask.Response:  # the winner's, without waiting
+    def answer(completion: Completion) -> Response:  # the winner's, without waiting
         return completion_response(request, settings, completion, waited=0)
 
-    def run(recorder: Recorder) -> flask.Response:
+    def run(recorder: Recorder) -> Response:
         completion = complete_upload(
             services.db, services.storage, services.queue, settings,
             user_id=user_id, raw_upload_id=upload_id, within=recorder.storing(answer),
@@ -148,19 +146,19 @@ def complete(request: flask.Request, services: Services, upload_id: str) -> flas
     )  # fmt: skip
 
 
-def job_status(request: flask.Request, services: Services, upload_id: str) -> flask.Response:
+def job_status(request: Request, services: Services, upload_id: str) -> Response:
     user_id, _ = authenticated_user(services.db, request)
     job = upload_status(services.db, services.settings, user_id=user_id, raw_upload_id=upload_id)
     return status_response(request, services.settings, job)
 
 
-def remove(request: flask.Request, services: Services) -> flask.Response:
+def remove(request: Request, services: Services) -> Response:
     user_id, _ = authenticated_user(services.db, request)
     delete_record(services.db, services.storage, user_id=user_id, raw_id=request.args.get("id"))
-    return flask.Response(status=204)
+    return Response(status=204)
 
 
-def convert_pushed_task(request: flask.Request, services: Services) -> flask.Response:
+def convert_pushed_task(request: Request, services: Services) -> Response:
     upload_id = pushed_job(request, services.settings)
     outcome = run_job(services.db, services.storage, services.settings, upload_id)
     if outcome is Outcome.BUSY:  # another delivery holds the job: Cloud Tasks retries later

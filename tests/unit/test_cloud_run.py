@@ -8,12 +8,13 @@ import io
 import json
 import logging
 
-import flask
-import flask.testing
 import pytest
 from common.adapters.db import connect_params
+from common.http import Request, Response
+from common.http.responses import function_handler
 from common.platform.logs import JsonFormatter, trace_fields
 from common.settings import Settings, SettingsError, normalise_database_url
+from werkzeug.test import EnvironBuilder
 
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
 PROJECT = "records-prod"
@@ -63,11 +64,18 @@ def _log_line(formatter: JsonFormatter, message: str) -> dict[str, object]:
 
 
 def test_request_log_lines_carry_the_trace() -> None:
-    app = flask.Flask("t")
+    """A line logged while function_handler runs a handler carries that request's trace."""
     headers = {"X-Cloud-Trace-Context": f"{TRACE_ID}/17;o=1"}
-    with app.test_request_context("/records", headers=headers):
-        line = _log_line(JsonFormatter(PROJECT), "object store unavailable")
-        untraced = _log_line(JsonFormatter(None), "x")
+    lines: dict[str, dict[str, object]] = {}
+
+    @function_handler
+    def handler(request: Request) -> Response:
+        lines["traced"] = _log_line(JsonFormatter(PROJECT), "object store unavailable")
+        lines["untraced"] = _log_line(JsonFormatter(None), "x")
+        return Response(status=204)
+
+    handler(Request(EnvironBuilder(path="/records", headers=list(headers.items())).get_environ()))
+    line, untraced = lines["traced"], lines["untraced"]
     assert line["severity"] == "WARNING"
     assert line["message"] == "object store unavailable"
     assert line["status"] == 503

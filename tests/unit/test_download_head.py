@@ -12,14 +12,15 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import boto3
-import flask
 import pytest
 import requests
 from common.adapters.storage import Storage
 from common.domain.records import StoredRecord
+from common.http import Request, Response
 from common.http.downloads import download_response
 from common.settings import DownloadMode, Settings
 from moto import mock_aws
+from werkzeug.test import EnvironBuilder
 
 BODY = bytes(range(256)) * 40
 KEY = "users/u/records/r.mp3"
@@ -55,11 +56,10 @@ def _record(storage: Storage) -> StoredRecord:
     )
 
 
-def _answer(storage: Storage, mode: DownloadMode, method: str) -> flask.Response:
+def _answer(storage: Storage, mode: DownloadMode, method: str) -> Response:
     settings = replace(Settings.from_env({}), download_mode=mode)
-    app = flask.Flask(__name__)
-    with app.test_request_context("/record", method=method):
-        return download_response(flask.request, storage, settings, _record(storage))
+    request = Request(EnvironBuilder(path="/record", method=method).get_environ())
+    return download_response(request, storage, settings, _record(storage))
 
 
 @pytest.mark.parametrize("mode", list(DownloadMode))

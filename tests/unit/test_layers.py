@@ -49,8 +49,8 @@ LIBRARIES = (
     Library("pg8000, the database driver,", ("pg8000",), ("adapters.db",)),
     Library("SQLAlchemy", ("sqlalchemy",), ("migrations",)),
     Library("google-auth and urllib3", ("google", "urllib3"), ("adapters.oidc", "adapters.queue")),
-    Library("Flask and werkzeug", ("flask", "werkzeug"), ("http", "platform", "functions")),
-    Library("functions-framework", ("functions_framework",), ("platform", "functions")),
+    Library("Flask and werkzeug", ("flask", "werkzeug"), ("http", "platform")),
+    Library("functions-framework", ("functions_framework",), ("platform",)),
     Library("granian and apig-wsgi", ("granian", "apig_wsgi"), ("platform",)),
     Library("Alembic", ("alembic",), ("migrations", "platform.aws_lambda")),
     Library("cryptography", ("cryptography",), ("domain.idempotency",)),
@@ -294,7 +294,9 @@ def test_imports_against_the_direction_are_refused() -> None:
 def test_flask_outside_http_and_platform_is_refused() -> None:
     assert violations("domain.users", "import flask\n", ROUTES)
     assert violations("adapters.storage", "from werkzeug import Request\n", ROUTES)
-    assert not violations("functions.create_user", "import flask\n", ROUTES)
+    assert violations("functions.create_user", "import flask\n", ROUTES)
+    assert violations("functions.get_record", "import functions_framework\n", ROUTES)
+    assert not violations("functions.create_user", "from common.http import Request\n", ROUTES)
 
 
 def test_a_library_without_a_place_is_refused() -> None:

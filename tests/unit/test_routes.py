@@ -9,6 +9,7 @@ import uuid
 import flask
 import functions_framework
 import pytest
+from common.http import Request, Response
 from common.http.responses import function_handler
 from common.http.routes import EVERY_FUNCTION, ROUTER, ROUTES, TASKS_PATH, allowed_methods, route
 from common.platform.runtime import set_services
@@ -137,10 +138,10 @@ def test_router_only_paths_are_not_served_by_a_function() -> None:
 
 def test_a_204_carries_no_body_headers() -> None:
     @function_handler
-    def no_content(request: flask.Request) -> flask.Response:
-        return flask.Response(status=204, headers={"Cache-Control": "no-store"})
+    def no_content(request: Request) -> Response:
+        return Response(status=204, headers={"Cache-Control": "no-store"})
 
-    request = flask.Request(EnvironBuilder(method="DELETE", path="/record").get_environ())
+    request = Request(EnvironBuilder(method="DELETE", path="/record").get_environ())
     response = no_content(request)
     assert response.status_code == 204
     assert "Content-Type" not in response.headers and "Content-Length" not in response.headers

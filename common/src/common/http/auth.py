@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import flask
+from werkzeug.wrappers import Request
 
 from common.adapters.db import Database
 from common.domain.users import authenticate
@@ -23,7 +23,7 @@ def bearer_token(authorization: str | None) -> str | None:
     return value.strip()
 
 
-def request_credentials(request: flask.Request) -> tuple[str | None, str | None, dict[str, Any]]:
+def request_credentials(request: Request) -> tuple[str | None, str | None, dict[str, Any]]:
     """(user id, token, body fields) of a direct-upload call.
 
     The body is optional: a small JSON object or form (``user``, ``token``, ``filename``).
@@ -40,12 +40,12 @@ def request_credentials(request: flask.Request) -> tuple[str | None, str | None,
     return user, token, fields
 
 
-def authenticated_user(db: Database, request: flask.Request) -> tuple[uuid.UUID, dict[str, Any]]:
+def authenticated_user(db: Database, request: Request) -> tuple[uuid.UUID, dict[str, Any]]:
     user, token, fields = request_credentials(request)
     return authenticate(db, user, token), fields
 
 
-def bearer_user(db: Database, request: flask.Request) -> uuid.UUID:
+def bearer_user(db: Database, request: Request) -> uuid.UUID:
     """The user of a request without a body: ``user`` in the query, the token as Bearer."""
     return authenticate(
         db, request.args.get("user"), bearer_token(request.headers.get("Authorization"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-import flask
+from werkzeug.wrappers import Request, Response
 
 from common.adapters.storage import MP3_CONTENT_TYPE, ObjectMissing, Storage
 from common.domain.records import StoredRecord
@@ -33,8 +33,8 @@ _ROUTER_MAX_OFFSET = 2**63 - 1
 
 
 def download_response(
-    request: flask.Request, storage: Storage, settings: Settings, record: StoredRecord
-) -> flask.Response:
+    request: Request, storage: Storage, settings: Settings, record: StoredRecord
+) -> Response:
     disposition = content_disposition(record.filename)
     if settings.download_mode is DownloadMode.REDIRECT:
         url = storage.presigned_get(
@@ -43,7 +43,7 @@ def download_response(
             filename_header=disposition,
             method=request.method,
         )
-        return flask.Response(status=307, headers={"Location": url, "Cache-Control": "no-store"})
+        return Response(status=307, headers={"Location": url, "Cache-Control": "no-store"})
     headers = {
         "ETag": f'"{record.etag}"',
         "Accept-Ranges": "bytes",
@@ -51,7 +51,7 @@ def download_response(
         "Cache-Control": "private, no-cache",
     }
     if request.if_none_match and request.if_none_match.contains_weak(record.etag):
-        return flask.Response(status=304, headers=headers)
+        return Response(status=304, headers=headers)
     size = record.size_bytes
     byte_range = _requested_range(request, record)
     status = 200
@@ -65,7 +65,7 @@ def download_response(
         headers["Content-Range"] = f"bytes {first}-{stop - 1}/{size}"
     headers["Content-Length"] = str(length)
     if request.method == "HEAD":
-        return flask.Response(status=status, headers=headers, content_type=MP3_CONTENT_TYPE)
+        return Response(status=status, headers=headers, content_type=MP3_CONTENT_TYPE)
     if settings.download_mode is DownloadMode.ACCEL and _router_reads_range(request):
         # The router sends the object: the range this function accepted, or all of it.
         target = storage.router_get_path(
@@ -75,20 +75,18 @@ def download_response(
         )
         how = "/range" if span is not None else "/whole"
         accel = {"X-Accel-Redirect": ROUTER_STORE_PREFIX + how + target, "Content-Length": "0"}
-        return flask.Response(status=200, headers=accel, content_type=MP3_CONTENT_TYPE)
+        return Response(status=200, headers=accel, content_type=MP3_CONTENT_TYPE)
     try:
         stream = storage.open_read(record.object_key, span)
     except ObjectMissing as exc:
         log.error("record without its object", extra={"record_id": str(record.id)})
         raise NotFound("The record's audio is missing from storage.") from exc
-    response = flask.Response(
-        iter(stream), status=status, headers=headers, content_type=MP3_CONTENT_TYPE
-    )
+    response = Response(iter(stream), status=status, headers=headers, content_type=MP3_CONTENT_TYPE)
     response.call_on_close(stream.close)
     return response
 
 
-def _requested_range(request: flask.Request, record: StoredRecord) -> tuple[int, int] | None:
+def _requested_range(request: Request, record: StoredRecord) -> tuple[int, int] | None:
     """The single byte range asked for as [first, stop), or None for the whole file."""
     requested = request.range
     if requested is None or requested.units != "bytes":
@@ -107,7 +105,7 @@ def _requested_range(request: flask.Request, record: StoredRecord) -> tuple[int,
     return span
 
 
-def _router_reads_range(request: flask.Request) -> bool:
+def _router_reads_range(request: Request) -> bool:
     requested = request.range
     if requested is None:
         return True

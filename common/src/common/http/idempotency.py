@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
-import flask
+from werkzeug.wrappers import Request, Response
 
 from common.adapters.db import Connection, Database
 from common.domain.idempotency import (
@@ -55,7 +55,7 @@ def stored(status: int) -> bool:
     return 200 <= status < 400 or status in STORED_REFUSALS
 
 
-def request_parts(request: flask.Request, fields: Mapping[str, Any]) -> dict[str, Any]:
+def request_parts(request: Request, fields: Mapping[str, Any]) -> dict[str, Any]:
     """What identifies a request for its fingerprint: path, query and fields, not the token."""
     return {
         "path": request.path,
@@ -64,7 +64,7 @@ def request_parts(request: flask.Request, fields: Mapping[str, Any]) -> dict[str
     }
 
 
-def _key(request: flask.Request, *, anonymous: bool, required: bool = False) -> str | None:
+def _key(request: Request, *, anonymous: bool, required: bool = False) -> str | None:
     values = request.headers.getlist(HEADER)
     if not values:
         if required:
@@ -87,7 +87,7 @@ class Recorder:
         self._fingerprint = fingerprint  # known once the body is read (POST /records)
 
     def within(
-        self, response: flask.Response, *, user_id: uuid.UUID | None = None
+        self, response: Response, *, user_id: uuid.UUID | None = None
     ) -> Callable[[Connection], None] | None:
         """A callback for the effect's transaction; None without a key (nothing to store)."""
         if not stored(response.status_code):
@@ -96,7 +96,7 @@ class Recorder:
         return None if hook is None else lambda conn: hook(conn, None)
 
     def storing(
-        self, answer: Callable[[T], flask.Response], *, user_id: uuid.UUID | None = None
+        self, answer: Callable[[T], Response], *, user_id: uuid.UUID | None = None
     ) -> AnswerHook[T] | None:
         """A hook for a domain function that makes the response's content (a record, an
         upload) inside its transaction: ``answer(value)`` is stored there; None without a key."""
@@ -108,7 +108,7 @@ class _Storing(Generic[T]):
         self,
         recorder: Recorder,
         claim: Claim,
-        answer: Callable[[T], flask.Response],
+        answer: Callable[[T], Response],
         user_id: uuid.UUID | None,
     ) -> None:
         self.recorder, self.claim, self.answer, self.user_id = recorder, claim, answer, user_id
@@ -124,7 +124,7 @@ class _Storing(Generic[T]):
 
 
 def _begin(
-    request: flask.Request,
+    request: Request,
     db: Database,
     settings: Settings,
     *,
@@ -155,21 +155,21 @@ def _begin(
 
 
 def idempotent(
-    request: flask.Request,
+    request: Request,
     db: Database,
     settings: Settings,
     *,
     caller: uuid.UUID | None,
     route: str,
     fields: Mapping[str, Any],
-    run: Callable[[], flask.Response] | None = None,
-    run_with: Callable[[Recorder], flask.Response] | None = None,
+    run: Callable[[], Response] | None = None,
+    run_with: Callable[[Recorder], Response] | None = None,
     guard: Callable[[], object] | None = None,
-    owner_of: Callable[[flask.Response], uuid.UUID | None] | None = None,
+    owner_of: Callable[[Response], uuid.UUID | None] | None = None,
     required: bool = False,
     anonymous: bool | None = None,
     ttl: timedelta = KEY_TTL,
-) -> flask.Response:
+) -> Response:
     """``run()``, unless this is a repeat of an answered request (then its stored answer).
 
     ``caller`` is the authenticated user (None: the anonymous scope, where the key itself
@@ -182,7 +182,7 @@ def idempotent(
     key = _key(request, anonymous=caller is None if anonymous is None else anonymous,
                required=required)  # fmt: skip
 
-    def call(recorder: Recorder) -> flask.Response:
+    def call(recorder: Recorder) -> Response:
         if run_with is not None:
             return run_with(recorder)
         assert run is not None, "idempotent() needs run or run_with"
@@ -216,7 +216,7 @@ def idempotent(
 
 
 def idempotent_upload(
-    request: flask.Request,
+    request: Request,
     db: Database,
     settings: Settings,
     *,
@@ -224,8 +224,8 @@ def idempotent_upload(
     route: str,
     fields: Mapping[str, Any],
     audio: Iterator[bytes],
-    run: Callable[[Iterator[bytes], Recorder], flask.Response],
-) -> flask.Response:
+    run: Callable[[Iterator[bytes], Recorder], Response],
+) -> Response:
     """As :func:`idempotent`, for a request whose body is part of its fingerprint.
 
     The body is hashed as it streams into ``run``, which gets a :class:`Recorder` to store
@@ -266,7 +266,7 @@ def idempotent_upload(
 
 def _settle(
     claim: Claim,
-    response: flask.Response,
+    response: Response,
     *,
     fingerprint: bytes | None,
     user_id: uuid.UUID | None = None,
@@ -277,11 +277,11 @@ def _settle(
     claim.finish(_reply(response), fingerprint=fingerprint, user_id=user_id)
 
 
-def _reply(response: flask.Response) -> StoredReply:
+def _reply(response: Response) -> StoredReply:
     headers = {h: response.headers[h] for h in STORED_HEADERS if h in response.headers}
     return StoredReply(response.status_code, headers, response.get_data())
 
 
-def replay_response(reply: StoredReply) -> flask.Response:
+def replay_response(reply: StoredReply) -> Response:
     headers = {**reply.headers, REPLAYED_HEADER: "true"}
-    return flask.Response(reply.body, status=reply.status, headers=headers)
+    return Response(reply.body, status=reply.status, headers=headers)

@@ -15,7 +15,7 @@ import re
 import uuid
 from typing import Any
 
-import flask
+from werkzeug.wrappers import Request, Response
 
 from common.domain.uploads import Completion, JobStatus, PresignedUpload
 from common.errors import ConversionInProgress, NotFound, StoredProblem
@@ -31,7 +31,7 @@ POLL_RETRY_AFTER_SECONDS = 1
 _WAIT = re.compile(r"^\s*wait\s*=\s*\"?([0-9]{1,9})\"?\s*$", re.IGNORECASE)
 
 
-def preferred_wait(request: flask.Request, settings: Settings) -> int:
+def preferred_wait(request: Request, settings: Settings) -> int:
     """Seconds of ``Prefer: wait=N`` (RFC 7240), clamped to JOB_WAIT_MAX_SECONDS; else 0.
 
     Preferences that cannot be parsed are ignored, as the RFC asks; of several ``wait``
@@ -82,7 +82,7 @@ def job_problem(job: JobStatus) -> dict[str, Any]:
     return {**(job.error or {}), "instance": status_location(job)}
 
 
-def status_body(request: flask.Request, settings: Settings, job: JobStatus) -> dict[str, Any]:
+def status_body(request: Request, settings: Settings, job: JobStatus) -> dict[str, Any]:
     body: dict[str, Any] = {"id": str(job.id), "status": job.status, "progress": job.progress}
     if job.status == "done":
         body["record"] = (
@@ -93,7 +93,7 @@ def status_body(request: flask.Request, settings: Settings, job: JobStatus) -> d
     return body
 
 
-def status_response(request: flask.Request, settings: Settings, job: JobStatus) -> flask.Response:
+def status_response(request: Request, settings: Settings, job: JobStatus) -> Response:
     headers = {"Cache-Control": "no-store"}
     if job.pending:
         headers["Retry-After"] = str(POLL_RETRY_AFTER_SECONDS)
@@ -101,8 +101,8 @@ def status_response(request: flask.Request, settings: Settings, job: JobStatus) 
 
 
 def completion_response(
-    request: flask.Request, settings: Settings, completion: Completion, *, waited: int
-) -> flask.Response:
+    request: Request, settings: Settings, completion: Completion, *, waited: int
+) -> Response:
     job = completion.job
     if job.status == "failed":
         raise StoredProblem(job_problem(job))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC
 from typing import Any
 
-import flask
+from werkzeug.wrappers import Request, Response
 
 from common.domain.records import NewRecord, RecordPage
 from common.http.responses import json_response, public_base_url
@@ -35,15 +35,13 @@ def record_body(base_url: str, record: NewRecord) -> dict[str, Any]:
 
 
 def record_created_response(
-    request: flask.Request, settings: Settings, record: NewRecord, *, status: int = 201
-) -> flask.Response:
+    request: Request, settings: Settings, record: NewRecord, *, status: int = 201
+) -> Response:
     body = record_body(public_base_url(request, settings), record)
     return json_response(body, status=status, headers={"Location": body["url"]})
 
 
-def record_list_response(
-    request: flask.Request, settings: Settings, page: RecordPage
-) -> flask.Response:
+def record_list_response(request: Request, settings: Settings, page: RecordPage) -> Response:
     base_url = public_base_url(request, settings)
     records = [
         {

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import parse_qsl
 
-import flask
 from werkzeug.exceptions import ClientDisconnected as WerkzeugDisconnected
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+from werkzeug.wrappers import Request
 
 from common.errors import (
     BadRequest,
@@ -218,13 +218,13 @@ def upload_too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-def check_content_length(request: flask.Request, limit: int) -> None:
+def check_content_length(request: Request, limit: int) -> None:
     """Refuse a declared body over ``limit`` before reading any of it."""
     if request.content_length is not None and request.content_length > limit:
         raise upload_too_large(limit)
 
 
-def read_fields(request: flask.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+def read_fields(request: Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
     """A small JSON object or urlencoded form body as a dict (create_user's input)."""
     too_large = PayloadTooLarge(f"The request body is larger than {max_bytes} bytes.")
     if request.content_length is not None and request.content_length > max_bytes:

@@ -17,8 +17,8 @@ from functools import wraps
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import flask
 from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Request, Response
 
 from common.adapters.db import Database
 from common.errors import (
@@ -26,6 +26,7 @@ from common.errors import (
     InternalError,
     ServiceError,
 )
+from common.http.context import REQUEST_HEADERS
 from common.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[flask.Request], flask.Response]
+Handler = Callable[[Request], Response]
 # Reading what is left of a refused request body: the read size and the most time it may take.
 DRAIN_READ_BYTES = 64 * 1024
 DRAIN_SECONDS = 30.0
@@ -48,8 +49,8 @@ _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(
 
 def json_response(
     body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
-) -> flask.Response:
-    return flask.Response(
+) -> Response:
+    return Response(
         json.dumps(body, ensure_ascii=False),
         status=status,
         headers=headers,
@@ -57,8 +58,8 @@ def json_response(
     )
 
 
-def problem_response(error: ServiceError, instance: str | None = None) -> flask.Response:
-    return flask.Response(
+def problem_response(error: ServiceError, instance: str | None = None) -> Response:
+    return Response(
         json.dumps(error.to_problem(instance), ensure_ascii=False),
         status=error.status,
         headers=error.headers,
@@ -78,7 +79,8 @@ class _HttpProblem(ServiceError):
 
 def function_handler(func: Handler) -> Handler:
     @wraps(func)
-    def wrapper(request: flask.Request) -> flask.Response:
+    def wrapper(request: Request) -> Response:
+        handled = REQUEST_HEADERS.set(request.headers)
         try:
             response = func(request)
         except ServiceError as exc:
@@ -89,6 +91,8 @@ def function_handler(func: Handler) -> Handler:
         except Exception:
             log.exception("unhandled error", extra={"path": request.path})
             response = problem_response(InternalError(), request.path)
+        finally:
+            REQUEST_HEADERS.reset(handled)
         response = _without_body_read(response)
         response.call_on_close(lambda: drain_body(request))
         return response
@@ -96,7 +100,7 @@ def function_handler(func: Handler) -> Handler:
     return wrapper
 
 
-def drain_body(request: flask.Request) -> None:
+def drain_body(request: Request) -> None:
     """Read and drop what the handler left of the request body (a refusal before the end).
 
     The server closes a connection whose request body is unread, and a router still sending
@@ -120,12 +124,12 @@ def drain_body(request: flask.Request) -> None:
         log.debug("request body not drained", extra={"path": request.path})
 
 
-def _log_problem(request: flask.Request, exc: ServiceError) -> None:
+def _log_problem(request: Request, exc: ServiceError) -> None:
     level = logging.WARNING if exc.status >= 500 else logging.INFO
     log.log(level, exc.detail, extra={"status": exc.status, "path": request.path})
 
 
-def _without_body_read(response: flask.Response) -> flask.Response:
+def _without_body_read(response: Response) -> Response:
     """Keep functions-framework's after-request hook from reading the body into memory.
 
     It calls ``request.get_data()`` after every non-streamed response, which would buffer a
@@ -151,7 +155,7 @@ HEALTH_CACHE_SECONDS = 2.0
 _healthy_until = [0.0]
 
 
-def health_response(db: Database, storage: Storage) -> flask.Response:
+def health_response(db: Database, storage: Storage) -> Response:
     """200 when the database and the bucket answer, else the 503 problem of the one that doesn't.
 
     A pass is remembered for :data:`HEALTH_CACHE_SECONDS`; a failure is never remembered.
@@ -163,7 +167,7 @@ def health_response(db: Database, storage: Storage) -> flask.Response:
     return json_response({"status": "ok"})
 
 
-def public_base_url(request: flask.Request, settings: Settings) -> str:
+def public_base_url(request: Request, settings: Settings) -> str:
     """The scheme://host[:port] the client used: PUBLIC_BASE_URL, else the router's headers."""
     if settings.public_base_url:
         return settings.public_base_url

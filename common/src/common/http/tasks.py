@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-import flask
+from werkzeug.wrappers import Request
 
 from common.adapters.oidc import (
     CertsUnavailable,
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 MAX_TASK_BODY = 4096
 
 
-def pushed_job(request: flask.Request, settings: Settings) -> uuid.UUID:
+def pushed_job(request: Request, settings: Settings) -> uuid.UUID:
     """The upload id of an authenticated Cloud Tasks push; 401/403 for anyone else."""
     audience = settings.tasks_audience or settings.tasks_target_url
     account = settings.tasks_service_account

@@ -17,7 +17,7 @@ import traceback
 from datetime import UTC, datetime
 from typing import Any
 
-import flask
+from common.http.context import REQUEST_HEADERS
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 _SEVERITY = {"WARNING": "WARNING", "CRITICAL": "CRITICAL", "ERROR": "ERROR", "DEBUG": "DEBUG"}
@@ -72,8 +72,8 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value if isinstance(value, str | int | float | bool) else str(value)
-        if self.project and flask.has_request_context():
-            headers = flask.request.headers
+        headers = REQUEST_HEADERS.get() if self.project else None
+        if headers is not None:
             entry.update(
                 trace_fields(
                     self.project, headers.get(CLOUD_TRACE_HEADER), headers.get("traceparent")

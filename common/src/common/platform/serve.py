@@ -102,7 +102,9 @@ def load_app(source_and_target: str) -> Callable[..., Any]:
 
     tune_malloc()  # per worker process (idempotent): before its buffers and threads exist
 
-    app: Callable[..., Any] = functions_framework.create_app(target, source)  # type: ignore[no-untyped-call]
+    app: Callable[..., Any] = functions_framework.create_app(  # type: ignore[no-untyped-call]
+        target, source, signature_type="http"
+    )
     settle()
     if is_bridged(target, os.environ):
         from common.platform.bridge import BodyPace, WsgiBridge
