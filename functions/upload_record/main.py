@@ -41,7 +41,7 @@ from common.http.jobs import (
     status_response,
 )
 from common.http.record_response import record_created_response
-from common.http.request_body import RequestBody, check_content_length, read_upload
+from common.http.request_body import RequestBody, check_content_length, encoding_fields, read_upload
 from common.http.responses import (
     function_handler,
     health_response,
@@ -81,8 +81,9 @@ def upload(request: Request, services: Services) -> Response:
     user_id = authenticate(
         services.db, upload.fields.get("user") or request.args.get("user"), token
     )
-    # Encoding options and tags: form fields before the file, or the query of a raw WAV body.
-    options = EncodingOptions.from_fields(upload.fields if upload.fields else request.args)
+    # Encoding options and tags: form fields before the file, or the query (of any body).
+    chosen = encoding_fields(request.args, upload.fields)
+    options = EncodingOptions.from_fields(chosen)
 
     def answer(record: NewRecord) -> Response:
         return record_created_response(request, settings, record)
@@ -94,7 +95,8 @@ def upload(request: Request, services: Services) -> Response:
         )  # fmt: skip
         return answer(record)
 
-    fields = {**upload.fields, "filename": upload.filename, "content_type": request.mimetype}
+    fields = {**upload.fields, **chosen, "filename": upload.filename,
+              "content_type": request.mimetype}  # fmt: skip
     return idempotent_upload(
         request, services.db, settings, caller=user_id, route=RECORDS_PATH,
         fields=fields, audio=upload.chunks, run=run,

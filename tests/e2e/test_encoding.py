@@ -100,6 +100,23 @@ def test_invalid_options_are_422_naming_the_field(
     assert field in problem["detail"]
 
 
+def test_a_forms_options_may_be_in_its_query_but_not_twice(client: Client) -> None:
+    """A multipart upload's options in the query count (they were ignored once); the same
+    option in the query and the form with two values is a 422 naming it."""
+    user = client.create_user("Query")
+    form = {"user": user["id"], "token": user["token"], "title": "Both"}
+    files = {"file": ("take.wav", wavgen.wav(seconds=0.5), "audio/wav")}
+    url = f"{client.base_url}/records"
+    created = client.session.post(url, params={"bitrate_kbps": "128"}, data=form, files=files)
+    assert created.status_code == 201, created.text
+    assert (created.json()["bitrate_kbps"], created.json()["tags"]) == (128, {"title": "Both"})
+    twice = client.session.post(
+        url, params={"bitrate_kbps": "128"}, data={**form, "bitrate_kbps": "96"}, files=files
+    )
+    assert twice.status_code == 422, twice.text
+    assert twice.json()["field"] == "bitrate_kbps"
+
+
 def test_without_options_the_deployment_default_applies(client: Client) -> None:
     user = client.create_user("Default")
     record = client.upload(user, wavgen.wav(seconds=1.0)).json()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import parse_qsl
@@ -27,6 +27,7 @@ from werkzeug.http import parse_options_header
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 from werkzeug.wrappers import Request
 
+from common.domain.encoding import OPTION_FIELDS, TAG_FIELDS, InvalidOption
 from common.errors import (
     BadRequest,
     ClientDisconnected,
@@ -265,3 +266,21 @@ def _too_deep(raw: bytes) -> bool:
         elif mark in (b"]", b"}"):
             depth -= 1
     return False
+
+
+def encoding_fields(query: Mapping[str, str], form: Mapping[str, str]) -> dict[str, str]:
+    """The encoding options and tags of an upload, from its query and its form fields.
+
+    Either place will do; the same name in both with two values is a 422 naming it, rather
+    than one of them silently ignored.
+    """
+    chosen: dict[str, str] = {}
+    for name in (*OPTION_FIELDS, *TAG_FIELDS):
+        values = {v for v in (query.get(name), form.get(name)) if v not in (None, "")}
+        if len(values) > 1:
+            raise InvalidOption(
+                name, f"'{name}' is given twice, in the query and in the form, with two values."
+            )
+        if values:
+            chosen[name] = values.pop()
+    return chosen
