@@ -27,7 +27,7 @@ from common.adapters.storage import ObjectMissing, Storage
 from common.domain.encoding import EncodingOptions
 from common.domain.new_records import INSERT_RECORD, store_mp3
 from common.domain.records import ObjectKey, object_key
-from common.errors import RequestTimeout, ServiceError, UnprocessableContent
+from common.errors import RequestTimeout, ServerStopping, ServiceError, UnprocessableContent
 from common.settings import JobQueueKind, Settings
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,11 @@ def run_claimed(
         mark_failed(db, job.id, timed_out(settings.job_timeout_seconds))
         storage.discard(job.object_key)
         return Outcome.FAILED
+    except ServerStopping:
+        # The instance is going away (SIGTERM): give the job back now, so the queue's next
+        # delivery (another instance) takes it at once instead of after the lease.
+        _give_back(db, job, extra)
+        raise
     except ServiceError as exc:
         if exc.status >= 500:
             raise  # an outage: the queue delivers the job again
@@ -261,6 +266,14 @@ def run_claimed(
     storage.discard(job.object_key)
     log.info("conversion job done", extra={**extra, "mp3_bytes": stored.record.size_bytes})
     return Outcome.DONE
+
+
+def _give_back(db: Database, job: ClaimedJob, extra: dict[str, Any]) -> None:
+    try:
+        release(db, job)
+        log.info("conversion job given back to its queue", extra=extra)
+    except Exception as exc:  # the lease runs out instead
+        log.warning("could not give the job back: %s", exc, extra=extra)
 
 
 def requeue_stalled(
