@@ -159,3 +159,20 @@ def test_a_statement_timeout_is_an_outage_on_a_connection_kept(db: Database) -> 
         db.execute(SLEEP)
     assert raised.value.status == 503
     assert db.execute(BACKEND)[0].pid == pid  # the connection was kept
+
+
+def test_a_server_restart_costs_no_request_its_idle_connections(stack_settings: Settings) -> None:
+    """Every pooled connection ended at once (a restart, a failover): the first statement's
+    retry connects afresh instead of taking the next dead one from the pool."""
+    two = dataclasses.replace(stack_settings, db_pool_size=2, db_pool_overflow=0)
+    db = Database.from_settings(two)
+    admin = Database.from_settings(stack_settings)
+    try:
+        with db.transaction() as first, db.transaction() as second:  # two connections, pooled
+            pids = [conn.execute(BACKEND)[0].pid for conn in (first, second)]
+        for pid in pids:
+            assert admin.execute(TERMINATE, {"pid": pid})[0].ok
+        assert db.execute(BACKEND)[0].pid not in pids  # no error reached the caller
+    finally:
+        db.dispose()
+        admin.dispose()

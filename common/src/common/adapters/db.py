@@ -425,7 +425,13 @@ class Database:
                 raise self.unavailable(exc, "unavailable") from exc
             raise
         finally:
-            self.pool.release(lease, discard=lease.connection.broken)
+            broken = lease.connection.broken
+            self.pool.release(lease, discard=broken)
+            if broken:
+                # A connection lost to the network or ended by the server: its pooled peers
+                # most likely went with it (a restart, a failover). Connect afresh, so the
+                # retry and the next requests don't each meet one of them.
+                self.pool.dispose()
 
     def execute(self, statement: Statement[R], params: Mapping[str, Any] | None = None) -> list[R]:
         """Run one autocommitted statement; its rows (empty for a statement without any).
