@@ -1,14 +1,11 @@
 """Per-upload encoding choices: bitrate or VBR quality, channels, sample rate, and ID3 tags.
 
-They come from form fields placed before the file (``POST /records``) or from the JSON body
-that starts a direct upload, are kept with a pending upload as JSON, and reach the conversion.
-Every value is checked here, before a byte of audio is read, and refused with a 422 that
-names the field; the one check that needs the WAV's header (a bitrate against the MPEG
-version of the output rate, when the rate is the source's) is :meth:`EncodingOptions.resolve`,
-run as soon as the header is parsed and still before ffmpeg starts.
-
-Only integers from fixed sets ever reach ffmpeg's command line; tag text never does (the
-service writes the ID3v2.4 tag itself, see :mod:`common.domain.id3`).
+They come from an upload's fields (or the JSON that starts a direct upload) and are all checked
+here, before a byte of audio is read, with a 422 that names the field; the one check that needs
+the WAV header (a bitrate against the output rate's MPEG version) is
+:meth:`EncodingOptions.resolve`, still before ffmpeg starts. Only integers from fixed sets reach
+ffmpeg's command line; tag text never does (:mod:`common.domain.id3`). docs/encoding.md,
+"Options" and "Tags".
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """Erasing a user: rows first (the token dies with them), then the objects, then the marker.
 
-``DELETE /users/<id>`` runs :func:`erase_user`:
-
-1. One transaction inserts an erasure marker (``erasures``) and deletes the user; the
-   foreign keys cascade to its records, its idempotency keys and its direct uploads' rows.
-   From the commit on, the token is refused and nothing of the user can be listed or
-   downloaded.
-2. The objects under ``users/<id>/`` (MP3s) and ``uploads/<id>/`` (pending direct uploads)
-   are listed and deleted with DeleteObjects, 1000 keys per call, until
-   ``ERASE_DEADLINE_SECONDS`` (default 20 s) have passed.
-3. Whatever is left, the sweep (:func:`continue_erasures`, ``make sweep``) deletes: it
-   repeats step 2 for every marker and removes the marker once its prefixes are empty and
-   it is older than ``PRESIGN_EXPIRES_SECONDS`` (a direct-upload form handed out before the
-   erasure can still put a WAV under ``uploads/<id>/`` until then).
-
-A crash anywhere after step 1 leaves the marker, so the sweep finishes the work; a crash
-before the commit leaves everything as it was. See docs/lifecycle.md for the request limits.
+:func:`erase_user` (``DELETE /users/<id>``) deletes the user and inserts an erasure marker in
+one transaction, then deletes the user's objects until ``ERASE_DEADLINE_SECONDS``;
+:func:`continue_erasures` (``make sweep``) deletes what is left and then the marker. So a crash
+before the commit changes nothing, and one after it leaves the marker for the sweep.
+docs/lifecycle.md, "Erase a user", has the steps and the request limits.
 """
 
 from __future__ import annotations

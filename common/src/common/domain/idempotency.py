@@ -1,28 +1,12 @@
 """Idempotency keys: a repeat with the same key gets the first answer, never a second effect.
 
-A client that sends ``Idempotency-Key: <up to 255 characters>`` with a POST may repeat it (a
-lost answer, a timeout) and get the first answer back, stored for :data:`KEY_TTL`:
-
-* :func:`begin` claims the key for this request (a :class:`Claim`), or finds the first request's
-  answer (a :class:`Replay`), or refuses: :class:`~common.errors.RequestInProgress`
-  (409 + Retry-After) while the first request still runs,
-  :class:`~common.errors.IdempotencyKeyReused` (422) when the key was used for a different
-  request (another fingerprint).
-* A running claim holds a lease that a heartbeat thread renews; a claim whose process died
-  stops being renewed, and once its lease has passed the next repeat takes it over.
-* :meth:`Claim.finish` stores the answer; :meth:`Claim.release` gives the key up (an outage, a
-  retryable error: the next repeat runs the request again).
-
-Scope: a key is looked up by SHA-256 of (caller, method, route template, key), so the keys of
-different callers never meet. The caller is the authenticated user id; for the anonymous
-``POST /users`` (and the token rotation, whose caller may have just lost its old token) see
-:mod:`common.http.idempotency`.
-
-Secrecy: a stored answer may hold a token (``POST /users``, the rotation). It is encrypted
-with AES-GCM under a key derived (HKDF-SHA256) from the server secret ``IDEMPOTENCY_SECRET``
-*and the raw Idempotency-Key*, which the database never holds (only its hash). A dump of the
-database alone cannot decrypt a stored answer, nor can the server secret alone: decrypting
-one needs the key its client chose.
+:func:`begin` claims a key for this request (a :class:`Claim`, held by a lease that a heartbeat
+renews), finds the first request's answer (a :class:`Replay`, kept for :data:`KEY_TTL`), or
+refuses: 409 while the first still runs, 422 for the key used with another request.
+:meth:`Claim.finish` stores the answer; :meth:`Claim.release` gives the key up, so the next
+repeat runs anew. Keys are scoped to their caller, and a stored answer is encrypted under the
+raw key, which the database never holds. docs/lifecycle.md, "Idempotency-Key", has the rules,
+the scope and the encryption.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """RIFF/WAVE header parsing: the gate every upload passes before ffmpeg sees a byte.
 
-Only uncompressed audio is accepted: integer PCM (8/16/24/32-bit), IEEE float (32/64-bit),
-and the same two inside WAVE_FORMAT_EXTENSIBLE; 1 to 8 channels; 8 to 192 kHz. RF64 (the
-64-bit variant) is read too. Anything else is refused here with a message that says why, and
-so is a file that two readers could read differently (ffmpeg's wav demuxer takes the first
-``fmt `` chunk and the ds64 size; others take the last, or stop at the RIFF size): a second
-``fmt `` or ``data`` chunk, audio beyond the RIFF size, extensible valid bits that do not fit
-the sample size, an RF64 data size that disagrees with ds64.
-
-The file's own tags are read here too: a ``LIST``/``INFO`` chunk (INAM, IART, IPRD, ICRD,
-ICMT) and an ``id3 `` chunk, wherever they are. Those before the audio data come with the
-header; those after it (many editors write them there) are parsed from the bytes that follow
-the data, which the conversion keeps (up to :data:`MAX_TRAILING_BYTES`) for that purpose.
+Only uncompressed audio is accepted, and only in a file that no two readers could read
+differently; anything else is refused here with a message that says why (docs/api.md lists
+the formats, docs/security.md, "Hostile input", the ambiguities refused). The file's own tags
+(``LIST``/``INFO`` and ``id3 `` chunks) are read here too, after the audio data as well, from
+the bytes the conversion keeps for that (:data:`MAX_TRAILING_BYTES`): docs/encoding.md, "Tags".
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Serving a stored MP3: by the router, streamed from the bucket, or by presigned redirect.
 
-DOWNLOAD_MODE chooses (README, Downloads):
-
-* ``accel`` (the native and compose stacks): the function checks the record and answers with
-  ``X-Accel-Redirect`` to a presigned URL of the store's internal endpoint; nginx fetches the
-  object, caches it on disk and serves it (Range included), so no MP3 byte passes Python;
-* ``stream``: the function streams the object (Range, HEAD, ETag), for a platform without the
-  router (Cloud Run);
-* ``redirect``: 307 to a presigned URL on the store's public endpoint (Lambda), presigned for
-  the request's method (HEAD gets a URL signed for HEAD: SigV4 signs the method).
+``DOWNLOAD_MODE`` chooses: ``accel`` (native and compose stacks: nginx fetches, caches and
+serves the object, so no MP3 byte passes Python), ``stream`` (the function streams it, for a
+platform without the router: Cloud Run) or ``redirect`` (a 307 to a presigned URL: Lambda).
+docs/api.md, ``GET /record``, has each mode's detail.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
-"""The ``Idempotency-Key`` header around a handler's one call (see common.domain.idempotency).
+"""The ``Idempotency-Key`` header around a handler's one call (:mod:`common.domain.idempotency`).
 
-Handlers wrap the call that has an effect: ``idempotent(request, services, ..., run=lambda:
-...)``. Without the header, ``run`` simply runs. With it, a repeat gets the stored answer
-(with ``Idempotent-Replayed: true``) and ``run`` does not run again.
-
-A handler whose effect is a database write passes ``run_with``: it gets a :class:`Recorder`
-whose :meth:`Recorder.within` (or :meth:`Recorder.storing`) stores the answer in the effect's
-own transaction, so the effect and its answer commit together (a reply lost at COMMIT is then
-replayed, never run twice). Every effect is stored so; ``run`` is for requests without one.
-``required=True`` refuses a request without a key (400).
-
-Which answers are stored: successes, and the refusals that a repeat of the same request
-would get again (404, 413, 415, 422). Not stored (the key is released, a repeat runs anew):
-5xx (outages), 400 (a body cut short or malformed), 401, 408, 409 and 429.
+Handlers wrap the call that has an effect: ``idempotent(request, services, ..., run=...)``.
+Without the header ``run`` simply runs; with it, a repeat gets the stored answer (with
+``Idempotent-Replayed: true``) and ``run`` does not run again. An effect that is a database
+write passes ``run_with`` instead: its :class:`Recorder` stores the answer in the effect's own
+transaction, so a reply lost at COMMIT is replayed, never run twice. Which answers are stored
+and which give the key up: docs/lifecycle.md, "Idempotency-Key".
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """Reading an upload request body as a stream, never spooling it.
 
-Two shapes are accepted:
-
-* ``multipart/form-data`` with text fields (``user``, ``token``) followed by a ``file`` part,
-  as ``curl -F user=... -F token=... -F file=@take.wav`` sends it. The fields are read first
-  (they are small and bounded); the file part is handed on as an iterator of chunks, so the
-  caller can authenticate before a byte of audio is read.
-* a raw ``audio/wav`` body, with the user in the query string and the token in a Bearer header.
-
-werkzeug's own form parser would spool the file to a temporary file (memory on Cloud Run):
-its sans-IO decoder is used directly instead.
+Two shapes (docs/api.md, ``POST /records``): ``multipart/form-data`` with small text fields
+before a ``file`` part, whose audio is handed on as an iterator of chunks so that the caller
+authenticates before a byte of it is read; or a raw ``audio/wav`` body, the user in the query
+and the token in a Bearer header. werkzeug's own form parser would spool the file to a
+temporary file (memory on Cloud Run), so its sans-IO decoder is used directly.
 """
 
 from __future__ import annotations
