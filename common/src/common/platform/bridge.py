@@ -1,16 +1,12 @@
 """An ASGI front for a WSGI app: no slow client holds one of its threads while it waits.
 
-granian serves this (``Interfaces.ASGINL``) for upload_record. A form's fields (up to where its
-``file`` part starts: :class:`~common.http.request_body.FieldsRegion`) are read on the event
-loop, without a thread; only then does the WSGI app run, in a pool of ``threads``. For a raw
-body it runs at the first chunk: the credentials are in the headers, and the app checks them
-(and claims the idempotency key) before the audio arrives. Every later read waits on a timer,
-not on the next chunk: the body must keep a minimum rate and end by an absolute deadline
-(:class:`BodyPace`), else the read raises RequestTimeout (408); a client too slow for the
-fields is answered 408 by this front itself, and a conversion's own deadline wakes a blocked
-read (the request's :class:`~common.domain.conversion.Stop`). At most ``threads`` requests
-still receiving a body hold a thread; :data:`RESERVED_THREADS` more serve the rest. What a
-refused request leaves of its body is drained on the loop after the answer, not in a thread.
+granian serves this for upload_record. A form's fields are read on the event loop, and only
+then does the WSGI app run, in a pool of ``threads``, so it checks the credentials (and claims
+the idempotency key) before the audio arrives. Every later read waits on a timer, not on the
+next chunk: a body must keep a minimum rate and end by a deadline (:class:`BodyPace`), else 408.
+:data:`RESERVED_THREADS` more threads serve requests that are not receiving a body, and what a
+refused request leaves of its body is drained on the loop. docs/security.md, "Limits" and
+"Early refusals", has the figures.
 """
 
 from __future__ import annotations

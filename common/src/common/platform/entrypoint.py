@@ -1,20 +1,11 @@
 """Container entry point: ``python -m common.platform.entrypoint``.
 
-Serves the function named by ``FUNCTION_TARGET`` (create_user, upload_record or get_record)
-from ``FUNCTION_SOURCE`` (default ``<app>/functions/<target>/main.py``). One image serves
-every platform:
-
-* on AWS Lambda (``AWS_LAMBDA_RUNTIME_API`` is set by the Lambda service) it runs the Runtime
-  Interface Client, ``python -m awslambdaric common.platform.aws_lambda.handler``, which takes
-  Function URL / HTTP API events (see :mod:`common.platform.aws_lambda`);
-* everywhere else (Cloud Run, compose, a plain ``docker run``) it serves the functions-framework
-  app on ``$PORT`` (default 8080) with :mod:`common.platform.serve`.
-
-Two more targets run a one-shot job instead of serving (:data:`JOBS`): ``sweep``
-(``python -m common.ops.sweep``, scheduled by EventBridge Scheduler or Cloud Scheduler) and
-``migrate`` (``alembic upgrade head``, run by the deploy scripts before new code takes
-traffic). On Lambda the handler runs them in-process; elsewhere the container runs the module.
-:func:`check_target` is the one place a ``FUNCTION_TARGET`` is validated.
+One image serves every platform: it runs the function named by ``FUNCTION_TARGET`` from
+``FUNCTION_SOURCE``, under the Lambda Runtime Interface Client when ``AWS_LAMBDA_RUNTIME_API``
+is set (:mod:`common.platform.aws_lambda`), else on ``$PORT`` with :mod:`common.platform.serve`
+(Cloud Run, compose, a plain ``docker run``). The one-shot targets of :data:`JOBS` (``sweep``,
+``migrate``) run their module instead of serving. :func:`check_target` is the one place a
+``FUNCTION_TARGET`` is validated. docs/configuration.md and docs/deploy-aws.md have the detail.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """The PostgreSQL queue's worker: ``python -m common.platform.worker`` (make dev, compose).
 
-It runs in the upload_record image with upload_record's settings and code: it claims the
-oldest runnable job in the ``uploads`` table (``FOR UPDATE SKIP LOCKED``, so any number of
-workers can run side by side), runs it (:mod:`common.domain.jobs`) and looks again; with
-nothing to do it polls every :data:`POLL_SECONDS`. SIGTERM or SIGINT stop it: the job in hand
-is given back to the queue at once (not counted as an attempt) and its partial MP3 aborted. A
-worker killed outright (SIGKILL, out of memory) stops renewing its lease, and the job is taken
-again when the lease runs out (``JOB_LEASE_SECONDS``), up to ``JOB_MAX_ATTEMPTS`` times.
-
-``python -m common.platform.worker --check`` is the container's health check: the polling loop
-itself touches ``WORKER_ALIVE_FILE`` before each poll (and a running job's heartbeat each time
-it renews the job's lease), so a loop that has stopped polling for longer than
-``JOB_LEASE_SECONDS`` (hung, or dead) reads as unhealthy.
+It runs in the upload_record image: it claims the oldest runnable job (``FOR UPDATE SKIP
+LOCKED``, so workers can run side by side), runs it (:mod:`common.domain.jobs`) and, with
+nothing to do, polls every :data:`POLL_SECONDS`. A stop signal gives the job in hand back to the
+queue; a worker killed outright leaves it to be taken again once its lease runs out. ``--check``
+is the container's health check, on the file the polling loop touches. docs/direct-uploads.md,
+"Jobs", and docs/configuration.md (``WORKER_ALIVE_FILE``) have the detail.
 """
 
 from __future__ import annotations
