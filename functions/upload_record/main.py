@@ -1,16 +1,11 @@
 """upload_record: WAV uploads, the conversion jobs of direct uploads, and record deletion.
 
-* POST /records (user, token, encoding options and tags, WAV file): the WAV in the
-  request body, converted as it arrives: 201.
-* POST /records/uploads: a presigned POST to send a large WAV straight to the bucket.
-* POST /records/uploads/<id>/complete: queue that WAV's conversion job: 202 (see
-  common.domain.uploads, common.http.jobs).
-* GET /records/uploads/<id>: the job's status, progress and, once done, the record.
-* DELETE /record?id=<record>&user=<user>: delete a record (row, then object) -> 204.
-* POST /_tasks/convert: a job pushed by Cloud Tasks (OIDC-checked; never routed by the router).
-  On Lambda, jobs arrive as SQS events instead (common.platform.aws_lambda).
-
-The POSTs take an Idempotency-Key (common.http.idempotency).
+``POST /records`` converts a WAV as it arrives (201); ``POST /records/uploads``, its
+``/complete`` and ``GET /records/uploads/<id>`` run a direct upload as a job
+(:mod:`common.domain.uploads`, :mod:`common.http.jobs`); ``DELETE /record`` deletes a record;
+``POST /_tasks/convert`` takes a job pushed by Cloud Tasks (on Lambda, jobs arrive as SQS events:
+:mod:`common.platform.aws_lambda`). The POSTs take an Idempotency-Key
+(:mod:`common.http.idempotency`). docs/api.md and docs/direct-uploads.md have the routes.
 """
 
 from __future__ import annotations
