@@ -1,17 +1,13 @@
-"""The voice-note workload: 5-s clips uploaded 4 at a time, against bare ffmpeg 2 at a time.
+"""The voice-note workload: short clips uploaded concurrently, against bare ffmpeg.
 
-Figure: uploads/s through the router (POST /records, 4 clients on keep-alive connections)
-divided by conversions/s of the same ffmpeg binary the stack runs, converting the same clip
-from a file to a file, 2 processes at a time (one per core). Target: at least 0.85x.
-
-The two are measured in interleaved rounds (bare, service, bare, service ...), the stack left
-to go idle before each bare round, so that load from other work on the machine hits both
-alike; each round's ratio is kept and the median is the figure. CPU per item on both sides,
-the machine's load average and the CPU time other processes used are reported next to it.
+The figure is uploads/s through the router over conversions/s of the same ffmpeg binary on the
+same clip, measured in interleaved rounds so that other load on the machine hits both alike.
 
     run(bench) -> [Row]                    # a step of python -m bench (bench.run.MEASUREMENTS)
     measure(stack) -> VoiceNoteFigures     # on any started NativeStack
     python -m bench.voice_notes [--rounds N] [--seconds S]   # starts a stack of its own
+
+docs/encoding.md, "Voice notes", has the set-up and the target.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """The native stack's ffmpeg: the image's minimal static build, made once into ``.tools/ffmpeg``.
 
-``make tools`` (``python -m devstack --install-tools``) builds it with the image's own script
-(``infra/ffmpeg/build.sh``) from the Debian source of the ffmpeg the machine's apt offers, so
-the native stack converts with the same binary the upload_record container runs: about 2.5 MB,
-no shared libraries, about 3 MiB resident where Debian's ffmpeg maps about 50 MiB into every
-conversion. The build takes about a minute on two cores; it is redone when ``build.sh`` changes.
-
-Where it cannot be built (not root, not Debian, no network to the source mirror), the stack
-runs the ``ffmpeg`` on ``PATH`` instead and says so: the conversion is the same, only its
-memory differs. ``FFMPEG_BINARY`` set in the environment wins over both.
+``make tools`` builds it with the image's own script, so the native stack converts with the
+same binary (and memory) as the upload_record container; where it cannot be built the stack
+runs the ``ffmpeg`` on ``PATH`` and says so. docs/development.md, "The native stack's ffmpeg",
+has when it is built, rebuilt and overridden.
 """
 
 from __future__ import annotations

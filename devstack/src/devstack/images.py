@@ -1,19 +1,11 @@
 """Size of each function image and the time from ``docker run`` to its first 200.
 
-Usage (with the compose stack up, e.g. after ``make up``)::
-
-    python -m devstack.images [--project record-service] [--runs 3] [--json]
-
-For each function the script reads the image size (``docker image inspect``, the size
-``docker images`` shows) and then starts a fresh container of that image next to the running
-stack: same network, same environment as the compose service, read-only root with a /tmp tmpfs,
-port 8080 published on a free 127.0.0.1 port. The clock starts right before ``docker run`` and
-stops at the first ``200`` from ``GET /healthz``, which means the process is up, connected to
-Postgres and sees the bucket. The container is removed afterwards. The best of ``--runs``
-runs is reported next to the median (a busy machine only ever makes it slower).
-
-The targets: at most 250 MB per image, under 2 s to the first 200. The exit status is 1
-when a target is missed, so the script can gate a benchmark.
+``python -m devstack.images [--project record-service] [--runs 3] [--json]``, with the compose
+stack up (``make up``): reads each image's size, then times a fresh container of it, started
+next to the stack like its compose service, until ``GET /healthz`` first answers 200. It reports
+the best of ``--runs`` next to the median, and exits 1 when a target (:data:`MAX_IMAGE_BYTES`,
+:data:`MAX_START_SECONDS`) is missed, so it can gate a benchmark. docs/performance.md has how
+the container is started and why the best run counts.
 """
 
 from __future__ import annotations

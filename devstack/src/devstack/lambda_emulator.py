@@ -1,15 +1,11 @@
 """The function images under AWS's Lambda Runtime Interface Emulator (compose tier and bench).
 
-The emulator is the ``aws-lambda-rie`` binary inside the aws-sam-cli wheel on PyPI:
-:func:`rie_binary` downloads that wheel (pinned version and SHA-256) with pip, once, and takes
-the binary out of it. ``lambda-emulator.yaml`` (next to this module) runs each image's own
-entry point under it, with the memory, /tmp size and timeout that infra/aws/template.yaml gives
-the function (:func:`template_limits`).
-:func:`invoke` posts an event to a function; :func:`cold_start` restarts one and times its first
-invocation (init included) and the next; :func:`import_tree` is ``python -X importtime`` of what
-the function's init imports, summed per top-level package.
-
-``python -m devstack.lambda_emulator rie`` prints the binary's path (docs/deploy-aws.md).
+:func:`rie_binary` takes the ``aws-lambda-rie`` binary out of the pinned aws-sam-cli wheel;
+``lambda-emulator.yaml`` (next to this module) runs each image's own entry point under it with
+the limits infra/aws/template.yaml gives the function (:func:`template_limits`). :func:`invoke`,
+:func:`cold_start` and :func:`import_tree` drive and time the functions under it, and
+``python -m devstack.lambda_emulator rie`` prints the binary's path. docs/deploy-aws.md, "The
+images under the Lambda emulator", has the detail.
 """
 
 from __future__ import annotations
