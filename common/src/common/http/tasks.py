@@ -1,13 +1,10 @@
 """``POST /_tasks/convert``: a conversion job pushed by Cloud Tasks to upload_record on Cloud Run.
 
-Cloud Tasks sends the task's body (``{"upload_id": "<uuid>"}``) with its own headers
-(``X-CloudTasks-QueueName``, ``-TaskName``, ``-TaskRetryCount``, ...) and
-``Authorization: Bearer <OIDC ID token>`` signed by Google for ``TASKS_SERVICE_ACCOUNT`` with
-the audience ``TASKS_AUDIENCE`` (default: ``TASKS_TARGET_URL``). Only such a token is
-accepted: no token or a bad one -> 401, a valid token of another account -> 403. The router
-never routes ``/_tasks/``; the token check is what keeps the route closed on Cloud Run.
-
-Any 2xx tells Cloud Tasks the task is finished; anything else makes it retry with backoff.
+The body is ``{"upload_id": "<uuid>"}``. Only an OIDC token signed by Google for
+``TASKS_SERVICE_ACCOUNT`` with the audience ``TASKS_AUDIENCE`` is accepted (none or a bad one:
+401; another account's: 403): the router never routes ``/_tasks/``, but Cloud Run would, so the
+token is what keeps the route closed. Any 2xx tells Cloud Tasks the task is finished; anything
+else makes it retry with backoff. docs/direct-uploads.md, "Jobs", has the queue's rules.
 """
 
 from __future__ import annotations
