@@ -22,7 +22,8 @@ PROBE = (
 )
 # The services' pool is common.adapters.pool (only alembic uses SQLAlchemy); on Lambda the
 # handler is a bare werkzeug app (functions-framework and Flask serve it everywhere else).
-NEVER = ("sqlalchemy", "flask", "functions_framework", "jinja2", "click")
+# The adapters use botocore's own session: boto3 would add s3transfer and multiprocessing.
+NEVER = ("sqlalchemy", "flask", "functions_framework", "jinja2", "click", "boto3", "s3transfer")
 BUCKET = ("boto3", "botocore", "common.adapters.storage", "common.domain.jobs")
 
 

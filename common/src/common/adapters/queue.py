@@ -75,11 +75,12 @@ class SqsQueue:
     def client(self) -> SQSClient:
         with self._lock:
             if self._client is None:
-                import boto3
+                import botocore.session
 
-                self._client = boto3.session.Session().client(
+                made: SQSClient = botocore.session.get_session().create_client(  # type: ignore[assignment]
                     "sqs", region_name=self.settings.s3_region
                 )
+                self._client = made
             return self._client
 
     def enqueue(self, upload_id: uuid.UUID) -> None:

@@ -92,9 +92,10 @@ class SecretCredentials:
 
 
 def _secrets_manager_fetch(region: str) -> Callable[[str], str]:
-    import boto3
+    import botocore.session
 
-    client = boto3.session.Session().client("secretsmanager", region_name=region)
+    # Untyped: the service's stubs are not installed for one call.
+    client: Any = botocore.session.get_session().create_client("secretsmanager", region_name=region)
 
     def fetch(arn: str) -> str:
         value: str = client.get_secret_value(SecretId=arn)["SecretString"]

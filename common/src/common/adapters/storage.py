@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlsplit
 
-import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -63,7 +63,7 @@ def make_s3_client(settings: Settings, *, public: bool = False) -> S3Client:
         s3={"addressing_style": "path"} if endpoint else {},
         tcp_keepalive=True,
     )
-    client: S3Client = _boto_session().client(
+    client: S3Client = _boto_session().create_client(  # type: ignore[assignment]
         "s3",
         endpoint_url=endpoint,
         config=config,
@@ -75,15 +75,17 @@ def make_s3_client(settings: Settings, *, public: bool = False) -> S3Client:
 
 
 _session_lock = threading.Lock()
-_session: boto3.session.Session | None = None
+_session: botocore.session.Session | None = None
 
 
-def _boto_session() -> boto3.session.Session:
-    """One session per process: its clients share one loaded S3 model instead of one each."""
+def _boto_session() -> botocore.session.Session:
+    """One botocore session per process: its clients share one loaded S3 model instead of one
+    each. botocore's own, not boto3's: boto3 adds s3transfer and multiprocessing to a cold
+    start for nothing this adapter uses."""
     global _session
     with _session_lock:
         if _session is None:
-            _session = boto3.session.Session()
+            _session = botocore.session.get_session()
         return _session
 
 
