@@ -7,9 +7,16 @@ import uuid
 from common.domain.new_records import mp3_filename
 from common.domain.records import object_key
 from common.domain.tokens import hash_token, new_token, token_matches
-from common.errors import DependencyUnavailable, MethodNotAllowed, NotFound, Unauthorized
+from common.errors import (
+    ConversionInProgress,
+    DependencyUnavailable,
+    MethodNotAllowed,
+    NotFound,
+    RangeNotSatisfiable,
+    Unauthorized,
+)
 from common.http.auth import bearer_token
-from common.http.responses import content_disposition
+from common.http.responses import content_disposition, problem_headers
 
 
 def test_problem_document_has_the_rfc9457_members() -> None:
@@ -26,13 +33,16 @@ def test_problem_document_has_the_rfc9457_members() -> None:
 def test_outage_carries_retry_after() -> None:
     error = DependencyUnavailable("database", retry_after=7)
     assert error.status == 503
-    assert error.headers == {"Retry-After": "7"}
+    assert problem_headers(error) == {"Retry-After": "7"}
     assert "database" in error.detail
 
 
 def test_unauthorized_asks_for_a_bearer_token() -> None:
-    assert Unauthorized().headers["WWW-Authenticate"].startswith("Bearer")
-    assert MethodNotAllowed("PUT", ("POST",)).headers == {"Allow": "POST"}
+    assert problem_headers(Unauthorized())["WWW-Authenticate"].startswith("Bearer")
+    assert problem_headers(MethodNotAllowed("PUT", ("POST",))) == {"Allow": "POST"}
+    assert problem_headers(RangeNotSatisfiable(10)) == {"Content-Range": "bytes */10"}
+    in_progress = ConversionInProgress("x", retry_after=3, status_url="/records/uploads/u")
+    assert problem_headers(in_progress) == {"Retry-After": "3", "Location": "/records/uploads/u"}
 
 
 def test_tokens_are_random_uuid4_and_stored_hashed() -> None:

@@ -19,10 +19,12 @@ class ServiceError(Exception):
     slug: ClassVar[str] = "internal-error"
     title: ClassVar[str] = "Internal Server Error"
 
-    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, detail: str, *, retry_after: int | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.headers: dict[str, str] = dict(headers or {})
+        # Seconds after which a repeat may succeed (an outage, a request still running), or
+        # None; common.http.responses turns this and the fields below into headers.
+        self.retry_after = retry_after
 
     @property
     def type_uri(self) -> str:
@@ -64,7 +66,7 @@ class Unauthorized(ServiceError):
     title = "Unauthorized"
 
     def __init__(self, detail: str = "A valid user id and access token are required.") -> None:
-        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="records"'})
+        super().__init__(detail)  # answered with a Bearer challenge
 
 
 class NotFound(ServiceError):
@@ -94,10 +96,8 @@ class MethodNotAllowed(ServiceError):
     title = "Method Not Allowed"
 
     def __init__(self, method: str, allowed: tuple[str, ...]) -> None:
-        super().__init__(
-            f"{method} is not supported here; use {' or '.join(allowed)}.",
-            headers={"Allow": ", ".join(allowed)},
-        )
+        super().__init__(f"{method} is not supported here; use {' or '.join(allowed)}.")
+        self.allowed = allowed
 
 
 class RequestTimeout(ServiceError):
@@ -119,7 +119,7 @@ class RequestInProgress(Conflict):
     title = "Request In Progress"
 
     def __init__(self, detail: str, *, retry_after: int = 1) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+        super().__init__(detail, retry_after=retry_after)
 
 
 class UploadNotReceived(Conflict):
@@ -135,8 +135,9 @@ class ConversionInProgress(Conflict):
     slug = "conversion-in-progress"
     title = "Conversion In Progress"
 
-    def __init__(self, detail: str, *, retry_after: int) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+    def __init__(self, detail: str, *, retry_after: int, status_url: str | None = None) -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.status_url = status_url  # where the job's progress is (the http layer names it)
 
 
 class PayloadTooLarge(ServiceError):
@@ -151,10 +152,8 @@ class RangeNotSatisfiable(ServiceError):
     title = "Range Not Satisfiable"
 
     def __init__(self, size: int) -> None:
-        super().__init__(
-            f"The requested range is outside the record's {size} bytes.",
-            headers={"Content-Range": f"bytes */{size}"},
-        )
+        super().__init__(f"The requested range is outside the record's {size} bytes.")
+        self.size = size
 
 
 class UnsupportedMediaType(ServiceError):
@@ -217,7 +216,7 @@ class TooManyPendingUploads(ServiceError):
         super().__init__(
             f"This user already has {limit} direct uploads waiting to be sent or converted; "
             "complete or let some finish first.",
-            headers={"Retry-After": str(retry_after)},
+            retry_after=retry_after,
         )
 
 
@@ -233,7 +232,7 @@ class DependencyUnavailable(ServiceError):
     ) -> None:
         super().__init__(
             f"The {dependency} is unavailable right now; retry in a few seconds.",
-            headers={"Retry-After": str(retry_after)},
+            retry_after=retry_after,
         )
         self.dependency = dependency
         # True when a write may have taken effect before the dependency went away (a reply
@@ -252,7 +251,7 @@ class ServerStopping(ServiceError):
         super().__init__(
             "The server stopped before this request could finish; nothing of it was kept. "
             "Repeat it (with the same Idempotency-Key, if it had one).",
-            headers={"Retry-After": str(retry_after)},
+            retry_after=retry_after,
         )
 
 

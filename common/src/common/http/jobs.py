@@ -72,9 +72,7 @@ def conversion_in_progress(
     detail: str, upload_id: uuid.UUID, retry_after: int
 ) -> ConversionInProgress:
     """The 409 of a job still queued or converting, pointing at its status URL."""
-    error = ConversionInProgress(detail, retry_after=retry_after)
-    error.headers["Location"] = upload_path(upload_id)
-    return error
+    return ConversionInProgress(detail, retry_after=retry_after, status_url=upload_path(upload_id))
 
 
 def job_problem(job: JobStatus) -> dict[str, Any]:

@@ -23,8 +23,12 @@ from werkzeug.wrappers import Request, Response
 from common.adapters.db import Database
 from common.errors import (
     PROBLEM_CONTENT_TYPE,
+    ConversionInProgress,
     InternalError,
+    MethodNotAllowed,
+    RangeNotSatisfiable,
     ServiceError,
+    Unauthorized,
 )
 from common.http.context import REQUEST_HEADERS
 from common.settings import Settings, get_settings
@@ -33,6 +37,9 @@ if TYPE_CHECKING:
     from common.adapters.storage import Storage
 
 log = logging.getLogger(__name__)
+
+# The challenge of every 401 (RFC 6750): the access token goes in a Bearer header.
+BEARER_CHALLENGE = 'Bearer realm="records"'
 
 Handler = Callable[[Request], Response]
 # Reading what is left of a refused request body: the read size and the most time it may take.
@@ -62,9 +69,26 @@ def problem_response(error: ServiceError, instance: str | None = None) -> Respon
     return Response(
         json.dumps(error.to_problem(instance), ensure_ascii=False),
         status=error.status,
-        headers=error.headers,
+        headers=problem_headers(error),
         content_type=PROBLEM_CONTENT_TYPE,
     )
+
+
+def problem_headers(error: ServiceError) -> dict[str, str]:
+    """The headers an error's answer carries besides its problem document: the one place the
+    errors' fields are spelled as HTTP (every server and the Lambda adapter use it)."""
+    headers: dict[str, str] = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = BEARER_CHALLENGE
+    if isinstance(error, MethodNotAllowed):
+        headers["Allow"] = ", ".join(error.allowed)
+    if isinstance(error, RangeNotSatisfiable):
+        headers["Content-Range"] = f"bytes */{error.size}"
+    if isinstance(error, ConversionInProgress) and error.status_url:
+        headers["Location"] = error.status_url
+    return headers
 
 
 class _HttpProblem(ServiceError):

@@ -24,6 +24,7 @@ from apig_wsgi import make_lambda_handler
 from common.errors import PROBLEM_CONTENT_TYPE, OriginNotVerified
 from common.http import Request, Response
 from common.http.origin import ORIGIN_VERIFY_HEADER, origin_verified
+from common.http.responses import problem_headers
 from common.platform.entrypoint import JOBS, function_source, function_target
 from common.platform.memory import tune_malloc
 from common.platform.runtime import get_services
@@ -176,7 +177,7 @@ def origin_refused(event: Mapping[str, Any]) -> dict[str, Any]:
     log.info("request without the origin header refused", extra={"path": path, "status": 403})
     return {
         "statusCode": error.status,
-        "headers": {"Content-Type": PROBLEM_CONTENT_TYPE, **error.headers},
+        "headers": {"Content-Type": PROBLEM_CONTENT_TYPE, **problem_headers(error)},
         "body": json.dumps(error.to_problem(path), ensure_ascii=False),
         "isBase64Encoded": False,
     }

@@ -27,6 +27,7 @@ from urllib.parse import unquote_to_bytes
 from common.domain.conversion import REQUEST_STOP, Stop
 from common.errors import PROBLEM_CONTENT_TYPE, InternalError, RequestTimeout, ServiceError
 from common.http.request_body import FieldsRegion
+from common.http.responses import problem_headers
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Busy(ServiceError):
     def __init__(self) -> None:
         super().__init__(
             "Every upload slot of this server is taken; retry in a few seconds.",
-            headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)},
+            retry_after=BUSY_RETRY_AFTER_SECONDS,
         )
 
 
@@ -317,7 +318,8 @@ async def _send_problem(send: Send, error: ServiceError, path: str | None) -> No
     headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode()),
                (b"content-length", str(len(payload)).encode())]  # fmt: skip
     headers += [
-        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in problem_headers(error).items()
     ]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": payload, "more_body": False})
