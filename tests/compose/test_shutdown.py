@@ -48,16 +48,18 @@ def test_docker_stop_of_upload_record_mid_upload(compose: Compose) -> None:
     started = time.monotonic()
     compose.docker("stop", "-t", str(GRACE), container, timeout=30)
     stopped = time.monotonic() - started
-    for client in clients:
-        client.join(timeout=30)
-    state = json.loads(compose.docker("inspect", container))[0]["State"]
-    assert state["ExitCode"] == 0 and not state["OOMKilled"], state  # not SIGKILLed (137)
-    assert stopped < GRACE, stopped
-    assert short["status"] == 201, short
-    assert long["status"] == 503, long
-    assert int(long["headers"]["retry-after"]) >= 1
-    compose.docker("start", container)
-    compose.wait_healthy()
+    try:
+        for client in clients:
+            client.join(timeout=30)
+        state = json.loads(compose.docker("inspect", container))[0]["State"]
+        assert state["ExitCode"] == 0 and not state["OOMKilled"], state  # not SIGKILLed (137)
+        assert stopped < GRACE, stopped
+        assert short["status"] == 201, short
+        assert long["status"] == 503, long
+        assert int(long["headers"]["retry-after"]) >= 1
+    finally:  # the module's next test needs it, whatever failed above
+        compose.docker("start", container)
+        compose.wait_healthy()
     auth = {"Authorization": f"Bearer {user['token']}"}
     listed = requests.get(
         f"{compose.base_url}/records", params={"user": user["id"]}, headers=auth, timeout=30

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -70,7 +71,8 @@ def _upload(
                 sock.sendall(body[at : at + step])
             except OSError:
                 break  # the server answered and closed
-            time.sleep(pause)
+            if select.select([sock], [], [], pause)[0]:
+                break  # answered early (a router keeps reading what is left): stop sending
         data = b""
         try:
             while chunk := sock.recv(65536):
