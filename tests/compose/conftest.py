@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pg8000.native
 import pytest
 import requests
 
@@ -233,3 +234,41 @@ def compose(docker_env: dict[str, str]) -> Iterator[Compose]:
     finally:
         if not (os.environ.get("COMPOSE_TEST_KEEP") and stack.resources()["containers"]):
             stack.run("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+
+
+# --- helpers the compose tests share ---------------------------------------------------------
+
+
+def create_user(base_url: str, name: str) -> dict[str, str]:
+    response = requests.post(f"{base_url}/users", json={"name": name}, timeout=30)
+    assert response.status_code == 201, response.text
+    user: dict[str, str] = response.json()
+    return user
+
+
+def download(url: str) -> bytes:
+    response = requests.get(url, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "audio/mpeg"
+    return response.content
+
+
+def job_row(compose: Compose, upload_id: str) -> tuple[str, float, int]:
+    settings = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    connection = pg8000.native.Connection(
+        settings["POSTGRES_USER"], password=settings["POSTGRES_PASSWORD"],
+        database=settings["POSTGRES_DB"], host="127.0.0.1", port=compose.postgres_port,
+        timeout=10,
+    )  # fmt: skip
+    try:
+        ((status, progress, attempts),) = connection.run(
+            "SELECT status, progress, attempts FROM uploads WHERE id = CAST(:id AS uuid)",
+            id=upload_id,
+        )
+    finally:
+        connection.close()
+    return str(status), float(progress), int(attempts)

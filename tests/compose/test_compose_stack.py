@@ -32,7 +32,7 @@ from common.domain.encoding import mp3_sample_rate
 from devstack import images as image_report
 from devstack import wavgen
 
-from .conftest import ROOT, Compose
+from .conftest import ROOT, Compose, create_user, download, job_row
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]
 
@@ -64,13 +64,6 @@ def ffprobe(data: bytes) -> dict[str, str]:
     return stream
 
 
-def create_user(base_url: str, name: str) -> dict[str, str]:
-    response = requests.post(f"{base_url}/users", json={"name": name}, timeout=30)
-    assert response.status_code == 201, response.text
-    user: dict[str, str] = response.json()
-    return user
-
-
 def upload(base_url: str, user: dict[str, str], wav: bytes, filename: str) -> dict[str, str]:
     response = requests.post(
         f"{base_url}/records",
@@ -81,13 +74,6 @@ def upload(base_url: str, user: dict[str, str], wav: bytes, filename: str) -> di
     assert response.status_code == 201, response.text
     record: dict[str, str] = response.json()
     return record
-
-
-def download(url: str) -> bytes:
-    response = requests.get(url, timeout=60)
-    assert response.status_code == 200, response.text
-    assert response.headers["Content-Type"] == "audio/mpeg"
-    return response.content
 
 
 def verify_all_downloadable(compose: Compose) -> None:
@@ -301,27 +287,6 @@ def test_lifecycle_list_delete_rotate_erase_through_the_router(compose: Compose)
     assert requests.post(f"{base}/_tasks/convert", json={}, timeout=30).status_code == 404
 
 
-def _job_row(compose: Compose, upload_id: str) -> tuple[str, float, int]:
-    settings = dict(
-        line.split("=", 1)
-        for line in (ROOT / ".env").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
-    connection = pg8000.native.Connection(
-        settings["POSTGRES_USER"], password=settings["POSTGRES_PASSWORD"],
-        database=settings["POSTGRES_DB"], host="127.0.0.1", port=compose.postgres_port,
-        timeout=10,
-    )  # fmt: skip
-    try:
-        ((status, progress, attempts),) = connection.run(
-            "SELECT status, progress, attempts FROM uploads WHERE id = CAST(:id AS uuid)",
-            id=upload_id,
-        )
-    finally:
-        connection.close()
-    return str(status), float(progress), int(attempts)
-
-
 def test_direct_upload_job_survives_a_killed_worker(compose: Compose) -> None:
     """docker kill -s KILL of upload_worker mid-conversion: once the lease runs out the job is
     taken again, and completing the upload then gives exactly one record."""
@@ -342,12 +307,12 @@ def test_direct_upload_job_survives_a_killed_worker(compose: Compose) -> None:
     accepted = requests.post(complete[0], headers=auth, params=complete[1], timeout=60)
     assert accepted.status_code == 202, accepted.text
     deadline = time.monotonic() + 120
-    while (row := _job_row(compose, upload["id"]))[0] != "converting" or row[1] < 0.1:
+    while (row := job_row(compose, upload["id"]))[0] != "converting" or row[1] < 0.1:
         assert row[0] in ("queued", "converting") and time.monotonic() < deadline, row
         time.sleep(0.05)
     (worker,) = compose.container_ids("upload_worker")
     compose.docker("kill", "--signal", "KILL", worker)
-    assert _job_row(compose, upload["id"])[0] == "converting"
+    assert job_row(compose, upload["id"])[0] == "converting"
     compose.run("up", "-d", "--wait", "upload_worker", extra_env=lease)
     deadline = time.monotonic() + 300
     while True:
@@ -358,7 +323,7 @@ def test_direct_upload_job_survives_a_killed_worker(compose: Compose) -> None:
         time.sleep(1)
     assert answer.status_code == 200, answer.text
     record = answer.json()
-    assert _job_row(compose, upload["id"]) == ("done", 1.0, 2)
+    assert job_row(compose, upload["id"]) == ("done", 1.0, 2)
     assert float(record["duration_seconds"]) == 240.0
     mp3 = download(record["url"])
     assert len(mp3) == int(record["size_bytes"])

@@ -18,9 +18,8 @@ import pytest
 import requests
 
 from devstack import wavgen
-from tests.compose.conftest import Compose
-from tests.compose.test_compose_stack import _job_row, create_user, download
-from tests.reliability.test_shutdown import _upload
+from tests.compose.conftest import Compose, create_user, download, job_row
+from tests.support.slow_clients import paced_upload
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
 
@@ -38,8 +37,12 @@ def test_docker_stop_of_upload_record_mid_upload(compose: Compose) -> None:
     short: dict[str, Any] = {}
     long: dict[str, Any] = {}
     clients = [
-        threading.Thread(target=_upload, args=(port, user, wavgen.wav(seconds=1.0), 3.0, short)),
-        threading.Thread(target=_upload, args=(port, user, wavgen.wav(seconds=60.0), 60.0, long)),
+        threading.Thread(
+            target=paced_upload, args=(port, user, wavgen.wav(seconds=1.0), 3.0, short)
+        ),
+        threading.Thread(
+            target=paced_upload, args=(port, user, wavgen.wav(seconds=60.0), 60.0, long)
+        ),
     ]
     for client in clients:
         client.start()
@@ -84,14 +87,14 @@ def test_docker_stop_of_the_worker_mid_job(compose: Compose) -> None:
     accepted = requests.post(complete[0], headers=auth, params=complete[1], timeout=60)
     assert accepted.status_code == 202, accepted.text
     deadline = time.monotonic() + 120
-    while (row := _job_row(compose, upload["id"]))[0] != "converting" or row[1] < 0.1:
+    while (row := job_row(compose, upload["id"]))[0] != "converting" or row[1] < 0.1:
         assert row[0] in ("queued", "converting") and time.monotonic() < deadline, row
         time.sleep(0.05)
     (worker,) = compose.container_ids("upload_worker")
     started = time.monotonic()
     compose.docker("stop", "-t", str(GRACE), worker, timeout=30)
     assert time.monotonic() - started < GRACE
-    status, _, attempts = _job_row(compose, upload["id"])
+    status, _, attempts = job_row(compose, upload["id"])
     assert (status, attempts) == ("queued", 0)  # given back at once, not as an attempt
     compose.docker("start", worker)
     deadline = time.monotonic() + 300
@@ -102,7 +105,7 @@ def test_docker_stop_of_the_worker_mid_job(compose: Compose) -> None:
         time.sleep(1)
     assert answer.status_code == 200, answer.text
     record = answer.json()
-    assert _job_row(compose, upload["id"]) == ("done", 1.0, 1)
+    assert job_row(compose, upload["id"]) == ("done", 1.0, 1)
     assert len(download(record["url"])) == int(record["size_bytes"])
     listed = requests.get(
         f"{compose.base_url}/records", params={"user": user["id"]}, headers=auth, timeout=30

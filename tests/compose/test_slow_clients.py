@@ -15,9 +15,8 @@ import pytest
 import requests
 from common.settings import Settings
 
-from tests.compose.conftest import Compose
-from tests.compose.test_compose_stack import create_user
-from tests.reliability.test_slow_clients import _answer_after, _fields, _form_head, _wav_start
+from tests.compose.conftest import Compose, create_user
+from tests.support.slow_clients import answer_after, form_fields, form_head, wav_start
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
@@ -52,7 +51,7 @@ def _trickle(port: int, head: bytes, on_for: float, seconds: float, base_url: st
              user: dict[str, str]) -> tuple[list[float], list[tuple[float, int]]]:  # fmt: skip
     ends: list[tuple[float, int]] = []
     clients = [
-        threading.Thread(target=_answer_after, args=(port, head, True, ends, on_for))
+        threading.Thread(target=answer_after, args=(port, head, True, ends, on_for))
         for _ in range(4 * THREADS)
     ]
     for thread in clients:
@@ -67,7 +66,7 @@ def _trickle(port: int, head: bytes, on_for: float, seconds: float, base_url: st
 def test_trickling_clients_hold_no_function(compose: Compose) -> None:
     user = create_user(compose.base_url, "compose trickle")
     grace = Settings.from_env({}).body_grace_seconds
-    head = _form_head(b'--b\r\nContent-Disposition: form-data; name="user"\r\n\r\n')
+    head = form_head(b'--b\r\nContent-Disposition: form-data; name="user"\r\n\r\n')
     latencies, ends = _trickle(compose.port, head, 0.0, grace - 2.0, compose.base_url, user)
     assert statistics.quantiles(latencies, n=100)[98] < 1.0, latencies
     assert {status for _, status in ends} == {408}, sorted(ends)
@@ -76,7 +75,7 @@ def test_trickling_clients_hold_no_function(compose: Compose) -> None:
 
 def test_refused_clients_that_trickle_on_hold_no_function(compose: Compose) -> None:
     user = create_user(compose.base_url, "compose refused")
-    head = _form_head(_fields(user, str(uuid.uuid4())) + _wav_start())
+    head = form_head(form_fields(user, str(uuid.uuid4())) + wav_start())
     latencies, ends = _trickle(compose.port, head, 12.0, 10.0, compose.base_url, user)
     assert statistics.quantiles(latencies, n=100)[98] < 1.0, latencies
     assert {status for _, status in ends} == {401}, sorted(ends)

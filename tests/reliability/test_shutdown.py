@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -27,6 +25,7 @@ from common.settings import ServerSettings, Settings
 from devstack.wavgen import wav
 
 from devstack import ScratchStack
+from tests.support.slow_clients import paced_upload
 from tests.support.stacks import running_stack
 
 GRACE = 10.0  # Cloud Run's, and `docker stop`'s default
@@ -37,57 +36,6 @@ DRAIN = ServerSettings().shutdown_drain_seconds
 def stopping_stack() -> Iterator[ScratchStack]:
     with running_stack("records-shutdown-", {"S3_PART_SIZE_BYTES": str(5 * 1024 * 1024)}) as s:
         yield s
-
-
-def _form(user: dict[str, str], audio: bytes) -> tuple[bytes, str]:
-    boundary = "shutdown-" + uuid.uuid4().hex
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user["id"]}\r\n'
-        f'--{boundary}\r\nContent-Disposition: form-data; name="token"\r\n\r\n'
-        f"{user['token']}\r\n"
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t.wav"\r\n'
-        "Content-Type: audio/wav\r\n\r\n"
-    ).encode()
-    return head + audio + f"\r\n--{boundary}--\r\n".encode(), boundary
-
-
-def _upload(
-    port: int, user: dict[str, str], audio: bytes, seconds: float, out: dict[str, Any]
-) -> None:
-    """POST /records straight to the function, its body spread over ``seconds``."""
-    body, boundary = _form(user, audio)
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.sendall(
-            (
-                "POST /records HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            ).encode()
-        )
-        step = 32 * 1024
-        pause = seconds / max(1, len(body) // step)
-        for at in range(0, len(body), step):
-            try:
-                sock.sendall(body[at : at + step])
-            except OSError:
-                break  # the server answered and closed
-            if select.select([sock], [], [], pause)[0]:
-                break  # answered early (a router keeps reading what is left): stop sending
-        data = b""
-        try:
-            while chunk := sock.recv(65536):
-                data += chunk
-        except OSError:
-            pass
-    head, _, payload = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    out["status"] = int(lines[0].split()[1]) if data else 0
-    out["headers"] = {
-        name.strip().lower(): value.strip()
-        for name, _, value in (line.partition(":") for line in lines[1:])
-    }
-    out["body"] = payload
-    out["at"] = time.monotonic()
 
 
 _RECORDS = sql("SELECT id, object_key FROM records WHERE user_id = :user")
@@ -106,9 +54,9 @@ def test_sigterm_finishes_short_requests_and_aborts_long_uploads(
     short: dict[str, Any] = {}
     long: dict[str, Any] = {}
     clients = [
-        threading.Thread(target=_upload, args=(port, user, wav(seconds=1.0), 3.0, short)),
+        threading.Thread(target=paced_upload, args=(port, user, wav(seconds=1.0), 3.0, short)),
         # 60 s of audio (10 MiB) at about 170 KiB/s: a minute to send, far past the grace.
-        threading.Thread(target=_upload, args=(port, user, wav(seconds=60.0), 60.0, long)),
+        threading.Thread(target=paced_upload, args=(port, user, wav(seconds=60.0), 60.0, long)),
     ]
     for client in clients:
         client.start()

@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from devstack import ScratchStack, wavgen
+from tests.support.slow_clients import answer_after, form_fields, form_head, wav_start
 from tests.support.stacks import running_stack
 
 GRACE = 3.0
@@ -45,51 +46,15 @@ def _user(stack: ScratchStack) -> dict[str, str]:
     return body
 
 
-def _answer_after(
-    port: int, head: bytes, trickle: bool, out: list[tuple[float, int]], on_for: float = 0.0
-) -> None:
-    """Send ``head``, then a byte a second (or nothing); (seconds to the answer, status).
-    After the answer, a byte a second goes on until ``on_for`` seconds from the start."""
-    start = time.monotonic()
-    status = 0
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(head)
-        sock.settimeout(1.0)
-        while time.monotonic() - start < GRACE + 40:
-            try:
-                got = sock.recv(4096)
-            except TimeoutError:
-                if trickle:
-                    sock.sendall(b"x")
-                continue
-            if got:
-                status = int(got.split(b" ", 2)[1])
-            break
-        out.append((time.monotonic() - start, status))
-        while time.monotonic() - start < on_for:
-            time.sleep(1.0)
-            try:
-                sock.sendall(b"x")
-            except OSError:
-                break
-
-
-def _form_head(fields: bytes, length: int = 10_000_000) -> bytes:
-    return (
-        b"POST /records HTTP/1.1\r\nHost: t\r\nContent-Length: " + str(length).encode()
-        + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n\r\n" + fields
-    )  # fmt: skip
-
-
 def test_trickling_clients_leave_the_function_free_and_end_by_their_deadline(
     slow_stack: ScratchStack,
 ) -> None:
     user = _user(slow_stack)
     port = slow_stack.ports.router
-    head = _form_head(b'--b\r\nContent-Disposition: form-data; name="user"\r\n\r\n')
+    head = form_head(b'--b\r\nContent-Disposition: form-data; name="user"\r\n\r\n')
     ends: list[tuple[float, int]] = []
     clients = [
-        threading.Thread(target=_answer_after, args=(port, head, True, ends))
+        threading.Thread(target=answer_after, args=(port, head, True, ends))
         for _ in range(4 * THREADS)
     ]
     for thread in clients:
@@ -116,36 +81,23 @@ def test_trickling_clients_leave_the_function_free_and_end_by_their_deadline(
     assert min(took for took, _ in ends) >= GRACE - 0.1
 
 
-def _wav_start() -> bytes:
-    fmt = struct.pack("<HHIIHH", 1, 2, 44100, 176400, 4, 16)
-    return b"RIFF" + struct.pack("<I", 0) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
-
-
 @pytest.mark.parametrize("phase", ["WAV header", "audio"])
 def test_an_authenticated_upload_that_stalls_gets_408_at_its_deadline(
     slow_stack: ScratchStack, phase: str
 ) -> None:
     user = _user(slow_stack)
-    fields = _fields(user, user["token"])
-    wav = _wav_start()
+    fields = form_fields(user, user["token"])
+    wav = wav_start()
     if phase == "audio":
         wav += b"data" + struct.pack("<I", 0) + bytes(200_000)
     body_so_far = len(fields) + len(wav)
     ends: list[tuple[float, int]] = []
-    _answer_after(slow_stack.ports.router, _form_head(fields + wav), False, ends)
+    answer_after(slow_stack.ports.router, form_head(fields + wav), False, ends)
     [(took, status)] = ends
     assert status == 408
     # The deadline: the grace, plus what the bytes sent buy at the minimum rate (16 KiB/s).
     assert took < GRACE + body_so_far / (16 * 1024) + SLACK
     assert took >= GRACE - 0.1
-
-
-def _fields(user: dict[str, str], token: str) -> bytes:
-    form = b"".join(
-        b'--b\r\nContent-Disposition: form-data; name="' + name + b'"\r\n\r\n' + value + b"\r\n"
-        for name, value in ((b"user", user["id"].encode()), (b"token", token.encode()))
-    )
-    return form + b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
 
 
 @pytest.mark.parametrize("via", ["router", "upload_record"])
@@ -156,10 +108,10 @@ def test_refused_clients_that_trickle_on_hold_no_thread(slow_stack: ScratchStack
     and straight to the function, as a platform without such a router sends it."""
     user = _user(slow_stack)
     port = getattr(slow_stack.ports, via)
-    head = _form_head(_fields(user, str(uuid.uuid4())) + _wav_start())
+    head = form_head(form_fields(user, str(uuid.uuid4())) + wav_start())
     ends: list[tuple[float, int]] = []
     clients = [
-        threading.Thread(target=_answer_after, args=(port, head, True, ends, 12.0))
+        threading.Thread(target=answer_after, args=(port, head, True, ends, 12.0))
         for _ in range(4 * THREADS)
     ]
     for thread in clients:
@@ -202,10 +154,10 @@ def test_a_body_that_bursts_then_trickles_ends_at_the_absolute_deadline(
 ) -> None:
     """Half a megabyte at once buys 30 s at the minimum rate; the body's deadline comes first."""
     user = _user(slow_stack)
-    wav = _wav_start() + b"data" + struct.pack("<I", 0) + bytes(512 * 1024)
+    wav = wav_start() + b"data" + struct.pack("<I", 0) + bytes(512 * 1024)
     ends: list[tuple[float, int]] = []
-    _answer_after(
-        slow_stack.ports.router, _form_head(_fields(user, user["token"]) + wav), True, ends
+    answer_after(
+        slow_stack.ports.router, form_head(form_fields(user, user["token"]) + wav), True, ends
     )
     [(took, status)] = ends
     assert status == 408
