@@ -28,6 +28,8 @@ import pg8000.native
 import pytest
 import requests
 
+from devstack import wavgen
+
 ROOT = Path(__file__).resolve().parents[2]
 # The workplace's sandbox scripts sit in ../shared next to the checkout; a clone made elsewhere
 # (CI may clone into a temporary directory) finds them at the workplace's fixed path.
@@ -272,3 +274,53 @@ def job_row(compose: Compose, upload_id: str) -> tuple[str, float, int]:
     finally:
         connection.close()
     return str(status), float(progress), int(attempts)
+
+
+@dataclass(frozen=True)
+class DirectJob:
+    """A direct upload whose conversion job a worker is running."""
+
+    user: dict[str, str]
+    auth: dict[str, str]
+    upload_id: str
+    complete_url: str
+
+    def complete(self) -> requests.Response:
+        return requests.post(
+            self.complete_url, headers=self.auth, params={"user": self.user["id"]}, timeout=60
+        )
+
+
+def converting_direct_upload(compose: Compose, name: str) -> DirectJob:
+    """A new user's direct upload of 4 min of CD audio (42 MB), sent to the bucket, completed
+    (202), and its job converting, a tenth of the way in."""
+    user = create_user(compose.base_url, name)
+    auth = {"Authorization": f"Bearer {user['token']}"}
+    upload = requests.post(
+        f"{compose.base_url}/records/uploads", json={"user": user["id"]}, headers=auth, timeout=30
+    ).json()
+    post = upload["upload"]
+    wav = b"".join(wavgen.silence_wav(240.0))  # long enough to stop or kill mid-way
+    sent = requests.post(
+        post["url"], data=post["fields"], files={"file": ("long.wav", wav)}, timeout=300
+    )
+    assert sent.status_code in (200, 201, 204), sent.text
+    job = DirectJob(user, auth, upload["id"], upload["complete_url"])
+    accepted = job.complete()
+    assert accepted.status_code == 202, accepted.text
+    deadline = time.monotonic() + 120
+    while (row := job_row(compose, job.upload_id))[0] != "converting" or row[1] < 0.1:
+        assert row[0] in ("queued", "converting") and time.monotonic() < deadline, row
+        time.sleep(0.05)
+    return job
+
+
+def completed(job: DirectJob, timeout: float = 300) -> requests.Response:
+    """Complete ``job`` again until it is no longer running (each 409 says when to retry)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = job.complete()
+        if answer.status_code != 409 or time.monotonic() > deadline:
+            return answer
+        assert answer.headers["Retry-After"]
+        time.sleep(1)

@@ -32,7 +32,15 @@ from common.domain.encoding import mp3_sample_rate
 from devstack import images as image_report
 from devstack import wavgen
 
-from .conftest import ROOT, Compose, create_user, download, job_row
+from .conftest import (
+    ROOT,
+    Compose,
+    completed,
+    converting_direct_upload,
+    create_user,
+    download,
+    job_row,
+)
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]
 
@@ -292,38 +300,15 @@ def test_direct_upload_job_survives_a_killed_worker(compose: Compose) -> None:
     taken again, and completing the upload then gives exactly one record."""
     lease = {"JOB_LEASE_SECONDS": "3"}
     compose.run("up", "-d", "--wait", "upload_worker", extra_env=lease)
-    user = create_user(compose.base_url, "compose killed worker")
-    auth = {"Authorization": f"Bearer {user['token']}"}
-    upload = requests.post(
-        f"{compose.base_url}/records/uploads", json={"user": user["id"]}, headers=auth, timeout=30
-    ).json()
-    post = upload["upload"]
-    wav = b"".join(wavgen.silence_wav(240.0))  # 4 min of CD audio, 42 MB
-    sent = requests.post(
-        post["url"], data=post["fields"], files={"file": ("long.wav", wav)}, timeout=300
-    )
-    assert sent.status_code in (200, 201, 204), sent.text
-    complete = (upload["complete_url"], {"user": user["id"]})
-    accepted = requests.post(complete[0], headers=auth, params=complete[1], timeout=60)
-    assert accepted.status_code == 202, accepted.text
-    deadline = time.monotonic() + 120
-    while (row := job_row(compose, upload["id"]))[0] != "converting" or row[1] < 0.1:
-        assert row[0] in ("queued", "converting") and time.monotonic() < deadline, row
-        time.sleep(0.05)
+    job = converting_direct_upload(compose, "compose killed worker")
     (worker,) = compose.container_ids("upload_worker")
     compose.docker("kill", "--signal", "KILL", worker)
-    assert job_row(compose, upload["id"])[0] == "converting"
+    assert job_row(compose, job.upload_id)[0] == "converting"
     compose.run("up", "-d", "--wait", "upload_worker", extra_env=lease)
-    deadline = time.monotonic() + 300
-    while True:
-        answer = requests.post(complete[0], headers=auth, params=complete[1], timeout=60)
-        if answer.status_code != 409 or time.monotonic() > deadline:
-            break
-        assert answer.headers["Retry-After"]
-        time.sleep(1)
+    answer = completed(job)
     assert answer.status_code == 200, answer.text
     record = answer.json()
-    assert job_row(compose, upload["id"]) == ("done", 1.0, 2)
+    assert job_row(compose, job.upload_id) == ("done", 1.0, 2)
     assert float(record["duration_seconds"]) == 240.0
     mp3 = download(record["url"])
     assert len(mp3) == int(record["size_bytes"])

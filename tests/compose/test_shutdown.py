@@ -18,7 +18,14 @@ import pytest
 import requests
 
 from devstack import wavgen
-from tests.compose.conftest import Compose, create_user, download, job_row
+from tests.compose.conftest import (
+    Compose,
+    completed,
+    converting_direct_upload,
+    create_user,
+    download,
+    job_row,
+)
 from tests.support.slow_clients import paced_upload
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
@@ -72,42 +79,23 @@ def test_docker_stop_of_upload_record_mid_upload(compose: Compose) -> None:
 
 
 def test_docker_stop_of_the_worker_mid_job(compose: Compose) -> None:
-    user = create_user(compose.base_url, "compose stopped worker")
-    auth = {"Authorization": f"Bearer {user['token']}"}
-    upload = requests.post(
-        f"{compose.base_url}/records/uploads", json={"user": user["id"]}, headers=auth, timeout=30
-    ).json()
-    post = upload["upload"]
-    wav = b"".join(wavgen.silence_wav(240.0))  # 4 min of CD audio: long enough to stop mid-way
-    sent = requests.post(
-        post["url"], data=post["fields"], files={"file": ("long.wav", wav)}, timeout=300
-    )
-    assert sent.status_code in (200, 201, 204), sent.text
-    complete = (upload["complete_url"], {"user": user["id"]})
-    accepted = requests.post(complete[0], headers=auth, params=complete[1], timeout=60)
-    assert accepted.status_code == 202, accepted.text
-    deadline = time.monotonic() + 120
-    while (row := job_row(compose, upload["id"]))[0] != "converting" or row[1] < 0.1:
-        assert row[0] in ("queued", "converting") and time.monotonic() < deadline, row
-        time.sleep(0.05)
+    job = converting_direct_upload(compose, "compose stopped worker")
     (worker,) = compose.container_ids("upload_worker")
     started = time.monotonic()
     compose.docker("stop", "-t", str(GRACE), worker, timeout=30)
     assert time.monotonic() - started < GRACE
-    status, _, attempts = job_row(compose, upload["id"])
+    status, _, attempts = job_row(compose, job.upload_id)
     assert (status, attempts) == ("queued", 0)  # given back at once, not as an attempt
     compose.docker("start", worker)
-    deadline = time.monotonic() + 300
-    while True:
-        answer = requests.post(complete[0], headers=auth, params=complete[1], timeout=60)
-        if answer.status_code != 409 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    answer = completed(job)
     assert answer.status_code == 200, answer.text
     record = answer.json()
-    assert job_row(compose, upload["id"]) == ("done", 1.0, 1)
+    assert job_row(compose, job.upload_id) == ("done", 1.0, 1)
     assert len(download(record["url"])) == int(record["size_bytes"])
     listed = requests.get(
-        f"{compose.base_url}/records", params={"user": user["id"]}, headers=auth, timeout=30
+        f"{compose.base_url}/records",
+        params={"user": job.user["id"]},
+        headers=job.auth,
+        timeout=30,
     )
     assert [r["id"] for r in listed.json()["records"]] == [record["id"]]

@@ -34,6 +34,7 @@ from devstack.native import DB_NAME, DB_USER
 from devstack.wavgen import fmt_chunk, wav
 
 from devstack import NativeStack, ScratchStack
+from tests.support.slow_clients import upload_form
 from tests.support.stacks import ffmpeg_descendants, running_stack
 
 MIB = 1024 * 1024
@@ -94,23 +95,11 @@ def open_multipart(services: Services, user_id: str) -> list[Any]:
     return list(listed.get("Uploads", []))
 
 
-def multipart_body(user: dict[str, str], audio: bytes) -> tuple[bytes, str]:
-    boundary = "reliability-" + uuid.uuid4().hex
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user["id"]}\r\n'
-        f'--{boundary}\r\nContent-Disposition: form-data; name="token"\r\n\r\n'
-        f"{user['token']}\r\n"
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t.wav"\r\n'
-        "Content-Type: audio/wav\r\n\r\n"
-    ).encode()
-    return head + audio + f"\r\n--{boundary}--\r\n".encode(), boundary
-
-
 class RawUpload:
     """An upload over a plain socket, so the test decides when each byte is sent."""
 
     def __init__(self, stack: NativeStack, user: dict[str, str], audio: bytes) -> None:
-        self.body, boundary = multipart_body(user, audio)
+        self.body, boundary = upload_form(user, audio)
         self.sock = socket.create_connection(("127.0.0.1", stack.ports.router), timeout=120)
         self.sock.sendall(
             (

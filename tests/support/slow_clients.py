@@ -64,7 +64,7 @@ def form_fields(user: dict[str, str], token: str) -> bytes:
 
 
 def upload_form(user: dict[str, str], audio: bytes) -> tuple[bytes, str]:
-    boundary = "shutdown-" + uuid.uuid4().hex
+    boundary = "upload-" + uuid.uuid4().hex
     head = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user["id"]}\r\n'
         f'--{boundary}\r\nContent-Disposition: form-data; name="token"\r\n\r\n'
