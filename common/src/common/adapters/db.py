@@ -478,8 +478,9 @@ class Database:
                     raise
                 conn.commit()
         except ConnectionLost as lost:
-            # Lost before BEGIN came back twice: nothing ran. Lost after: even a COMMIT's
-            # lost reply may follow a commit.
+            # Once the body ran, even a COMMIT's lost reply may follow a commit. A BEGIN lost
+            # twice is judged like any statement (unknown unless the write certainly failed):
+            # the safe side, as nothing of the body was sent.
             raise self.unavailable(
                 lost.error, "connection lost", outcome_unknown=lost.may_have_run
             ) from lost.error
