@@ -120,11 +120,45 @@ def test_database_url_becomes_pg8000_connect_arguments() -> None:
         "database": "records",
         "application_name": "records",
         "timeout": 3.0,
+        "ssl_context": False,
     }
     verified = connect_params(url, tls="verify", timeout=None)["ssl_context"]
     assert verified.check_hostname and verified.verify_mode == ssl.CERT_REQUIRED
     unverified = connect_params(url, tls="require", timeout=None)["ssl_context"]
     assert not unverified.check_hostname and unverified.verify_mode == ssl.CERT_NONE
+
+
+def test_db_tls_off_opens_a_plain_session_without_asking_for_tls() -> None:
+    """DB_TLS=off sends the startup message first: no SSLRequest (and no CA bundle loaded)."""
+    import socket
+    import struct
+    import threading
+
+    from common.adapters.db import connect_params
+    from pg8000 import native
+
+    server = socket.create_server(("127.0.0.1", 0))
+    first: list[int] = []
+
+    def answer_once() -> None:
+        peer, _ = server.accept()
+        with peer:
+            _length, code = struct.unpack("!ii", peer.recv(8, socket.MSG_WAITALL))
+            first.append(code)
+            # Refuse the login as a server would: an ErrorResponse, then close.
+            fields = b"SFATAL\x00C28000\x00Mrefused by the test\x00\x00"
+            peer.sendall(b"E" + struct.pack("!i", 4 + len(fields)) + fields)
+            peer.recv(64)  # the client's Terminate
+
+    thread = threading.Thread(target=answer_once)
+    thread.start()
+    port = server.getsockname()[1]
+    url = f"postgresql+pg8000://u:p@127.0.0.1:{port}/records"
+    with pytest.raises(native.DatabaseError, match="refused by the test"):
+        native.Connection(**connect_params(url, tls="off", timeout=5.0))
+    thread.join(5)
+    server.close()
+    assert first == [196608]  # protocol 3.0's StartupMessage; an SSLRequest is 80877103
 
 
 def test_every_default_is_the_fields_own() -> None:

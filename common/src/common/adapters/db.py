@@ -276,7 +276,8 @@ DbPool = Pool[Connection]
 def tls_connect_args(mode: str) -> dict[str, Any]:
     """pg8000's ssl_context for DB_TLS (RDS for PostgreSQL 15+ refuses plain connections)."""
     if mode == "off":
-        return {}
+        # False, not None: None makes pg8000 load the system's CAs and ask for TLS all the same.
+        return {"ssl_context": False}
     context = ssl.create_default_context()
     if mode == "require":  # encrypted; the server's certificate is not checked
         context.check_hostname = False
