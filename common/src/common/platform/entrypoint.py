@@ -1,16 +1,18 @@
 """Container entry point: ``python -m common.platform.entrypoint``.
 
 One image serves every platform: it runs the function named by ``FUNCTION_TARGET`` from
-``FUNCTION_SOURCE``, under the Lambda Runtime Interface Client when ``AWS_LAMBDA_RUNTIME_API``
-is set (:mod:`common.platform.aws_lambda`), else on ``$PORT`` with :mod:`common.platform.serve`
-(Cloud Run, compose, a plain ``docker run``). The one-shot targets of :data:`JOBS` (``sweep``,
-``migrate``) run their module instead of serving. :func:`check_target` is the one place a
-``FUNCTION_TARGET`` is validated. docs/configuration.md and docs/deploy-aws.md have the detail.
+``FUNCTION_SOURCE``, under the Lambda Runtime Interface Client (in this interpreter) when
+``AWS_LAMBDA_RUNTIME_API`` is set (:mod:`common.platform.aws_lambda`), else on ``$PORT`` with
+:mod:`common.platform.serve` (Cloud Run, compose, a plain ``docker run``). The one-shot
+targets of :data:`JOBS` (``sweep``, ``migrate``) run their module instead of serving.
+:func:`check_target` is the one place a ``FUNCTION_TARGET`` is validated.
+docs/configuration.md and docs/deploy-aws.md have the detail.
 """
 
 from __future__ import annotations
 
 import os
+import runpy
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,6 +61,12 @@ def command(env: Mapping[str, str]) -> list[str]:
 
 def main() -> None:
     argv = command(os.environ)
+    if argv[1:3] == ["-m", "awslambdaric"]:
+        # Lambda's runtime client runs in this interpreter, as `python -m` would run it: a
+        # second interpreter (execv) would add its start to every cold start.
+        sys.argv = [argv[0], *argv[3:]]
+        runpy.run_module("awslambdaric", run_name="__main__", alter_sys=True)
+        return
     os.execv(argv[0], argv)  # noqa: S606 - fixed argv, no shell
 
 
