@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -114,3 +115,38 @@ def test_part_one_alone_is_a_single_put(storage: Storage) -> None:
     assert writer.complete().size == 24
     body = storage.client.get_object(Bucket="records", Key="voice.mp3")["Body"].read()
     assert body == b"ID3 tag and a few frames"
+
+
+def test_clients_are_made_when_a_route_first_needs_them() -> None:
+    """A redirecting download only signs: from_settings makes no client, and signing makes
+    only the public endpoint's (a botocore client costs a cold start about 0.1 s)."""
+    from common.adapters import storage as storage_module
+    from common.settings import Settings
+
+    made: list[str] = []
+
+    def count(**_: Any) -> None:
+        made.append("s3")
+
+    session = storage_module._boto_session()
+    session.register("creating-client-class.s3", count)
+    try:
+        settings = Settings(
+            s3_endpoint_url="http://storage.internal:8333",
+            s3_public_endpoint_url="http://127.0.0.1:8333",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        storage = Storage.from_settings(settings)
+        assert made == []
+        url = storage.presigned_get("a.mp3", expires=60, filename_header="a.mp3")
+        assert url.startswith("http://127.0.0.1:8333/records/a.mp3?")
+        assert made == ["s3"]
+        storage.presigned_get("b.mp3", expires=60, filename_header="b.mp3")
+        assert made == ["s3"]  # one client, made once
+        assert storage.client.meta.endpoint_url == "http://storage.internal:8333"
+        assert made == ["s3", "s3"]
+        same = Storage.from_settings(Settings(s3_endpoint_url="http://storage.internal:8333"))
+        assert same.client is same.presign_client
+    finally:
+        session.unregister("creating-client-class.s3", count)

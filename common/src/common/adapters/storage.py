@@ -146,51 +146,70 @@ class ObjectStream:
         self.body.close()
 
 
+class _MadeOnce:
+    """A client given as is, or made by its factory on first use (once, by any thread)."""
+
+    def __init__(self, given: S3Client | Callable[[], S3Client]) -> None:
+        self._client: S3Client | None = None
+        self._factory: Callable[[], S3Client] | None = None
+        if hasattr(given, "generate_presigned_url"):
+            self._client = cast("S3Client", given)
+        else:
+            self._factory = given
+        self._lock = threading.Lock()
+
+    def get(self) -> S3Client:
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    assert self._factory is not None
+                    self._client = self._factory()
+                client = self._client
+        return client
+
+
 class Storage:
     def __init__(
         self,
-        client: S3Client,
+        client: S3Client | Callable[[], S3Client],
         bucket: str,
         *,
         part_size: int,
         retry_after: int = 5,
         presign_client: S3Client | Callable[[], S3Client] | None = None,
     ) -> None:
-        self.client = client
+        """``client`` (and ``presign_client``, which defaults to it) may be a factory: the
+        client is then made on first use, so a route that never needs it never pays for it."""
+        self._client = _MadeOnce(client)
+        self._presign = self._client if presign_client is None else _MadeOnce(presign_client)
         self.bucket = bucket
         self.part_size = part_size
         self.retry_after = retry_after
-        self._presign_client: S3Client | None = None
-        self._presign_factory: Callable[[], S3Client] | None = None
-        if presign_client is None or hasattr(presign_client, "generate_presigned_url"):
-            self._presign_client = presign_client or client  # type: ignore[assignment]
-        else:
-            self._presign_factory = presign_client
-        self._presign_lock = threading.Lock()
         self._router_urls = _UrlCache(ROUTER_URLS_KEPT)
 
     @property
+    def client(self) -> S3Client:
+        """The client for the store's own endpoint."""
+        return self._client.get()
+
+    @property
     def presign_client(self) -> S3Client:
-        """The client that signs URLs for outside callers; made on first use."""
-        with self._presign_lock:
-            if self._presign_client is None:
-                assert self._presign_factory is not None
-                self._presign_client = self._presign_factory()
-            return self._presign_client
+        """The client that signs URLs for outside callers."""
+        return self._presign.get()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Storage:
-        client = make_s3_client(settings)
+        # Each client is made when first needed (building one costs a cold start about 0.1 s):
+        # a redirecting get_record signs URLs and never calls the store itself. A second
+        # client only when URLs must name another endpoint.
         return cls(
-            client,
+            lambda: make_s3_client(settings),
             settings.s3_bucket,
             part_size=settings.s3_part_size_bytes,
             retry_after=settings.retry_after_seconds,
-            # A second client only when URLs must name another endpoint, and only once needed.
             presign_client=(
-                client
-                if _same_endpoint(settings)
-                else lambda: make_s3_client(settings, public=True)
+                None if _same_endpoint(settings) else lambda: make_s3_client(settings, public=True)
             ),
         )
 
