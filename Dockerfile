@@ -7,7 +7,8 @@
 # Layout of the result (every stage below starts FROM ${PYTHON_IMAGE}):
 #   /            the base image, flattened without docs, man pages, locales and pip (runtime
 #                needs none of them; flattening is what lets the deletions shrink the image)
-#   /opt/venv    the locked dependencies (uv.lock, exported with `uv export --frozen`) + common
+#   /opt/venv    the locked dependencies (uv.lock, exported with `uv export --frozen`) + common,
+#                with botocore's models of the services used only (BOTOCORE_SERVICES below)
 #   /app         alembic.ini, migrations/ and functions/${FUNCTION}/main.py
 #   ffmpeg       upload_record only: a static ffmpeg built from Debian's source with just what
 #                the conversion uses (WAV demuxer, PCM decoders, libmp3lame, MP3 muxer, pipe
@@ -55,6 +56,18 @@ RUN python3 -m venv --without-pip /opt/venv \
         -r /requirements.txt
 COPY common common
 RUN python3 -m pip --python /opt/venv/bin/python install --no-deps ./common
+# botocore's service models: only those the functions call (s3, sqs, secretsmanager) and those
+# its credential providers may call (sts, sso, sso-oidc, signin). botocore lists every model
+# folder (about 440) when it makes its first client, 30-60 ms of a cold start; the rest is 27 MB.
+# tests/unit/test_infra.py keeps this list in step with the code and botocore's providers.
+ARG BOTOCORE_SERVICES="s3 sqs secretsmanager sts sso sso-oidc signin"
+RUN set -eu; \
+    for dir in /opt/venv/lib/python3*/site-packages/botocore/data/*/; do \
+        case " ${BOTOCORE_SERVICES} " in \
+            *" $(basename "$dir") "*) ;; \
+            *) rm -rf "$dir" ;; \
+        esac; \
+    done
 
 # ---------------------------------------------------------------- ffmpeg: minimal static build
 FROM ${PYTHON_IMAGE} AS ffmpeg

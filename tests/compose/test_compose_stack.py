@@ -31,6 +31,7 @@ from common.domain.encoding import mp3_sample_rate
 
 from devstack import images as image_report
 from devstack import wavgen
+from tests.support import image_botocore_services
 
 from .conftest import (
     ROOT,
@@ -45,6 +46,11 @@ from .conftest import (
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]
 
 FUNCTIONS = ("create_user", "upload_record", "get_record")
+# The services botocore finds models for in the image (each one's model must also load).
+BOTOCORE_MODELS = (
+    "import botocore.session as b; s = b.get_session(); names = s.get_available_services(); "
+    "[s.get_service_model(n) for n in names]; print(*names)"
+)
 # (bits, channels, rate, tag, extensible): the formats users send, each through ffmpeg in the image
 WAVS = [
     (16, 2, 44100, wavgen.PCM, False),
@@ -120,6 +126,8 @@ def test_images_are_small_non_root_and_start(compose: Compose) -> None:
         assert info["HostConfig"]["ReadonlyRootfs"] is True
         has_ffmpeg = compose.docker("exec", container, "sh", "-c", "command -v ffmpeg || true")
         assert bool(has_ffmpeg.strip()) == (function == "upload_record"), function
+        models = compose.docker("exec", container, "python", "-c", BOTOCORE_MODELS)
+        assert set(models.split()) == image_botocore_services(), function
     # Sizes are exact, so they are checked here. Start-up time is a speed target: it is measured
     # and printed by the benchmark (make bench, which runs python -m devstack.images), not asserted
     # by a timed test on a shared machine.

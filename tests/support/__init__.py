@@ -3,12 +3,20 @@ stand-ins (:mod:`tests.support.stack_clients`), MP3 probes and Lambda events."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def image_botocore_services() -> set[str]:
+    """The services whose botocore models the Dockerfile keeps (ARG BOTOCORE_SERVICES)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (listed,) = re.findall(r'^ARG BOTOCORE_SERVICES="([^"]+)"', dockerfile, re.MULTILINE)
+    return set(listed.split())
 
 
 @dataclass

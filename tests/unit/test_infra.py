@@ -28,7 +28,7 @@ from devstack.lambda_events import event, event_fixture
 from devstack.native import DEFAULT_RATE_LIMIT_BURST, DEFAULT_RATE_LIMIT_RPS, FUNCTIONS
 from devstack.templates import render_template
 
-from tests.support import ROOT
+from tests.support import ROOT, image_botocore_services
 
 AWS_TEMPLATE = ROOT / "infra" / "aws" / "template.yaml"
 EDGE_TEMPLATE = ROOT / "infra" / "aws" / "edge.yaml"
@@ -1194,3 +1194,31 @@ def test_each_platforms_job_deadline_ends_before_its_limits() -> None:
     (container,) = service["spec"]["template"]["spec"]["containers"]
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert float(env["JOB_TIMEOUT_SECONDS"]) < TASK_DISPATCH_DEADLINE_SECONDS
+
+
+def test_the_image_keeps_botocore_models_of_every_service_called() -> None:
+    """The Dockerfile keeps botocore's models only for BOTOCORE_SERVICES: every service the code
+    makes a client for, and every one botocore's credential providers may, must be in it."""
+    import botocore
+
+    kept = image_botocore_services()
+    client_of = re.compile(r"""create_client\(\s*(?:#.*\s*)?["']([a-z0-9-]+)["']""")
+    called = {
+        name
+        for path in (ROOT / "common" / "src").rglob("*.py")
+        for name in client_of.findall(path.read_text())
+    }
+    assert {"s3", "sqs", "secretsmanager"} <= called  # the scan finds the adapters' clients
+    # botocore's own: assume-role, SSO, `aws login` (credentials.py) and SSO tokens (tokens.py).
+    nested = re.compile(
+        r"""(?:_client_creator\(\s*|create_nested_client\(\s*[\w.]+,\s*)['"]([a-z0-9-]+)['"]"""
+    )
+    package = Path(botocore.__file__).parent
+    providers = {
+        name
+        for module in ("credentials.py", "tokens.py")
+        for name in nested.findall((package / module).read_text())
+    }
+    assert "sts" in providers
+    assert called | providers <= kept, sorted((called | providers) - kept)
+    assert kept <= {path.name for path in (package / "data").iterdir()}, "a name botocore lacks"
