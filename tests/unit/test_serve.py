@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from common.platform.serve import SERVER_DEFAULTS, ServerConfig
 from common.settings import ServerSettings, SettingsError
@@ -59,3 +61,40 @@ def test_the_shutdown_fits_in_cloud_runs_grace() -> None:
 def test_bad_settings_are_refused_with_the_reason(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         ServerConfig.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("target", "made"),
+    [("upload_record", ["internal", "public"]), ("get_record", ["internal", "public"]),
+     ("create_user", [])],
+)  # fmt: skip
+def test_a_server_makes_the_bucket_clients_before_its_first_request(
+    target: str, made: list[str]
+) -> None:
+    """settle: a function that uses the bucket makes its clients at start (then frozen out of
+    the collector's reach); create_user, which never does, makes none."""
+    from typing import cast
+
+    from common.adapters.db import Database
+    from common.adapters.storage import Storage
+    from common.platform.runtime import Services, set_services
+    from common.platform.serve import settle
+    from common.settings import Settings
+
+    calls: list[str] = []
+
+    def factory(name: str) -> Any:
+        def make() -> object:
+            calls.append(name)
+            return object()
+
+        return make
+
+    storage = Storage(factory("internal"), "records", part_size=5 << 20,
+                      presign_client=factory("public"))  # fmt: skip
+    set_services(Services(Settings(), cast(Database, object()), storage))
+    try:
+        settle(target)
+    finally:
+        set_services(None)
+    assert calls == made

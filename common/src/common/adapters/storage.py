@@ -198,6 +198,11 @@ class Storage:
         """The client that signs URLs for outside callers."""
         return self._presign.get()
 
+    def prepare(self) -> None:
+        """Make the clients now (a server, before its first request), not on first use."""
+        self._client.get()
+        self._presign.get()
+
     @classmethod
     def from_settings(cls, settings: Settings) -> Storage:
         # Each client is made when first needed (building one costs a cold start about 0.1 s):

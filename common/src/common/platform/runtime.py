@@ -18,7 +18,7 @@ class Services:
     """The settings and the database, and the store and the job queue made on first use.
 
     A function whose request never touches the bucket (most of create_user's) never imports
-    boto3; the first request that does pays for it once per process.
+    botocore; the first request that does pays for it once per process.
     """
 
     __slots__ = ("_lock", "_queue", "_storage", "db", "settings")

@@ -105,7 +105,7 @@ def load_app(source_and_target: str) -> Callable[..., Any]:
     app: Callable[..., Any] = functions_framework.create_app(  # type: ignore[no-untyped-call]
         target, source, signature_type="http"
     )
-    settle()
+    settle(target)
     if is_bridged(target, os.environ):
         from common.platform.bridge import BodyPace, WsgiBridge
         from common.settings import get_settings
@@ -141,16 +141,23 @@ def _stop_conversions() -> None:
     logging.getLogger(__name__).warning("shutdown: %d conversions aborted", stopped)
 
 
-def settle() -> None:
+# The functions whose routes use the bucket: their clients are made before the first request.
+USES_STORAGE = frozenset({"upload_record", "get_record"})
+
+
+def settle(target: str) -> None:
     """Create the process's clients before the first request, then freeze what exists.
 
-    The first request no longer pays for the boto3 client and the database pool, and the objects
-    of Flask and botocore's service model leave the garbage collector's reach: a full
-    collection over them stalls every request in the process (docs/performance.md, "Server").
+    The first request no longer pays for the database pool or, where the function uses the
+    bucket, its botocore clients; and the objects of Flask and botocore's service model leave
+    the garbage collector's reach: a full collection over them stalls every request in the
+    process (docs/performance.md, "Server").
     """
     from common.platform.runtime import get_services
 
-    get_services()
+    services = get_services()
+    if target in USES_STORAGE:
+        services.storage.prepare()
     gc.collect()
     gc.freeze()
 
