@@ -114,6 +114,30 @@ def test_the_app_sees_the_request_as_a_wsgi_server_would_give_it() -> None:
     assert seen["HTTP_X_A"] == "1,2" and seen["REQUEST_METHOD"] == "POST"
 
 
+@pytest.mark.parametrize("sizes", [[3, 7, 1, 100], [64, -1], [None], [5, 5, 5, 5, 5, 5]])
+def test_reads_of_any_size_give_the_body_in_order_and_no_more_than_asked(
+    sizes: list[int | None],
+) -> None:
+    """wsgi.input.read(n) across the chunks the loop hands over (some larger than n)."""
+    seen: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        stream = environ["wsgi.input"]
+        for size in sizes:
+            seen.append(stream.read(size))
+        while chunk := stream.read(4):
+            seen.append(chunk)
+        start_response("200 OK", [])
+        return []
+
+    body = bytes(range(48))
+    sent, _ = _run(app, [body[:20], body[20:21], body[21:], b""], _scope())
+    assert _status_and_body(sent)[0] == 200
+    assert b"".join(seen) == body
+    for size, got in zip(sizes, seen, strict=False):
+        assert size is None or size < 0 or len(got) <= size
+
+
 def test_a_client_too_slow_for_its_fields_is_answered_408_without_the_app() -> None:
     called = []
 
