@@ -4,9 +4,10 @@ glibc's defaults suit neither: each thread that allocates may get its own arena 
 core), and after a large buffer is freed the mmap threshold rises to its size, so later
 multi-MiB buffers (request chunks, object-store parts) come from arenas that keep their pages.
 A worker's resident size then grows with every upload and never shrinks. Two arenas and a fixed
-128 KiB mmap threshold (large buffers are mapped and returned to the system when freed) keep it
-flat. A variable set in the environment (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``) is
-glibc's own and wins: that parameter is left alone.
+512 KiB mmap threshold (larger buffers are mapped and returned to the system when freed) keep it
+flat; the request body's chunks (granian's, up to 408 KiB) stay below it, as a mapping each
+would cost its pages' faults again. A variable set in the environment (``MALLOC_ARENA_MAX``,
+``MALLOC_MMAP_THRESHOLD_``) is glibc's own and wins: that parameter is left alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from common.settings import glibc_malloc_overrides
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 ARENA_MAX = 2
-MMAP_THRESHOLD = 128 * 1024
+MMAP_THRESHOLD = 512 * 1024
 
 _tuned = False
 
