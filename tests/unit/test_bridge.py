@@ -390,3 +390,75 @@ def test_the_app_drains_nothing_itself_behind_the_bridge_and_survives_a_stalled_
     assert reads == []
     drain_body(request(Stalled(drained_by_server=False)))
     assert reads  # tried, and the RequestTimeout did not escape
+
+
+def _counting_receiver(chunks: list[bytes], received: list[int]) -> Callable[[], Any]:
+    """An ASGI receive giving ``chunks`` at once, adding each one's size to ``received``."""
+    pending = list(chunks)
+
+    async def receive() -> Message:
+        chunk = pending.pop(0)
+        received.append(len(chunk))
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    return receive
+
+
+def _serve_counted(
+    app: Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]],
+    chunks: list[bytes],
+    received: list[int],
+) -> int:
+    sent: list[Message] = []
+
+    async def main() -> None:
+        await WsgiBridge(app, 2, PACE)(
+            _scope(), _counting_receiver(chunks, received), _sender(sent)
+        )
+
+    asyncio.run(main())
+    return _status_and_body(sent)[0]
+
+
+def test_nothing_past_the_prefix_is_received_before_the_app_reads_it() -> None:
+    """The credentials are checked before more of the body is taken from the client."""
+    received: list[int] = []
+    seen: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        time.sleep(0.2)  # time for the loop to read ahead, were it to do so unasked
+        seen.append(len(received))
+        start_response("401 Unauthorized", [])
+        return [b""]
+
+    status = _serve_counted(app, [b"RIFF" * 1024] + [b"x" * 65536] * 32, received)
+    assert status == 401
+    assert seen == [1]  # a raw WAV body's prefix is its first chunk
+    assert len(received) == 33  # the rest drained after the answer
+
+
+def test_the_body_is_read_ahead_of_the_app_by_a_bounded_amount() -> None:
+    """Once the app reads, the loop receives ahead of it: at most READ_AHEAD_BYTES waiting (and
+    the chunk that crossed the line), at least half of it while the app is slow; the app still
+    gets every byte in order."""
+    chunk = 256 * 1024
+    chunks = [bytes([n]) * chunk for n in range(48)]  # 12 MiB
+    received: list[int] = []
+    ahead: list[int] = []
+    got = bytearray()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        stream = environ["wsgi.input"]
+        while len(got) <= chunk:  # past the prefix (the first chunk): reading ahead starts
+            got.extend(stream.read(65536))
+        time.sleep(0.3)  # a slow consumer: the loop fills the read-ahead, then waits
+        ahead.append(sum(received) - len(got))
+        while piece := stream.read(65536):
+            got.extend(piece)
+        start_response("200 OK", [])
+        return [b""]
+
+    assert _serve_counted(app, chunks, received) == 200
+    assert bytes(got) == b"".join(chunks)
+    (waiting,) = ahead
+    assert bridge.READ_AHEAD_BYTES // 2 <= waiting <= bridge.READ_AHEAD_BYTES + 2 * chunk

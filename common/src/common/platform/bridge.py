@@ -2,22 +2,23 @@
 
 granian serves this for upload_record. A form's fields are read on the event loop, and only
 then does the WSGI app run, in a pool of ``threads``, so it checks the credentials (and claims
-the idempotency key) before the audio arrives. Every later read waits on a timer, not on the
-next chunk: a body must keep a minimum rate and end by a deadline (:class:`BodyPace`), else 408.
-:data:`RESERVED_THREADS` more threads serve requests that are not receiving a body, and what a
-refused request leaves of its body is drained on the loop. docs/security.md, "Limits" and
-"Early refusals", has the figures.
+the idempotency key) before the audio arrives; from its first read on, the loop receives the
+body ahead of it (:class:`_ReadAhead`). Every receive waits on a timer: a body must keep a
+minimum rate and end by a deadline (:class:`BodyPace`), else 408. :data:`RESERVED_THREADS`
+more threads serve requests not receiving a body; what a refused request leaves of its body is
+drained on the loop. docs/security.md, "Limits" and "Early refusals", has the figures.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import json
 import logging
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +47,11 @@ RESERVED_THREADS = 2
 # A request still sending its body waits this long for one of the ``threads``, then 503.
 SLOT_WAIT_SECONDS = 10.0
 BUSY_RETRY_AFTER_SECONDS = 5
+# The loop reads a body this far ahead of the thread that consumes it: the thread mostly finds
+# its next chunk waiting, instead of handing every read to the loop and waiting for it (each
+# hand-off waits for the GIL, behind whatever the other uploads' threads are doing). Once full,
+# the loop reads on when the thread has taken it down to half: one wake-up per few chunks.
+READ_AHEAD_BYTES = 1024 * 1024
 
 
 class Busy(ServiceError):
@@ -113,7 +119,9 @@ class _Body:
             return b""
         remaining = self.pace.deadline(self.start, self.received) - time.monotonic()
         try:
-            message = await asyncio.wait_for(self.receive(), max(0.0, remaining))
+            # A timer on this task, not wait_for's task around each receive.
+            async with asyncio.timeout(max(0.0, remaining)):
+                message = await self.receive()
         except TimeoutError:
             self.timed_out = True
             self.done = True
@@ -150,28 +158,115 @@ class _Body:
             log.debug("request body not drained in %s s", DRAIN_SECONDS)
 
 
+class _ReadAhead:
+    """The body after the prefix, received on the loop ahead of the thread that reads it.
+
+    The app's first read past the prefix (after its credentials check) starts :meth:`run`, a
+    task on the loop that receives chunks until :data:`READ_AHEAD_BYTES` wait unread;
+    :meth:`take` (the app's thread) gives them in order, blocking only when none has arrived
+    yet: until one does, the pace's deadline passes (RequestTimeout) or the request's ``stop``
+    is set.
+    """
+
+    def __init__(self, body: _Body, loop: asyncio.AbstractEventLoop, stop: Stop) -> None:
+        self.body = body
+        self.loop = loop
+        self.stop = stop
+        self.chunks: deque[bytes] = deque()
+        self.waiting = 0  # bytes received and not yet taken
+        self.ended = body.done
+        self.error: RequestTimeout | None = None
+        self.given_up = False  # stopped while waiting for the body: not drained either
+        self.arrived = threading.Condition()
+        self.room = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.started = self.closed = False
+        self.paused = False  # the loop waits for the thread to take the read-ahead to half
+        stop.on_set(self._wake)
+
+    def _start(self) -> None:  # on the loop
+        if not self.closed:
+            self.task = self.loop.create_task(self.run())
+
+    async def run(self) -> None:
+        error = None
+        try:
+            while not self.body.done:
+                if self.waiting >= READ_AHEAD_BYTES:
+                    self.room.clear()  # set by take(), through the loop, at half
+                    self.paused = True
+                    while self.waiting >= READ_AHEAD_BYTES // 2:
+                        await self.room.wait()
+                        self.room.clear()
+                    self.paused = False
+                chunk = await self.body.next()
+                with self.arrived:
+                    if chunk:
+                        self.chunks.append(chunk)
+                        self.waiting += len(chunk)
+                    self.arrived.notify()
+        except RequestTimeout as exc:
+            error = exc
+        finally:
+            with self.arrived:
+                self.ended = True
+                self.error = error
+                self.arrived.notify_all()
+
+    def take(self) -> bytes:
+        """The next chunk, b"" at the end (or a disconnect)."""
+        if not self.started:
+            self.started = True
+            if not self.ended:
+                self.loop.call_soon_threadsafe(self._start)
+        with self.arrived:
+            while not self.chunks and not self.ended and self.stop.error is None:
+                self.arrived.wait()
+            if self.stop.error is not None:
+                self.given_up = not self.chunks and not self.ended
+                raise self.stop.error
+            if self.chunks:
+                chunk = self.chunks.popleft()
+                low = READ_AHEAD_BYTES // 2
+                before, self.waiting = self.waiting, self.waiting - len(chunk)
+                if self.paused and before >= low > self.waiting:
+                    self.loop.call_soon_threadsafe(self.room.set)
+                return chunk
+            if self.error is not None:
+                raise self.error
+            return b""
+
+    async def close(self) -> None:
+        """Stop reading ahead; what is left is for the caller to drain (or not)."""
+        self.closed = True
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.wait([self.task])
+        if self.given_up:
+            self.body.done = self.body.timed_out = True
+
+    def _wake(self) -> None:
+        with self.arrived:
+            self.arrived.notify_all()
+
+
 class _Input:
-    """``wsgi.input``: the prefix, then chunks fetched from the loop (blocking this thread
-    until one arrives, the pace's deadline passes, or the request's ``stop`` is set)."""
+    """``wsgi.input``: the prefix, then the chunks the loop has read ahead (:class:`_ReadAhead`)."""
 
     drained_by_server = True  # what the app leaves of the body is drained on the loop
 
-    def __init__(
-        self, body: _Body, prefix: bytes, loop: asyncio.AbstractEventLoop, stop: Stop
-    ) -> None:
-        self.body = body
+    def __init__(self, prefix: bytes, ahead: _ReadAhead) -> None:
         self.buffer = prefix
         self.offset = 0  # where the unread part of ``buffer`` starts
-        self.loop = loop
-        self.stop = stop
+        self.ahead = ahead
 
     def read(self, size: int | None = -1) -> bytes:
         if self.offset >= len(self.buffer):
-            self.buffer, self.offset = self._fetch(), 0
+            self.buffer, self.offset = self.ahead.take(), 0
         start = self.offset
         if size is None or size < 0:
             parts = [self.buffer[start:]]
-            while chunk := self._fetch():
+            while chunk := self.ahead.take():
                 parts.append(chunk)
             self.buffer, self.offset = b"", 0
             return b"".join(parts)
@@ -183,19 +278,6 @@ class _Input:
         if start == 0 and end == len(self.buffer):
             return self.buffer
         return self.buffer[start:end]
-
-    def _fetch(self) -> bytes:
-        self.stop.check()
-        future = asyncio.run_coroutine_threadsafe(self.body.next(), self.loop)
-        forget = self.stop.on_set(future.cancel)
-        try:
-            return future.result()
-        except concurrent.futures.CancelledError:
-            self.body.done = self.body.timed_out = True  # given up on: not drained either
-            self.stop.check()
-            raise
-        finally:
-            forget()
 
     def readline(self, size: int | None = -1) -> bytes:  # WSGI requires it; nothing here uses it
         return self.read(size)
@@ -257,7 +339,14 @@ class WsgiBridge:
     async def _answer(self, scope: Scope, send: Send, body: _Body, prefix: bytes) -> None:
         loop = asyncio.get_running_loop()
         stop = Stop()
-        environ = wsgi_environ(scope, _Input(body, prefix, loop, stop))
+        ahead = _ReadAhead(body, loop, stop)
+        try:
+            await self._run_app(scope, send, wsgi_environ(scope, _Input(prefix, ahead)), stop)
+        finally:
+            await ahead.close()
+
+    async def _run_app(self, scope: Scope, send: Send, environ: dict[str, Any], stop: Stop) -> None:
+        loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
         context.run(REQUEST_STOP.set, stop)
         started: list[Any] = []
