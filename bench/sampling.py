@@ -80,6 +80,21 @@ def tree_cpu_seconds(roots: Iterable[int]) -> float:
     return total
 
 
+def server_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) of the server's own processes under ``root``: its ffmpeg
+    children, running or reaped, left out."""
+    total = 0.0
+    for process in process_tree(root):
+        try:
+            if process.name() == "ffmpeg":
+                continue
+            t = process.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        total += t.user + t.system
+    return total
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy since boot, all cores together."""
     t = psutil.cpu_times()

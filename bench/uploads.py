@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.core import BITRATE_KBPS, MIB, Bench, Row, duration, log
-from bench.sampling import MemorySampler, tree_memory
+from bench.sampling import MemorySampler, server_cpu_seconds, tree_memory
 from devstack import wavgen
 
 
@@ -108,16 +108,28 @@ def measure_throughput(bench: Bench) -> None:
     for _ in range(plan.warmups):
         two_uploads(bench)
     rounds: list[tuple[float, float]] = []
+    server = bench.stack.processes["upload_record"].pid
+    cpu_alone: list[float] = []  # upload_record's own CPU seconds per upload (ffmpeg left out)
+    cpu_paired: list[float] = []
     with bench.cpu.measure(bench.noise, "two uploads"):
         for _ in range(plan.throughput_rounds):
+            before = server_cpu_seconds(server)
             single = bench.client.upload_file(bench.user, bench.wav)
+            between = server_cpu_seconds(server)
             rounds.append((single, two_uploads(bench)))
+            cpu_alone.append(between - before)
+            cpu_paired.append((server_cpu_seconds(server) - between) / 2)
     ratio = statistics.median(2 * single / pair for single, pair in rounds)
     single = statistics.median(x[0] for x in rounds)
     pair = statistics.median(x[1] for x in rounds)
     bench.details.append(
         "two uploads at once (one alone, then two; per round): "
         + "; ".join(f"{a:.2f} s / {b:.2f} s = {2 * a / b:.2f}x" for a, b in rounds)
+    )
+    bench.details.append(
+        f"upload_record's own CPU per {_size(size)} upload (its server processes, ffmpeg left "
+        f"out; median of rounds): {statistics.median(cpu_alone) * 1000:.0f} ms alone, "
+        f"{statistics.median(cpu_paired) * 1000:.0f} ms each of two at once"
     )
     bench.rows.append(
         Row(
