@@ -127,8 +127,8 @@ def measure_throughput(bench: Bench) -> None:
         + "; ".join(f"{a:.2f} s / {b:.2f} s = {2 * a / b:.2f}x" for a, b in rounds)
     )
     bench.details.append(
-        f"upload_record's own CPU per {_size(size)} upload (its server processes, ffmpeg left "
-        f"out; median of rounds): {statistics.median(cpu_alone) * 1000:.0f} ms alone, "
+        f"upload_record's own CPU per {size / MIB:.0f} MiB upload (its server processes, "
+        f"ffmpeg left out; median of rounds): {statistics.median(cpu_alone) * 1000:.0f} ms alone, "
         f"{statistics.median(cpu_paired) * 1000:.0f} ms each of two at once"
     )
     bench.rows.append(
