@@ -48,8 +48,9 @@ FIELDS = b'--b\r\nContent-Disposition: form-data; name="user"\r\n\r\nu1\r\n'
 FILE_HEADERS = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
 
 
-def _receiver(chunks: list[bytes | float]) -> Callable[[], Any]:
-    """An ASGI receive giving ``chunks`` (a float: a pause of that many seconds)."""
+def _receiver(chunks: list[bytes | float], received: list[int] | None = None) -> Callable[[], Any]:
+    """An ASGI receive giving ``chunks`` (a float: a pause of that many seconds), adding each
+    chunk's size to ``received`` when given."""
     pending = list(chunks)
 
     async def receive() -> Message:
@@ -58,6 +59,8 @@ def _receiver(chunks: list[bytes | float]) -> Callable[[], Any]:
         if not pending:
             await asyncio.sleep(3600)  # a client that never sends again
         chunk = pending.pop(0)
+        if received is not None:
+            received.append(len(chunk))  # type: ignore[arg-type]
         more = any(isinstance(x, bytes) for x in pending)
         return {"type": "http.request", "body": chunk, "more_body": more}
 
@@ -76,13 +79,15 @@ def _run(
     chunks: list[bytes | float],
     scope: dict[str, Any] | None = None,
     pace: BodyPace = PACE,
+    received: list[int] | None = None,
 ) -> tuple[list[Message], float]:
-    """Serve one request whose body is ``chunks`` (a float: a pause of that many seconds)."""
+    """Serve one request whose body is ``chunks`` (a float: a pause of that many seconds);
+    ``received`` gets the size of each chunk the server takes."""
     sent: list[Message] = []
 
     async def main() -> None:
         bridge = WsgiBridge(app, 2, pace)
-        await bridge(scope or _scope(), _receiver(chunks), _sender(sent))
+        await bridge(scope or _scope(), _receiver(chunks, received), _sender(sent))
 
     start = time.monotonic()
     asyncio.run(main())
@@ -392,34 +397,6 @@ def test_the_app_drains_nothing_itself_behind_the_bridge_and_survives_a_stalled_
     assert reads  # tried, and the RequestTimeout did not escape
 
 
-def _counting_receiver(chunks: list[bytes], received: list[int]) -> Callable[[], Any]:
-    """An ASGI receive giving ``chunks`` at once, adding each one's size to ``received``."""
-    pending = list(chunks)
-
-    async def receive() -> Message:
-        chunk = pending.pop(0)
-        received.append(len(chunk))
-        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
-
-    return receive
-
-
-def _serve_counted(
-    app: Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]],
-    chunks: list[bytes],
-    received: list[int],
-) -> int:
-    sent: list[Message] = []
-
-    async def main() -> None:
-        await WsgiBridge(app, 2, PACE)(
-            _scope(), _counting_receiver(chunks, received), _sender(sent)
-        )
-
-    asyncio.run(main())
-    return _status_and_body(sent)[0]
-
-
 def test_nothing_past_the_prefix_is_received_before_the_app_reads_it() -> None:
     """The credentials are checked before more of the body is taken from the client."""
     received: list[int] = []
@@ -431,8 +408,8 @@ def test_nothing_past_the_prefix_is_received_before_the_app_reads_it() -> None:
         start_response("401 Unauthorized", [])
         return [b""]
 
-    status = _serve_counted(app, [b"RIFF" * 1024] + [b"x" * 65536] * 32, received)
-    assert status == 401
+    sent, _ = _run(app, [b"RIFF" * 1024, *[b"x" * 65536] * 32], received=received)
+    assert _status_and_body(sent)[0] == 401
     assert seen == [1]  # a raw WAV body's prefix is its first chunk
     assert len(received) == 33  # the rest drained after the answer
 
@@ -458,7 +435,8 @@ def test_the_body_is_read_ahead_of_the_app_by_a_bounded_amount() -> None:
         start_response("200 OK", [])
         return [b""]
 
-    assert _serve_counted(app, chunks, received) == 200
+    sent, _ = _run(app, [*chunks], received=received)
+    assert _status_and_body(sent)[0] == 200
     assert bytes(got) == b"".join(chunks)
     (waiting,) = ahead
     assert bridge.READ_AHEAD_BYTES // 2 <= waiting <= bridge.READ_AHEAD_BYTES + 2 * chunk
